@@ -1,0 +1,283 @@
+"""alflow settings: `alflow.toml` overridden by `ALFLOW_*` environment variables.
+
+Everything is validated once, at start-up, so a typo fails before any data moves. Errors
+are one line and name the key (``query.batch_size``) and where it came from (the file or
+the environment variable).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+CONFIG_FILENAME = "alflow.toml"
+ENV_PREFIX = "ALFLOW_"
+# Environment variables with this prefix that are not settings keys.
+ENV_NOT_SETTINGS = {"ALFLOW_CONFIG", "ALFLOW_SKIP_BROWSER_TESTS", "ALFLOW_NO_PROGRESS"}
+SKIP = "skip"
+STRATEGIES = ("least_confidence", "margin", "entropy", "random")
+
+
+class ConfigError(ValueError):
+    """A setting is missing, unknown or invalid. The message is one line naming the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSettings(_Section):
+    """The classifier: TF-IDF features into any scikit-learn classifier with predict_proba."""
+
+    classifier: str = "sklearn.linear_model.LogisticRegression"
+    classifier_params: dict[str, Any] = Field(
+        default_factory=lambda: {"C": 10.0, "max_iter": 2000}
+    )
+    vectorizer_params: dict[str, Any] = Field(
+        default_factory=lambda: {"ngram_range": [1, 2], "sublinear_tf": True}
+    )
+
+    @field_validator("classifier")
+    @classmethod
+    def _importable_with_proba(cls, value: str) -> str:
+        klass = import_object(value)
+        if not callable(klass):
+            raise ValueError(f"{value} is not a class")
+        return value
+
+    @model_validator(mode="after")
+    def _has_predict_proba(self) -> "ModelSettings":
+        klass = import_object(self.classifier)
+        try:
+            estimator = klass(**self.classifier_params)
+        except TypeError as exc:
+            raise ValueError(f"classifier_params do not fit {self.classifier}: {exc}") from None
+        if not hasattr(estimator, "predict_proba"):
+            raise ValueError(
+                f"{self.classifier} has no predict_proba with these parameters "
+                "(uncertainty needs class probabilities)"
+            )
+        return self
+
+
+class QuerySettings(_Section):
+    """Which items to ask the human about."""
+
+    strategy: Literal["least_confidence", "margin", "entropy", "random"] = "margin"
+    batch_size: int = Field(20, ge=1, le=500)
+    exploration: float = Field(0.1, ge=0.0, le=1.0)
+    cold_start: Literal["coverage", "random"] = "coverage"
+    chunk_size: int = Field(5000, ge=100)
+    # Coverage picks cluster this many pool items at most (a seeded sample beyond it).
+    coverage_sample: int = Field(20000, ge=100)
+
+
+class ReviewSettings(_Section):
+    """The pause for human review."""
+
+    timeout_hours: float = Field(168.0, gt=0)
+    poll_interval_seconds: int = Field(5, ge=1, le=600)
+    text_chars: int = Field(600, ge=40)
+    annotator: str = Field("annotator", min_length=1, max_length=64, pattern=r"^[\w.@-]+$")
+
+
+class EvaluationSettings(_Section):
+    """How a model is scored. ``holdout`` needs gold labels in a source."""
+
+    method: Literal["cv", "holdout"] = "cv"
+    metric: Literal["accuracy", "macro_f1"] = "macro_f1"
+    cv_folds: int = Field(5, ge=2, le=20)
+    holdout_fraction: float = Field(0.2, gt=0.0, lt=0.9)
+
+
+class StoppingSettings(_Section):
+    """When the loop stops asking: labels spent or the metric reached."""
+
+    budget: int | None = Field(None, ge=1)
+    target: float | None = Field(None, gt=0.0, le=1.0)
+
+
+class StoreSettings(_Section):
+    lock_timeout_seconds: float = Field(30.0, ge=0)
+
+
+class FilesSource(_Section):
+    """A local file or folder: CSV, JSONL, Parquet, or a folder of .txt files."""
+
+    type: Literal["files"]
+    name: str = Field(..., min_length=1, max_length=64, pattern=r"^[\w.-]+$")
+    path: Path
+    format: Literal["auto", "csv", "jsonl", "parquet", "txt"] = "auto"
+    text_column: str = "text"
+    title_column: str | None = None
+    id_column: str | None = None
+    url_column: str | None = None
+    label_column: str | None = None
+    # For a folder of .txt files: take the gold label from each file's parent folder name.
+    label_from_folder: bool = False
+    encoding: str = "utf-8"
+
+
+SourceSettings = Annotated[Union[FilesSource], Field(discriminator="type")]
+
+
+class Settings(_Section):
+    """All of alflow's settings. Paths are resolved against the config file's folder."""
+
+    labels: list[str] = Field(..., min_length=2)
+    database: Path = Path(".alflow/alflow.duckdb")
+    models_dir: Path = Path(".alflow/models")
+    seed: int = 0
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    query: QuerySettings = Field(default_factory=QuerySettings)
+    review: ReviewSettings = Field(default_factory=ReviewSettings)
+    evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
+    stopping: StoppingSettings = Field(default_factory=StoppingSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    sources: list[SourceSettings] = Field(default_factory=list)
+    # Where the file came from; not a setting a user writes.
+    config_path: Path | None = Field(None, exclude=True)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_distinct(cls, value: list[str]) -> list[str]:
+        cleaned = [label.strip() for label in value]
+        if any(not label for label in cleaned):
+            raise ValueError("a class name is empty")
+        if len(set(cleaned)) != len(cleaned):
+            raise ValueError(f"class names repeat: {cleaned}")
+        if SKIP in cleaned:
+            raise ValueError(f"'{SKIP}' is reserved for skipped items; rename that class")
+        return cleaned
+
+    @field_validator("sources")
+    @classmethod
+    def _source_names_unique(cls, value: list) -> list:
+        names = [source.name for source in value]
+        if len(set(names)) != len(names):
+            raise ValueError(f"source names repeat: {names}")
+        return value
+
+    @property
+    def db_path(self) -> str:
+        return str(self.database)
+
+
+def import_object(dotted: str) -> Any:
+    """`package.module.Name` -> the object, with an error that names the path."""
+    module_name, _, attr = dotted.rpartition(".")
+    if not module_name:
+        raise ValueError(f"'{dotted}' is not an import path like package.module.Class")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"cannot import module '{module_name}': {exc}") from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise ValueError(f"module '{module_name}' has no '{attr}'") from None
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[tuple[str, ...], tuple[Any, str]]:
+    """`ALFLOW_QUERY__BATCH_SIZE=50` -> {("query", "batch_size"): (50, "ALFLOW_QUERY__BATCH_SIZE")}."""
+    overrides = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name in ENV_NOT_SETTINGS:
+            continue
+        path = tuple(part.lower() for part in name[len(ENV_PREFIX):].split("__"))
+        if not all(path):
+            raise ConfigError(f"{name}: malformed name; nested keys use '__', e.g. ALFLOW_QUERY__BATCH_SIZE")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw  # a bare string such as a path or strategy name
+        overrides[path] = (value, name)
+    return overrides
+
+
+def _apply(data: dict, path: tuple[str, ...], value: Any, origin: str) -> None:
+    node = data
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{origin}: '{part}' is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _format_error(exc: ValidationError, origins: dict[tuple[str, ...], str], default_origin: str) -> str:
+    errors = exc.errors()
+    first = errors[0]
+    loc = tuple(str(part) for part in first["loc"])
+    key = ".".join(loc) or "(top level)"
+    origin = default_origin
+    for path, env_name in origins.items():
+        if tuple(loc[: len(path)]) == path:
+            origin = env_name
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif first["type"] == "missing":
+        message = "required key is missing"
+    elif "input" in first and first["type"] != "value_error":
+        message += f" (got {first['input']!r})"
+    more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{origin}: {key}: {message}{more}"
+
+
+def find_config(path: str | os.PathLike | None = None) -> Path:
+    """The config file to use: the argument, else $ALFLOW_CONFIG, else ./alflow.toml."""
+    chosen = path or os.environ.get("ALFLOW_CONFIG") or CONFIG_FILENAME
+    resolved = Path(chosen).expanduser().resolve()
+    if not resolved.is_file():
+        raise ConfigError(
+            f"{chosen}: config file not found (create one with `alflow init` or pass --config)"
+        )
+    return resolved
+
+
+def load_config(
+    path: str | os.PathLike | None = None, environ: dict[str, str] | None = None
+) -> Settings:
+    """Read, merge and validate the settings. Raises ConfigError with a one-line message."""
+    config_path = find_config(path)
+    try:
+        data = tomllib.loads(config_path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{config_path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{config_path}: not UTF-8 text: {exc}") from None
+    overrides = _env_overrides(dict(os.environ if environ is None else environ))
+    origins = {}
+    for key_path, (value, env_name) in overrides.items():
+        _apply(data, key_path, value, env_name)
+        origins[key_path] = env_name
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, origins, str(config_path))) from None
+    return _resolve_paths(settings, config_path)
+
+
+def _resolve_paths(settings: Settings, config_path: Path) -> Settings:
+    base = config_path.parent
+
+    def resolve(p: Path) -> Path:
+        p = p.expanduser()
+        return p if p.is_absolute() else (base / p).resolve()
+
+    sources = [source.model_copy(update={"path": resolve(source.path)}) for source in settings.sources]
+    return settings.model_copy(
+        update={
+            "database": resolve(settings.database),
+            "models_dir": resolve(settings.models_dir),
+            "sources": sources,
+            "config_path": config_path,
+        }
+    )

@@ -1,0 +1,32 @@
+"""Sources of items. Every connector implements :class:`connectors.base.Connector`."""
+
+from connectors.base import (
+    Connector,
+    FetchReport,
+    Record,
+    SourceError,
+    content_hash,
+    normalise_text,
+    to_row,
+)
+
+
+def build_connector(source) -> Connector:
+    """The connector for one configured source (an entry of ``sources`` in alflow.toml)."""
+    if source.type == "files":
+        from connectors.files import FilesConnector
+
+        return FilesConnector(source)
+    raise SourceError(f"source {source.name}: no connector for type '{source.type}'")
+
+
+__all__ = [
+    "Connector",
+    "FetchReport",
+    "Record",
+    "SourceError",
+    "build_connector",
+    "content_hash",
+    "normalise_text",
+    "to_row",
+]

@@ -1,0 +1,136 @@
+"""One active-learning cycle, as a Prefect flow.
+
+    ingest -> load model -> pre-label pool -> query batch -> review (pause) -> record labels
+           -> retrain + evaluate -> record cycle + artifacts
+
+Every step can be re-run: ingest and pre-label skip what is stored, the query returns the
+run's existing batch, retraining on unchanged labels returns the model already trained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from prefect import flow, get_run_logger
+from prefect.exceptions import FlowPauseTimeout
+from prefect.flow_runs import pause_flow_run
+from prefect.runtime import flow_run
+
+from config import load_config
+from flows.ingest import ingest
+from tasks.prelabel import prelabel_task
+from tasks.query import query_task
+from tasks.report import cycle_markdown, publish_batch, publish_cycle
+from tasks.review import answers_from_form, build_review_form, expire_stale_batches, simulated_answers
+from tasks.store import Store
+from tasks.train import retrain_task
+
+
+def review_instructions(batch_id: str, n: int, url: str | None, config_path: str) -> str:
+    config = "" if config_path == "alflow.toml" else f" --config {config_path}"
+    where = f"  in the Prefect UI: {url} -> Resume\n" if url else ""
+    return (
+        f"Batch {batch_id} ({n} items) is waiting for review. Label it\n{where}"
+        f"  in a terminal:     alflow label{config}\n"
+        f"  with files:        alflow export{config} batch.csv, edit, alflow import{config} batch.csv, "
+        f"then alflow resume{config}"
+    )
+
+
+@flow(name="active-learning-cycle")
+def active_learning_cycle(config_path: str = "alflow.toml", auto: bool = False,
+                          ingest_sources: bool = True) -> dict:
+    """Run one cycle; pauses for human review unless ``auto`` (simulated annotator).
+
+    Returns a summary: cycle number, batch, labels, metrics and ``stop`` (why the loop
+    should stop, or None).
+    """
+    logger = get_run_logger()
+    settings = load_config(config_path)
+    store = Store(settings.database, settings.store.lock_timeout_seconds)
+    store.migrate()
+    run_id = flow_run.get_id()
+
+    if ingest_sources and settings.sources:
+        ingest(config_path)
+    if auto and not store.scalar("SELECT count(*) FROM items WHERE gold_label IS NOT NULL"):
+        raise ValueError("--auto answers from gold labels, but no stored item has one (set label_column)")
+    expire_stale_batches(store, run_id)
+
+    current = store.current_model()
+    model_version = int(current["model_version"]) if current else None
+    holdout = settings.evaluation.holdout_fraction if settings.evaluation.method == "holdout" else None
+    if current:
+        prelabel_task(str(settings.database), settings.store.lock_timeout_seconds, current["path"],
+                      current["classifier"], model_version, settings.labels, settings.query.chunk_size, holdout)
+    else:
+        logger.info("no model yet: cold start, the batch is chosen for coverage")
+
+    counts = store.counts(holdout)
+    budget_left = None
+    if settings.stopping.budget is not None:
+        budget_left = settings.stopping.budget - counts["labeled"] - counts["skipped"]
+    batch_id = query_task(settings, model_version, run_id, budget_left)
+    label_summary = ""
+    if batch_id is None:
+        stop = "budget spent" if budget_left is not None and budget_left <= 0 else "pool exhausted"
+        logger.info(f"nothing to ask: {stop}")
+        return {"cycle": None, "batch_id": None, "stop": stop, "counts": counts}
+
+    batch = store.batch_items(batch_id)
+    if auto:
+        answers = simulated_answers(store, batch, settings.labels)
+        written = store.record_labels(answers, annotator="simulated", origin="simulated",
+                                      batch_id=batch_id, flow_run_id=run_id)
+    else:
+        url = publish_batch(batch_id, batch, run_id)
+        logger.info(review_instructions(batch_id, len(batch), url, config_path))
+        form = build_review_form(batch, settings.labels, settings.review.text_chars, settings.review.annotator)
+        try:
+            response = pause_flow_run(
+                wait_for_input=form,
+                timeout=int(settings.review.timeout_hours * 3600),
+                poll_interval=settings.review.poll_interval_seconds,
+            )
+        except FlowPauseTimeout:
+            store.close_batch(batch_id, "expired")
+            logger.error(f"batch {batch_id} was not reviewed in time; answers already stored are kept")
+            raise
+        values = response.model_dump()
+        written = store.record_labels(
+            answers_from_form(values, store.batch_items(batch_id)), annotator=values["annotator"],
+            origin="ui", batch_id=batch_id, flow_run_id=run_id, keep_batch_answers=True,
+        )
+    label_summary = written.summary()
+    logger.info(f"batch {batch_id}: {label_summary}")
+    store.close_batch(batch_id, "labeled")
+
+    train = retrain_task(settings, run_id)
+    cycle = store.record_cycle(run_id, batch_id, train.model_version, _strategy(store, batch_id),
+                               train.n_labels, train.metrics, train.promoted)
+    counts = store.counts(holdout)
+    metric = settings.evaluation.metric
+    publish_cycle(cycle_markdown(counts, store.cycles(), asdict(train) if train.model_version else None,
+                                 batch_id, label_summary, metric))
+    stop = _stop_reason(settings, counts, train.metrics)
+    if stop:
+        logger.info(f"stopping rule: {stop}")
+    return {"cycle": cycle, "batch_id": batch_id, "model_version": train.model_version,
+            "promoted": train.promoted, "n_labels": train.n_labels, "metrics": train.metrics,
+            "labels_written": asdict(written), "stop": stop, "counts": counts}
+
+
+def _strategy(store: Store, batch_id: str) -> str:
+    return store.batch(batch_id)["strategy"]
+
+
+def _stop_reason(settings, counts: dict, metrics: dict | None) -> str | None:
+    rules = settings.stopping
+    if rules.budget is not None and counts["labeled"] + counts["skipped"] >= rules.budget:
+        return f"budget of {rules.budget} labels spent"
+    metric = settings.evaluation.metric
+    if rules.target is not None and metrics and (metrics.get(metric) or 0) >= rules.target:
+        return f"{metric} {metrics[metric]:.3f} reached the target {rules.target}"
+    if counts["pool"] == 0:
+        return "pool exhausted"
+    return None

@@ -1,0 +1,179 @@
+"""The model: build, fit, predict aligned to the configured labels, evaluate, save, load.
+
+Models are files written by skops, never pickle: loading checks every type in the file
+against an allow-list (scikit-learn, NumPy, SciPy and the configured classifier's module),
+so a model file cannot run code when it is opened.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from sklearn.base import clone
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.metrics import accuracy_score, f1_score
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.pipeline import Pipeline
+
+from config import ModelSettings, import_object
+from tasks import strategies
+
+
+class ModelError(RuntimeError):
+    """A model cannot be trained or loaded; the message says why."""
+
+
+def _vectorizer_params(params: dict) -> dict:
+    params = dict(params)
+    if "ngram_range" in params:  # TOML has no tuples
+        params["ngram_range"] = tuple(params["ngram_range"])
+    return params
+
+
+def build_model(settings: ModelSettings) -> Pipeline:
+    """An unfitted ``Pipeline(tfidf, classifier)`` from the model settings."""
+    classifier = import_object(settings.classifier)(**settings.classifier_params)
+    return Pipeline(
+        [("tfidf", TfidfVectorizer(**_vectorizer_params(settings.vectorizer_params))), ("clf", classifier)]
+    )
+
+
+def class_counts(labels: Sequence[str]) -> dict[str, int]:
+    values, counts = np.unique(np.asarray(labels, dtype=object), return_counts=True)
+    return {str(v): int(c) for v, c in zip(values, counts)}
+
+
+def trainable(labels: Sequence[str]) -> str | None:
+    """None if a classifier can be fitted on ``labels``, else the reason it cannot."""
+    counts = class_counts(labels)
+    if len(counts) < 2:
+        return f"need labels of at least 2 classes, have {counts or 'none'}"
+    return None
+
+
+def fit(settings: ModelSettings, docs: Sequence[str], labels: Sequence[str]) -> Pipeline:
+    """A fitted pipeline. ``docs``: n texts; ``labels``: n class names."""
+    reason = trainable(labels)
+    if reason:
+        raise ModelError(reason)
+    model = build_model(settings)
+    model.fit(list(docs), list(labels))
+    return model
+
+
+def predict_proba(model, docs: Sequence[str], classes: Sequence[str]) -> np.ndarray:
+    """(n_docs, len(classes)) probabilities in the order of ``classes``.
+
+    A class the model never saw in training gets probability 0.
+    """
+    raw = model.predict_proba(list(docs))
+    aligned = np.zeros((raw.shape[0], len(classes)))
+    index = {c: i for i, c in enumerate(classes)}
+    for j, cls in enumerate(model.classes_):
+        if cls not in index:
+            raise ModelError(f"the model predicts class {cls!r}, which is not in labels {list(classes)}")
+        aligned[:, index[cls]] = raw[:, j]
+    return aligned
+
+
+def score_chunk(model, docs: Sequence[str], classes: Sequence[str]) -> dict[str, np.ndarray]:
+    """Pre-labels for a chunk: label (n,), proba (n, c) and the three uncertainty measures."""
+    proba = predict_proba(model, docs, classes)
+    return {
+        "label": np.asarray(classes, dtype=object)[proba.argmax(axis=1)],
+        "proba": proba,
+        "least_confidence": strategies.least_confidence(proba),
+        "margin": strategies.margin(proba),
+        "entropy": strategies.entropy(proba),
+    }
+
+
+def metrics(y_true: Sequence[str], y_pred: Sequence[str]) -> dict[str, float]:
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+    }
+
+
+def evaluate_cv(settings: ModelSettings, docs: Sequence[str], labels: Sequence[str],
+                folds: int, seed: int) -> tuple[dict | None, np.ndarray | None, str | None]:
+    """Stratified k-fold estimates on the labeled set.
+
+    Returns (metrics, out_of_fold_predictions (n,), None), or (None, None, reason) when
+    the labels are too few. The fold count drops to the smallest class's size.
+    """
+    counts = class_counts(labels)
+    smallest = min(counts.values()) if counts else 0
+    k = min(folds, smallest)
+    if len(counts) < 2 or k < 2:
+        return None, None, f"cross-validation needs 2 labels in each of 2 classes, have {counts}"
+    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    predicted = cross_val_predict(build_model(settings), list(docs), list(labels), cv=splitter)
+    result = metrics(labels, predicted)
+    result.update({"method": "cv", "folds": k, "n_eval": len(labels)})
+    return result, predicted, None
+
+
+def evaluate_holdout(model, docs: Sequence[str], labels: Sequence[str]) -> dict:
+    """Metrics of a fitted model on held-out gold items."""
+    if len(docs) == 0:
+        raise ModelError("the holdout set is empty: no source has gold labels (set label_column)")
+    result = metrics(labels, model.predict(list(docs)))
+    result.update({"method": "holdout", "n_eval": len(labels)})
+    return result
+
+
+# -- persistence ------------------------------------------------------------------------------
+_TRUSTED_PREFIXES = ("sklearn.", "numpy.", "scipy.", "builtins.", "collections.")
+
+
+def save_model(model, path: str | Path) -> Path:
+    import skops.io as sio
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    sio.dump(model, tmp)
+    tmp.replace(path)  # atomic: a crash never leaves a half-written model file
+    return path
+
+
+def load_model(path: str | Path, classifier: str):
+    """Load a skops model file, trusting only library types and the configured classifier."""
+    import skops.io as sio
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"model file {path} is missing")
+    untrusted = sio.get_untrusted_types(file=path)
+    allowed_module = classifier.rpartition(".")[0].split(".")[0] + "."
+    refused = [t for t in untrusted if not t.startswith(_TRUSTED_PREFIXES + (allowed_module,))]
+    if refused:
+        raise ModelError(f"model file {path} holds types alflow does not trust: {refused}")
+    return sio.load(path, trusted=untrusted)
+
+
+@dataclass(frozen=True)
+class Promotion:
+    promoted: bool
+    reason: str
+
+
+def should_promote(new: float | None, current: float | None, metric: str, n_compared: int) -> Promotion:
+    """Promote unless the new model scores lower than the current one on the same items.
+
+    ``new`` and ``current`` are the two models' ``metric`` on one evaluation set of
+    ``n_compared`` items; ``current`` is None when there is no current model.
+    """
+    if current is None:
+        return Promotion(True, "first model")
+    if new is None:
+        return Promotion(False, f"no {metric} for the new model")
+    if n_compared == 0:
+        return Promotion(True, "no new labels to compare on; same data, newer model")
+    if new >= current:
+        return Promotion(True, f"{metric} {new:.3f} >= current {current:.3f} on {n_compared} items")
+    return Promotion(False, f"{metric} {new:.3f} < current {current:.3f} on {n_compared} items")

@@ -1,0 +1,307 @@
+"""The review step: the Resume form for a batch, and the other ways answers arrive.
+
+All three ways end in the same ``labels`` rows:
+
+* the Prefect UI's Resume form (:func:`build_review_form`), one dropdown per item with the
+  pre-label preselected, so agreeing costs nothing and correcting costs one choice;
+* the terminal (`alflow label`, see :func:`record_answer`);
+* files (:func:`export_batch` / :func:`import_answers`), then `alflow resume`
+  (:func:`resume_batch`), which resumes the paused run with the answers already stored.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Literal
+from uuid import UUID
+
+import pandas as pd
+from pydantic import Field, create_model
+
+from config import SKIP, Settings
+from tasks.store import Answer, LabelWrite, Store
+
+EXPORT_COLUMNS = ["batch_id", "rank", "item_id", "source", "title", "text", "url",
+                  "prelabel", "confidence", "label"]
+
+
+class ReviewError(ValueError):
+    """Answers cannot be taken; the one-line message names the row, item or value."""
+
+
+def field_name(rank: int) -> str:
+    """The form field of the item at ``rank``: item_001, item_002, ..."""
+    return f"item_{int(rank):03d}"
+
+
+def trim(text: str, limit: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+def item_heading(row) -> str:
+    """'#3 · sms_spam · pre-label spam (62%)': rank, source, and how sure the model is."""
+    head = f"#{row.rank} · {row.source}"
+    if isinstance(row.prelabel, str):
+        return f"{head} · pre-label {row.prelabel} ({row.confidence:.0%})"
+    return f"{head} · no pre-label (cold start)"
+
+
+def build_review_form(batch: pd.DataFrame, classes: list[str], text_chars: int, annotator: str):
+    """A ``RunInput`` subclass for one batch (rows of :meth:`Store.batch_items`).
+
+    One field per item, in rank order: its heading as the title, its text (trimmed to
+    ``text_chars``) as the description, the classes plus ``skip`` as the choices and the
+    pre-label (or an answer already stored for it) as the default. On a cold start there
+    is no pre-label and each field must be chosen. A last field names the annotator.
+    """
+    from prefect.input import RunInput
+
+    choices = Literal[tuple(classes) + (SKIP,)]  # type: ignore[valid-type]
+    fields = {}
+    for row in batch.itertuples(index=False):
+        text = row.text if not isinstance(row.title, str) or row.text.startswith(row.title) else f"{row.title} — {row.text}"
+        default = row.answer if isinstance(row.answer, str) else row.prelabel
+        fields[field_name(row.rank)] = (
+            choices,
+            Field(default if isinstance(default, str) else ..., title=item_heading(row),
+                  description=trim(text, text_chars)),
+        )
+    fields["annotator"] = (
+        str,
+        Field(annotator, title="Annotator", description="Who is answering; stored with every label.",
+              min_length=1, max_length=64, pattern=r"^[\w.@-]+$"),
+    )
+    return create_model("ReviewBatch", __base__=RunInput, **fields)
+
+
+def answers_from_form(values: dict, batch: pd.DataFrame) -> list[Answer]:
+    """The form's values (field -> label) as answers, in rank order."""
+    answers = []
+    for row in batch.itertuples(index=False):
+        name = field_name(row.rank)
+        if name not in values:
+            raise ReviewError(f"the review input has no field {name} (item {row.item_id})")
+        answers.append(Answer(row.item_id, values[name]))
+    return answers
+
+
+def _check_label(label: str, classes: list[str], where: str) -> None:
+    if label not in classes and label != SKIP:
+        raise ReviewError(f"{where}: label {label!r} is not one of {classes + [SKIP]}")
+
+
+def record_answer(store: Store, settings: Settings, batch_id: str | None, item_id: str, label: str,
+                  annotator: str, origin: str = "cli") -> LabelWrite:
+    """One answer from the terminal, written at once so quitting never loses it."""
+    _check_label(label, settings.labels, f"item {item_id}")
+    return store.record_labels([Answer(item_id, label)], annotator=annotator, origin=origin, batch_id=batch_id)
+
+
+# -- files ------------------------------------------------------------------------------------
+def _format(path: Path, fmt: str | None) -> str:
+    fmt = fmt or {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}.get(path.suffix.lower())
+    if fmt not in ("csv", "jsonl"):
+        raise ReviewError(f"{path}: cannot tell the format; use a .csv or .jsonl name or pass --format")
+    return fmt
+
+
+def export_batch(store: Store, batch_id: str, path: str | Path, fmt: str | None = None,
+                 prefill: bool = True) -> int:
+    """Write a batch for labeling elsewhere; returns the number of rows.
+
+    The ``label`` column holds the answer already given, else the pre-label (``prefill``),
+    so a spreadsheet reviewer only edits what is wrong; ``prefill=False`` leaves it empty.
+    """
+    path = Path(path)
+    fmt = _format(path, fmt)
+    batch = store.batch_items(batch_id)
+    if batch.empty:
+        raise ReviewError(f"batch {batch_id} has no items")
+    frame = batch.assign(batch_id=batch_id)
+    label = frame["answer"]
+    if prefill:
+        label = label.where(label.notna(), frame["prelabel"])
+    frame = frame.assign(label=label.fillna(""), confidence=frame["confidence"].round(4))
+    frame = frame[EXPORT_COLUMNS]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if fmt == "csv":
+        frame.to_csv(tmp, index=False, quoting=csv.QUOTE_NONNUMERIC)
+    else:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            for record in frame.to_dict("records"):
+                clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in record.items()}
+                handle.write(json.dumps(clean, ensure_ascii=False, default=str) + "\n")
+    tmp.replace(path)
+    return len(frame)
+
+
+def _read_answers(path: Path, fmt: str) -> list[tuple[int, dict]]:
+    """(line number, row) pairs from a CSV or JSONL answers file."""
+    rows = []
+    if fmt == "csv":
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            for row in reader:
+                rows.append((reader.line_num, row))
+    else:
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ReviewError(f"{path.name} line {number}: not JSON ({exc.msg})") from None
+                if not isinstance(row, dict):
+                    raise ReviewError(f"{path.name} line {number}: not a JSON object")
+                rows.append((number, row))
+    return rows
+
+
+def import_answers(store: Store, settings: Settings, path: str | Path, *, annotator: str,
+                   batch_id: str | None = None, fmt: str | None = None) -> tuple[LabelWrite, int, str]:
+    """Read answers (item_id, label) from a CSV or JSONL file into ``labels``.
+
+    The batch is ``batch_id``, else the file's ``batch_id`` column (one value), else the
+    only open batch. Every row is checked before anything is written: an unknown label, an
+    item outside the batch or a repeated item stops the import with the line named, and
+    nothing is stored. Rows with an empty label are left unanswered.
+    Returns (what was written, rows left unanswered, the batch_id).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ReviewError(f"{path}: no such file")
+    fmt = _format(path, fmt)
+    try:
+        rows = _read_answers(path, fmt)
+    except UnicodeDecodeError as exc:
+        raise ReviewError(f"{path.name}: not UTF-8 text ({exc.reason})") from None
+    if not rows:
+        raise ReviewError(f"{path.name}: no rows")
+    for column in ("item_id", "label"):
+        if column not in rows[0][1]:
+            raise ReviewError(f"{path.name}: no '{column}' column")
+    file_batches = {str(r.get("batch_id")).strip() for _, r in rows if r.get("batch_id")}
+    if batch_id is None and len(file_batches) > 1:
+        raise ReviewError(f"{path.name}: rows from several batches {sorted(file_batches)}; pass --batch")
+    batch_id = batch_id or (file_batches.pop() if file_batches else None) or _only_open_batch(store)
+    batch = store.batch(batch_id)
+    if batch is None:
+        raise ReviewError(f"batch {batch_id} does not exist")
+    members = set(store.batch_items(batch_id)["item_id"])
+    answers, unanswered, seen = [], 0, {}
+    for line, row in rows:
+        item_id = str(row.get("item_id") or "").strip()
+        label = str(row.get("label") or "").strip()
+        where = f"{path.name} line {line}"
+        if item_id not in members:
+            raise ReviewError(f"{where}: item {item_id or '(empty)'} is not in batch {batch_id}")
+        if item_id in seen:
+            raise ReviewError(f"{where}: item {item_id} is answered again (first on line {seen[item_id]})")
+        seen[item_id] = line
+        if not label:
+            unanswered += 1
+            continue
+        _check_label(label, settings.labels, where)
+        answers.append(Answer(item_id, label))
+    written = store.record_labels(answers, annotator=annotator, origin="import", batch_id=batch_id)
+    return written, unanswered, batch_id
+
+
+def _only_open_batch(store: Store) -> str:
+    open_batches = store.batches("open")
+    if len(open_batches) == 1:
+        return str(open_batches["batch_id"].iloc[0])
+    if open_batches.empty:
+        raise ReviewError("no batch is waiting for review")
+    ids = ", ".join(open_batches["batch_id"])
+    raise ReviewError(f"{len(open_batches)} batches are waiting ({ids}); pass --batch")
+
+
+def pick_batch(store: Store, batch_id: str | None) -> dict:
+    """The batch named, or the only open one; a clear error otherwise."""
+    batch_id = batch_id or _only_open_batch(store)
+    batch = store.batch(batch_id)
+    if batch is None:
+        raise ReviewError(f"batch {batch_id} does not exist")
+    return batch
+
+
+def resume_batch(store: Store, batch_id: str | None, *, annotator: str, skip_rest: bool = False) -> dict:
+    """Resume the paused run of a batch with the answers already stored for it.
+
+    Every item must be answered first, or ``skip_rest`` answers the rest ``skip``
+    (recorded as this annotator's answers). Returns the batch row.
+    """
+    from prefect.exceptions import FlowPauseTimeout
+    from prefect.flow_runs import NotPausedError, resume_flow_run
+
+    batch = pick_batch(store, batch_id)
+    batch_id = batch["batch_id"]
+    if batch["status"] != "open":
+        raise ReviewError(f"batch {batch_id} is {batch['status']}, not waiting for review")
+    if not isinstance(batch["flow_run_id"], str):
+        raise ReviewError(f"batch {batch_id} has no flow run to resume")
+    items = store.batch_items(batch_id)
+    waiting = items[items["answer"].isna()]
+    if len(waiting) and not skip_rest:
+        raise ReviewError(
+            f"{len(waiting)} of {len(items)} items in batch {batch_id} have no answer yet; "
+            "answer them (`alflow label`) or pass --skip-rest"
+        )
+    if len(waiting):
+        store.record_labels([Answer(i, SKIP) for i in waiting["item_id"]], annotator=annotator,
+                            origin="cli", batch_id=batch_id)
+        items = store.batch_items(batch_id)
+    values = {field_name(r.rank): r.answer for r in items.itertuples(index=False)}
+    values["annotator"] = annotator
+    try:
+        resume_flow_run(UUID(batch["flow_run_id"]), run_input=values)
+    except NotPausedError:
+        raise ReviewError(
+            f"run {batch['flow_run_id']} of batch {batch_id} is not paused; its stored answers "
+            "will train the next cycle"
+        ) from None
+    except FlowPauseTimeout:
+        raise ReviewError(
+            f"run {batch['flow_run_id']} of batch {batch_id} timed out; its stored answers will "
+            "train the next cycle"
+        ) from None
+    return batch
+
+
+def simulated_answers(store: Store, batch: pd.DataFrame, classes: list[str]) -> list[Answer]:
+    """The simulated annotator: each item's gold label (``skip`` where it has none)."""
+    gold = store.gold_labels(batch["item_id"].tolist())
+    return [Answer(i, gold[i] if gold.get(i) in classes else SKIP) for i in batch["item_id"]]
+
+
+def expire_stale_batches(store: Store, current_run_id: str | None = None) -> list[str]:
+    """Close open batches whose flow run has ended without recording them (crashed, timed
+    out, cancelled): their stored answers stay and their unanswered items return to the pool.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    expired = []
+    open_batches = store.batches("open")
+    if open_batches.empty:
+        return expired
+    with get_client(sync_client=True) as client:
+        for row in open_batches.itertuples(index=False):
+            if not isinstance(row.flow_run_id, str) or row.flow_run_id == current_run_id:
+                continue
+            try:
+                state = client.read_flow_run(UUID(row.flow_run_id)).state
+            except ObjectNotFound:
+                state = None  # the run lives on another Prefect server: leave the batch alone
+                continue
+            if state is not None and state.is_final():
+                store.close_batch(row.batch_id, "expired")
+                expired.append(row.batch_id)
+    return expired
