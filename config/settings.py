@@ -14,7 +14,14 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 CONFIG_FILENAME = "alflow.toml"
 ENV_PREFIX = "ALFLOW_"
@@ -35,35 +42,34 @@ class _Section(BaseModel):
 class ModelSettings(_Section):
     """The classifier: TF-IDF features into any scikit-learn classifier with predict_proba."""
 
-    classifier: str = "sklearn.linear_model.LogisticRegression"
+    # classifier_params is declared before classifier so that the classifier check (which
+    # builds it with those parameters) runs last and its errors name ``model.classifier``.
     classifier_params: dict[str, Any] = Field(
-        default_factory=lambda: {"C": 10.0, "max_iter": 2000}
+        default_factory=lambda: {"C": 10.0, "max_iter": 2000, "class_weight": "balanced"}
     )
     vectorizer_params: dict[str, Any] = Field(
         default_factory=lambda: {"ngram_range": [1, 2], "sublinear_tf": True}
     )
+    classifier: str = Field("sklearn.linear_model.LogisticRegression", validate_default=True)
 
     @field_validator("classifier")
     @classmethod
-    def _importable_with_proba(cls, value: str) -> str:
+    def _importable_with_proba(cls, value: str, info: ValidationInfo) -> str:
         klass = import_object(value)
         if not callable(klass):
             raise ValueError(f"{value} is not a class")
-        return value
-
-    @model_validator(mode="after")
-    def _has_predict_proba(self) -> "ModelSettings":
-        klass = import_object(self.classifier)
+        if "classifier_params" not in info.data:
+            return value  # classifier_params itself is invalid; that error is reported
         try:
-            estimator = klass(**self.classifier_params)
+            estimator = klass(**info.data["classifier_params"])
         except TypeError as exc:
-            raise ValueError(f"classifier_params do not fit {self.classifier}: {exc}") from None
+            raise ValueError(f"classifier_params do not fit {value}: {exc}") from None
         if not hasattr(estimator, "predict_proba"):
             raise ValueError(
-                f"{self.classifier} has no predict_proba with these parameters "
+                f"{value} has no predict_proba with these parameters "
                 "(uncertainty needs class probabilities)"
             )
-        return self
+        return value
 
 
 class QuerySettings(_Section):
@@ -197,6 +203,10 @@ def _env_overrides(environ: dict[str, str]) -> dict[tuple[str, ...], tuple[Any, 
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = raw  # a bare string such as a path or strategy name
+        if not isinstance(value, (list, dict)) and value is not None:
+            # A scalar stays the string it was: validation converts "50" to 50 for an int
+            # key, and a string key (an annotator named 007 or 123) keeps its text.
+            value = raw
         overrides[path] = (value, name)
     return overrides
 

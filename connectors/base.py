@@ -89,8 +89,12 @@ def content_hash(text: str, title: str | None = None) -> str:
 
 
 def has_undecodable(value: str) -> bool:
-    """True if ``value`` carries bytes that did not decode (surrogateescape leaves U+DC80-DCFF)."""
-    return any("\udc80" <= ch <= "\udcff" for ch in value)
+    """True if ``value`` carries bytes that did not decode (surrogateescape leaves U+DC80-DCFF).
+
+    Any lone surrogate counts (a JSON ``"\\ud800"`` escape decodes to one): none can be
+    encoded as UTF-8, so storing it would fail.
+    """
+    return any("\ud800" <= ch <= "\udfff" for ch in value)
 
 
 def to_row(record: Record, source: str) -> dict[str, Any]:

@@ -104,15 +104,18 @@ class FilesConnector:
         if text is None:
             self.report.reject("empty text")
             return None
-        if has_undecodable(text) or any(v and has_undecodable(v) for v in fields.values()):
-            self.report.reject("undecodable bytes")
-            return None
         used = {s.text_column, s.title_column, s.id_column, s.url_column, s.label_column}
         meta = {
             str(k): (v if isinstance(v, (int, float, bool, str)) else str(v))
             for k, v in row.items()
             if k not in used and not str(k).startswith("_") and _cell(v) is not None
         }
+        # Extra columns go to meta, so their bytes must be storable too.
+        if (has_undecodable(text) or any(v and has_undecodable(v) for v in fields.values())
+                or any(has_undecodable(k) or (isinstance(v, str) and has_undecodable(v))
+                       for k, v in meta.items())):
+            self.report.reject("undecodable bytes")
+            return None
         return Record(text=text, meta=meta, **fields)
 
     def _check_columns(self, columns: list[str]) -> None:

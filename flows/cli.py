@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import functools
-import shutil
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -26,8 +23,8 @@ app = typer.Typer(
 server_app = typer.Typer(help="The local Prefect server that paused runs are resumed from.", no_args_is_help=True)
 app.add_typer(server_app, name="server")
 
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 ConfigOption = Annotated[
     Optional[Path],
@@ -175,18 +172,17 @@ def status(config: ConfigOption = None):
     )
     waiting = store.batches("open")
     if waiting.empty:
-        console.print("batches waiting: none")
+        console.print("batches waiting for review: none")
     else:
-        from tasks.report import run_url
-
-        table = Table("batch", "items", "answered", "strategy", "created (UTC)", "run", title="batches waiting for review")
+        console.print("batches waiting for review:")
         ui = _ui_url()
         for row in waiting.itertuples(index=False):
             items = store.batch_items(row.batch_id)
-            url = f"{ui}/runs/flow-run/{row.flow_run_id}" if ui and isinstance(row.flow_run_id, str) else (row.flow_run_id or "")
-            table.add_row(row.batch_id, str(len(items)), str(int(items["answer"].notna().sum())), row.strategy,
-                          str(row.created_at)[:19], url)
-        console.print(table)
+            answered = int(items["answer"].notna().sum())
+            console.print(f"  {row.batch_id}  {answered}/{len(items)} answered  {row.strategy}  "
+                          f"created {str(row.created_at)[:19]} UTC")
+            if isinstance(row.flow_run_id, str):
+                console.print(f"    {ui}/runs/flow-run/{row.flow_run_id}" if ui else f"    flow run {row.flow_run_id}")
     cycles = store.cycles()
     if cycles.empty:
         console.print("cycles: none yet")
@@ -220,14 +216,30 @@ def label_session(store, settings, batch_id: str, annotator: str, getchar: Calla
     queue = [r for r in items.itertuples(index=False) if not isinstance(r.answer, str)]
     out.print(f"Batch {batch_id}: {len(queue)} of {len(items)} items to answer.  Keys: [bold]Enter[/] accept pre-label  "
               f"{keys}  [bold]s[/] skip  [bold]b[/] back  [bold]q[/] quit (answers are saved as you go)")
+    pending: list[str] = []
+
+    def next_key() -> str:
+        # Keys typed faster than they are read arrive together: answer them one by one.
+        while not pending:
+            try:
+                chunk = getchar()
+            except (KeyboardInterrupt, EOFError):  # Ctrl-C / Ctrl-D: same as q
+                return "q"
+            if chunk.startswith("\x1b"):
+                pending.append(chunk)  # an arrow or function key: one unknown key
+            else:
+                pending.extend(chunk.replace("\r\n", "\r"))
+        return pending.pop(0)
+
     given, position = 0, 0
     while position < len(queue):
         row = queue[position]
         title = item_heading(row)
-        body = row.text if not isinstance(row.title, str) else f"[bold]{escape(row.title)}[/]\n{escape(row.text)}"
-        out.print(Panel(body if isinstance(row.title, str) else escape(row.text),
-                        title=f"{position + 1}/{len(queue)}  {escape(title)}", title_align="left"))
-        key = getchar()
+        body = escape(row.text)
+        if isinstance(row.title, str) and not row.text.startswith(row.title):
+            body = f"[bold]{escape(row.title)}[/]\n{body}"
+        out.print(Panel(body, title=f"{position + 1}/{len(queue)}  {escape(title)}", title_align="left"))
+        key = next_key()
         if key in ("q", "Q", "\x03", "\x04"):
             out.print(f"Stopped; {given} answers saved.")
             return given, False
@@ -266,7 +278,7 @@ def label(
     store = _store(settings)
     chosen = pick_batch(store, batch)
     who = annotator or settings.review.annotator
-    given, complete = label_session(store, settings, chosen["batch_id"], who, click.getchar, console)
+    given, complete = label_session(store, settings, chosen["batch_id"], who, typer.getchar, console)
     if complete and resume_run and chosen["status"] == "open":
         _resume(settings, store, chosen["batch_id"], who, skip_rest=False)
     elif complete:

@@ -9,14 +9,17 @@ run's existing batch, retraining on unchanged labels returns the model already t
 
 from __future__ import annotations
 
+import shutil
+import sys
 from dataclasses import asdict
+from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
 from prefect.runtime import flow_run
 
-from config import load_config
+from config import CONFIG_FILENAME, load_config
 from flows.ingest import ingest
 from tasks.prelabel import prelabel_task
 from tasks.query import query_task
@@ -26,14 +29,28 @@ from tasks.store import Store
 from tasks.train import retrain_task
 
 
+def alflow_command() -> str:
+    """How to call `alflow` from the user's shell: bare if on PATH, else by its path."""
+    installed = Path(sys.executable).with_name("alflow")
+    on_path = shutil.which("alflow")
+    if not installed.exists() or (on_path and Path(on_path).resolve() == installed.resolve()):
+        return "alflow"
+    try:
+        return str(installed.relative_to(Path.cwd()))
+    except ValueError:
+        return str(installed)
+
+
 def review_instructions(batch_id: str, n: int, url: str | None, config_path: str) -> str:
-    config = "" if config_path == "alflow.toml" else f" --config {config_path}"
+    default = Path(CONFIG_FILENAME).resolve()
+    cmd = alflow_command()
+    config = "" if Path(config_path).resolve() == default else f" --config {config_path}"
     where = f"  in the Prefect UI: {url} -> Resume\n" if url else ""
     return (
         f"Batch {batch_id} ({n} items) is waiting for review. Label it\n{where}"
-        f"  in a terminal:     alflow label{config}\n"
-        f"  with files:        alflow export{config} batch.csv, edit, alflow import{config} batch.csv, "
-        f"then alflow resume{config}"
+        f"  in a terminal:     {cmd} label{config}\n"
+        f"  with files:        {cmd} export{config} batch.csv, edit, {cmd} import{config} batch.csv, "
+        f"then {cmd} resume{config}"
     )
 
 
@@ -98,7 +115,7 @@ def active_learning_cycle(config_path: str = "alflow.toml", auto: bool = False,
             raise
         values = response.model_dump()
         written = store.record_labels(
-            answers_from_form(values, store.batch_items(batch_id)), annotator=values["annotator"],
+            answers_from_form(values, store.batch_items(batch_id)), annotator=values["annotator"].strip(),
             origin="ui", batch_id=batch_id, flow_run_id=run_id, keep_batch_answers=True,
         )
     label_summary = written.summary()

@@ -11,6 +11,7 @@ from prefect.cache_policies import NONE
 from config import Settings
 from connectors import build_connector, to_row
 from tasks.progress import track
+from tasks.retrying import is_transient
 from tasks.store import Store, utcnow
 
 WRITE_CHUNK = 5000  # records per transaction: bounded memory, and a re-run resumes cheaply
@@ -69,6 +70,7 @@ def ingest_source(settings: Settings, source_name: str, ingest_id: str,
 # Connectors that call services retry inside (backoff, Retry-After); a task-level retry
 # covers a whole-source failure such as a lock held past its timeout.
 @task(name="ingest-source", retries=2, retry_delay_seconds=[5, 30], cache_policy=NONE,
+      retry_condition_fn=is_transient,
       task_run_name="ingest-{source_name}")
 def ingest_source_task(settings: Settings, source_name: str, ingest_id: str,
                        flow_run_id: str | None = None) -> IngestReport:

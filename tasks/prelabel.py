@@ -8,6 +8,7 @@ from prefect.cache_policies import NONE
 
 from tasks.modeling import score_chunk
 from tasks.progress import track
+from tasks.retrying import is_transient
 from tasks.store import Store
 
 
@@ -38,7 +39,8 @@ def prelabel_pool(store: Store, model, model_version: int, classes: list[str], c
     return scored
 
 
-@task(name="pre-label", retries=1, retry_delay_seconds=10, cache_policy=NONE)
+@task(name="pre-label", retries=1, retry_delay_seconds=10, cache_policy=NONE,
+      retry_condition_fn=is_transient)
 def prelabel_task(db_path: str, lock_timeout: float, model_path: str, classifier: str,
                   model_version: int, classes: list[str], chunk_size: int,
                   holdout_fraction: float | None) -> int:

@@ -41,8 +41,14 @@ def track(description: str, total: int | None = None, log_every: float = 10.0) -
     global _bars, _active
     done = 0
     if _enabled:
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         with _lock:
             if _bars is None:

@@ -10,6 +10,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 
 from config import Settings
 from tasks import strategies
+from tasks.retrying import is_transient
 from tasks.store import Store
 
 
@@ -98,7 +99,8 @@ def query_batch(store: Store, settings: Settings, model_version: int | None,
     return store.create_batch(flow_run_id, strategy_label(settings, model_version), model_version, picks)
 
 
-@task(name="query", retries=1, retry_delay_seconds=10, cache_policy=NONE)
+@task(name="query", retries=1, retry_delay_seconds=10, cache_policy=NONE,
+      retry_condition_fn=is_transient)
 def query_task(settings: Settings, model_version: int | None, flow_run_id: str | None,
                budget_left: int | None = None) -> str | None:
     store = Store(settings.database, settings.store.lock_timeout_seconds)

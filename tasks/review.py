@@ -19,7 +19,7 @@ from typing import Literal
 from uuid import UUID
 
 import pandas as pd
-from pydantic import Field, create_model
+from pydantic import ConfigDict, Field, create_model
 
 from config import SKIP, Settings
 from tasks.store import Answer, LabelWrite, Store
@@ -50,6 +50,20 @@ def item_heading(row) -> str:
     return f"{head} · no pre-label (cold start)"
 
 
+_MARKDOWN = str.maketrans({c: "\\" + c for c in "\\`*_[]<>#|~"})
+
+
+def markdown_safe(text: str) -> str:
+    """The UI renders field descriptions as Markdown: show item text as typed instead."""
+    return text.translate(_MARKDOWN)
+
+
+def _all_required(schema: dict) -> None:
+    # A field with a default shows as "(Optional)" in the UI; every item needs an answer
+    # (the default only makes agreeing free), so the schema marks them all required.
+    schema["required"] = list(schema.get("properties", {}))
+
+
 def build_review_form(batch: pd.DataFrame, classes: list[str], text_chars: int, annotator: str):
     """A ``RunInput`` subclass for one batch (rows of :meth:`Store.batch_items`).
 
@@ -60,6 +74,9 @@ def build_review_form(batch: pd.DataFrame, classes: list[str], text_chars: int, 
     """
     from prefect.input import RunInput
 
+    class ReviewForm(RunInput):
+        model_config = ConfigDict(json_schema_extra=_all_required)
+
     choices = Literal[tuple(classes) + (SKIP,)]  # type: ignore[valid-type]
     fields = {}
     for row in batch.itertuples(index=False):
@@ -68,14 +85,14 @@ def build_review_form(batch: pd.DataFrame, classes: list[str], text_chars: int, 
         fields[field_name(row.rank)] = (
             choices,
             Field(default if isinstance(default, str) else ..., title=item_heading(row),
-                  description=trim(text, text_chars)),
+                  description=markdown_safe(trim(text, text_chars))),
         )
     fields["annotator"] = (
         str,
         Field(annotator, title="Annotator", description="Who is answering; stored with every label.",
-              min_length=1, max_length=64, pattern=r"^[\w.@-]+$"),
+              min_length=1, max_length=64),
     )
-    return create_model("ReviewBatch", __base__=RunInput, **fields)
+    return create_model("ReviewBatch", __base__=ReviewForm, **fields)
 
 
 def answers_from_form(values: dict, batch: pd.DataFrame) -> list[Answer]:

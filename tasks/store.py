@@ -240,13 +240,15 @@ class Store:
             except duckdb.IOException as exc:
                 if "lock" not in str(exc).lower():
                     raise StoreError(f"{self.path}: cannot open database: {exc}") from None
-                if time.monotonic() + delay > deadline:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
                     raise StoreLockedError(
                         f"{self.path} is locked by {_holder(str(exc))} for more than "
                         f"{self.lock_timeout:g} s; stop that process or raise "
                         "store.lock_timeout_seconds"
                     ) from None
-                time.sleep(delay)
+                # Never sleep past the deadline, and try once more at it.
+                time.sleep(min(delay, remaining))
                 delay = min(delay * 2, 1.0)
         try:
             yield con
@@ -410,16 +412,15 @@ class Store:
         Ordered by item_id so that a strategy's picks are reproducible under a seed.
         """
         with self.connect() as con:
-            result = con.execute(
+            relation = con.sql(
                 f"""SELECT p.item_id, p.label, p.proba FROM predictions p
                 JOIN items i USING (item_id)
                 WHERE p.model_version = ? AND {self._pool_where(holdout_fraction)}
                 ORDER BY p.item_id""",
-                [model_version],
+                params=[model_version],
             )
-            # DuckDB 2 renamed fetch_arrow_table to to_arrow_table.
-            table = getattr(result, "to_arrow_table", None) or result.fetch_arrow_table
-            table = table()
+            # DuckDB 2 names it to_arrow_table; 1.x returns a Table from arrow().
+            table = relation.to_arrow_table() if hasattr(relation, "to_arrow_table") else relation.arrow()
         item_ids = np.asarray(table.column("item_id").to_pylist(), dtype=object)
         labels = np.asarray(table.column("label").to_pylist(), dtype=object)
         flat = table.column("proba").combine_chunks().flatten().to_numpy(zero_copy_only=False)

@@ -14,6 +14,7 @@ of the batch on random picks, so the model's blind spots get sampled too.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
@@ -126,8 +127,8 @@ def with_exploration(strategy: Strategy, share: float) -> Strategy:
 
 
 def n_exploration(k: int, share: float) -> int:
-    """How many of a batch of k :func:`with_exploration` draws at random."""
-    return int(round(k * share))
+    """How many of a batch of k :func:`with_exploration` draws at random (halves round up)."""
+    return int(math.floor(k * share + 0.5))
 
 
 def get_strategy(name: str, exploration: float = 0.0) -> Strategy:

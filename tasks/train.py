@@ -11,6 +11,7 @@ from prefect.cache_policies import NONE
 
 from config import Settings
 from tasks import modeling
+from tasks.retrying import is_transient
 from tasks.store import Store
 
 
@@ -109,7 +110,8 @@ def retrain(store: Store, settings: Settings, flow_run_id: str | None = None) ->
     return TrainResult(version, len(frame), metrics, decision.promoted, decision.reason, counts)
 
 
-@task(name="retrain-evaluate", retries=1, retry_delay_seconds=10, cache_policy=NONE)
+@task(name="retrain-evaluate", retries=1, retry_delay_seconds=10, cache_policy=NONE,
+      retry_condition_fn=is_transient)
 def retrain_task(settings: Settings, flow_run_id: str | None = None) -> TrainResult:
     from prefect.logging import get_run_logger
 

@@ -33,7 +33,8 @@ def prefect_api():
 
 def write_config(directory: Path, *, labels: list[str], source_path: Path, extra: str = "",
                  label_column: str | None = "label", title_column: str | None = None,
-                 evaluation: str = "holdout", batch_size: int = 20) -> Path:
+                 evaluation: str = "holdout", batch_size: int = 20,
+                 timeout_hours: float = 168.0) -> Path:
     """An alflow.toml in ``directory`` over one files source; ``extra`` is appended TOML."""
     columns = ""
     if label_column:
@@ -54,6 +55,7 @@ def write_config(directory: Path, *, labels: list[str], source_path: Path, extra
 
         [review]
         poll_interval_seconds = 1
+        timeout_hours = {timeout_hours}
 
         [evaluation]
         method = "{evaluation}"

@@ -1,0 +1,19 @@
+"""Which task failures are worth a retry: the ones that can pass (a lock held a while, a
+flaky service), not bad input, which fails the same way every time."""
+
+from __future__ import annotations
+
+
+def is_transient(task, task_run, state) -> bool:
+    """Prefect ``retry_condition_fn``: retry unless the error is a permanent one."""
+    from config import ConfigError
+    from connectors.base import SourceError
+    from tasks.modeling import ModelError
+    from tasks.review import ReviewError
+
+    permanent = (ConfigError, SourceError, ModelError, ReviewError, ValueError, TypeError, KeyError)
+    try:
+        error = state.result(raise_on_failure=False)
+    except Exception as exc:  # the result could not be read: judge what was raised
+        error = exc
+    return not isinstance(error, permanent)

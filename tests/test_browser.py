@@ -1,0 +1,330 @@
+"""The review loop in a real browser: Debian chromium, driven by Playwright, resumes a paused
+run from the Prefect UI of a real `prefect server` on 127.0.0.1 and the answer lands in DuckDB.
+
+    prefect server start (own PREFECT_HOME, free port)
+    alflow run --auto            cycle 1, simulated answers: trains model v1
+    alflow run                   cycle 2: pre-labels, queries 5 items, pauses for review
+    chromium: run page -> Resume -> change item #1 to the other class -> Submit
+    alflow run exits 0           labels (origin 'ui'), batch 'labeled', model retrained
+
+Needs Debian's chromium (``apt-get install chromium``; Playwright's own browser download is
+never used). ``ALFLOW_SKIP_BROWSER_TESTS=1`` skips the test instead.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import SMS_CSV, chromium_path, write_config
+
+from tasks.store import Store
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+CLASSES = ["ham", "spam"]
+BATCH_SIZE = 5
+FLOW_NAME = "active-learning-cycle"
+
+
+# -- requirements -----------------------------------------------------------------------------
+def require_browser() -> tuple[str, object]:
+    """(chromium executable, playwright.sync_api.sync_playwright); a failure naming what to
+    install when either is missing, a skip when ALFLOW_SKIP_BROWSER_TESTS=1."""
+    if os.environ.get("ALFLOW_SKIP_BROWSER_TESTS") == "1":
+        pytest.skip("ALFLOW_SKIP_BROWSER_TESTS=1: browser tests skipped")
+    chromium = chromium_path()
+    if not chromium:
+        pytest.fail("Debian's chromium is not installed (no `chromium` on PATH nor /usr/bin/chromium): "
+                    "install it with `apt-get install chromium` (Playwright's browser download is not "
+                    "used), or set ALFLOW_SKIP_BROWSER_TESTS=1 to skip this test", pytrace=False)
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("the playwright Python package is missing: pip install -e '.[test]' "
+                    "(or set ALFLOW_SKIP_BROWSER_TESTS=1 to skip this test)", pytrace=False)
+    return chromium, sync_playwright
+
+
+# -- processes --------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+class Processes:
+    """Background processes in their own process groups, each logging to a file; all are
+    stopped (group and children) by :meth:`stop_all`, whatever happened."""
+
+    def __init__(self, directory: Path, env: dict[str, str]):
+        self.directory = directory
+        self.env = env
+        self.started: list[subprocess.Popen] = []
+
+    def start(self, name: str, command: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen, Path]:
+        log = self.directory / f"{name}.log"
+        with open(log, "wb") as handle:
+            process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, env=env or self.env, cwd=self.directory,
+                                       start_new_session=True)
+        self.started.append(process)
+        return process, log
+
+    @staticmethod
+    def stop(process: subprocess.Popen, grace: float = 10.0) -> None:
+        if process.poll() is None:
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                process.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+        try:  # the group may outlive its leader (uvicorn workers, children)
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def stop_all(self) -> None:
+        for process in reversed(self.started):  # flow runs first, the server last
+            self.stop(process)
+
+
+def alflow_command(config: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "flows.cli", "run", "--config", str(config), "--no-progress", *extra]
+
+
+def wait_healthy(api_url: str, server: subprocess.Popen, log: Path, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"prefect server exited with code {server.returncode}:\n{tail(log)}", pytrace=False)
+        try:
+            if httpx.get(f"{api_url}/health", timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"prefect server did not answer on {api_url} within {timeout:.0f} s:\n{tail(log)}", pytrace=False)
+
+
+def wait_paused_run(api_url: str, run: subprocess.Popen, log: Path, timeout: float = 120.0) -> str:
+    """The id of the flow run of the cycle flow that is Paused (asking the API, not DuckDB)."""
+    query = {"flows": {"name": {"any_": [FLOW_NAME]}},
+             "flow_runs": {"state": {"type": {"any_": ["PAUSED"]}}}}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if run.poll() is not None:
+            pytest.fail(f"`alflow run` exited with code {run.returncode} instead of pausing:\n{tail(log)}",
+                        pytrace=False)
+        try:
+            response = httpx.post(f"{api_url}/flow_runs/filter", json=query, timeout=5.0)
+            response.raise_for_status()
+            runs = response.json()
+        except httpx.HTTPError:
+            runs = []
+        if runs:
+            assert len(runs) == 1, f"expected one paused run, found {len(runs)}"
+            return runs[0]["id"]
+        time.sleep(0.5)
+    pytest.fail(f"no run of {FLOW_NAME} paused within {timeout:.0f} s:\n{tail(log)}", pytrace=False)
+
+
+def wait_exit(process: subprocess.Popen, log: Path, timeout: float, what: str) -> int:
+    try:
+        return process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{what} still running after {timeout:.0f} s:\n{tail(log)}", pytrace=False)
+
+
+def words(text: str, n: int = 5) -> list[str]:
+    """The first ``n`` alphanumeric words of an item's text (as a markdown renderer keeps them)."""
+    return re.findall(r"[A-Za-z0-9]+", html.unescape(text))[:n]
+
+
+# -- the browser ------------------------------------------------------------------------------
+def _shows(locator, timeout_ms: int) -> bool:
+    try:
+        locator.first.wait_for(state="visible", timeout=timeout_ms)
+        return True
+    except Exception:  # noqa: BLE001 - playwright's TimeoutError
+        return False
+
+
+def choose(page, select_button, value: str) -> None:
+    """Pick ``value`` in one of the Resume form's selects. It is a `p-select` button: a mouse
+    click only focuses it and Space opens its options in a pop-over."""
+    options = page.locator(".p-pop-over-content [role=option]")
+    for _ in range(3):
+        select_button.click()
+        if not _shows(options, 500):
+            select_button.press("Space")
+        if _shows(options, 5000):
+            break
+        page.keyboard.press("Escape")
+    else:
+        raise AssertionError(f"the select's options never opened (wanted {value!r})")
+    offered = [text.strip() for text in options.all_inner_texts()]
+    assert value in offered, f"{value!r} is not among the select's options {offered}"
+    page.locator(".p-pop-over-content").get_by_role("option", name=value, exact=True).click()
+
+
+def resume_in_browser(sync_playwright, chromium: str, run_url: str, batch, changed_rank: int,
+                      new_label: str, shots: Path) -> None:
+    from playwright.sync_api import expect
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.set_default_timeout(30_000)
+        try:
+            page.goto(run_url, wait_until="domcontentloaded")
+            resume = page.get_by_role("button", name="Resume", exact=True).first
+            try:
+                resume.wait_for(state="visible", timeout=60_000)
+            except Exception:
+                if page.get_by_text("Can't connect to Server API").count():
+                    raise AssertionError("the UI cannot reach the API (PREFECT_SERVER_UI_API_URL?)") from None
+                raise
+            expect(page.get_by_text("Paused", exact=True).first).to_be_visible()
+            resume.click()
+
+            dialog = page.get_by_role("dialog").filter(has_text="Resume Flow Run")
+            expect(dialog).to_be_visible()
+            fields = dialog.locator(".schema-form-property")
+            # one field per item, in rank order, then the annotator
+            expect(fields).to_have_count(len(batch) + 1)
+            for row in batch.itertuples(index=False):
+                field = fields.filter(has=page.locator(".schema-form-property__label",
+                                                       has_text=f"#{row.rank} · "))
+                expect(field).to_have_count(1)
+                # the title names rank, source and pre-label; the item text is the description
+                expect(field.locator(".schema-form-property__label")).to_contain_text(
+                    f"pre-label {row.prelabel}")
+                description = field.locator(".schema-form-property__description")
+                for word in words(row.text):
+                    expect(description).to_contain_text(word)
+                # the pre-label is preselected
+                expect(field.locator("button.p-select-button__control")).to_have_text(row.prelabel)
+            annotator = fields.filter(has=page.locator(".schema-form-property__label", has_text="Annotator"))
+            expect(annotator).to_have_count(1)
+
+            target = fields.filter(has=page.locator(".schema-form-property__label",
+                                                    has_text=f"#{changed_rank} · "))
+            select = target.locator("button.p-select-button__control")
+            choose(page, select, new_label)
+            expect(select).to_have_text(new_label)
+            page.screenshot(path=str(shots / "resume-form.png"), full_page=True)
+
+            with page.expect_response(lambda r: r.request.method == "POST"
+                                      and r.url.endswith("/resume")) as resumed:
+                dialog.get_by_role("button", name="Submit").click()
+            response = resumed.value
+            assert response.ok, f"the resume request failed: {response.status} {response.text()[:500]}"
+            expect(dialog).to_be_hidden()
+        except BaseException:
+            exc = sys.exc_info()[1]
+            try:
+                page.screenshot(path=str(shots / "failure.png"), full_page=True)
+                exc.add_note(f"screenshot of the page: {shots / 'failure.png'}")
+            except Exception:  # noqa: BLE001 - the browser may be gone
+                pass
+            raise
+        finally:
+            browser.close()
+
+
+# -- the test ---------------------------------------------------------------------------------
+@pytest.mark.timeout(480)
+def test_resume_in_the_prefect_ui_records_the_changed_label(tmp_path: Path):
+    chromium, sync_playwright = require_browser()
+
+    lines = SMS_CSV.read_text(encoding="utf-8").splitlines(keepends=True)[:601]
+    corpus = tmp_path / "sms_600.csv"
+    corpus.write_text("".join(lines), encoding="utf-8")
+    assert {"ham", "spam"} <= {line.rsplit(",", 1)[-1].strip() for line in lines[1:]}
+    config = write_config(tmp_path, labels=CLASSES, source_path=corpus, batch_size=BATCH_SIZE)
+    store = Store(tmp_path / "state" / "alflow.duckdb", lock_timeout=60)
+
+    port = free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "ALFLOW_"))}
+    base.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+                PREFECT_LOGGING_LEVEL="INFO", PYTHONPATH=str(REPO))
+    server_env = dict(base, PREFECT_SERVER_UI_API_URL=api_url, PREFECT_UI_API_URL=api_url)
+    client_env = dict(base, PREFECT_API_URL=api_url)
+    prefect_cli = Path(sys.executable).with_name("prefect")
+    server_command = [str(prefect_cli)] if prefect_cli.exists() else [sys.executable, "-m", "prefect"]
+    server_command += ["server", "start", "--host", "127.0.0.1", "--port", str(port)]
+
+    processes = Processes(tmp_path, client_env)
+    try:
+        server, server_log = processes.start("prefect-server", server_command, env=server_env)
+        wait_healthy(api_url, server, server_log)
+
+        # Cycle 1, simulated answers over a cold-start batch of 30 (both classes): model v1.
+        first, first_log = processes.start("run-auto", alflow_command(config, "--auto"),
+                                           env=dict(client_env, ALFLOW_QUERY__BATCH_SIZE="30"))
+        code = wait_exit(first, first_log, 180, "`alflow run --auto`")
+        assert code == 0, f"`alflow run --auto` exited with {code}:\n{tail(first_log)}"
+        assert "model v1" in first_log.read_text(errors="replace"), tail(first_log)
+
+        # Cycle 2 pauses for review with model v1's pre-labels as the form's defaults.
+        second, second_log = processes.start("run-review", alflow_command(config))
+        run_id = wait_paused_run(api_url, second, second_log)
+        batch_row = store.batch_for_run(run_id)
+        assert batch_row is not None and batch_row["status"] == "open", batch_row
+        batch_id = batch_row["batch_id"]
+        batch = store.batch_items(batch_id)
+        assert len(batch) == BATCH_SIZE and batch["prelabel"].isin(CLASSES).all(), batch
+        assert batch["answer"].isna().all()
+        changed = batch.iloc[0]
+        assert changed["rank"] == 1
+        new_label = next(c for c in CLASSES if c != changed["prelabel"])
+
+        resume_in_browser(sync_playwright, chromium, f"http://127.0.0.1:{port}/runs/flow-run/{run_id}",
+                          batch, int(changed["rank"]), new_label, tmp_path)
+
+        code = wait_exit(second, second_log, 120, "`alflow run`, resumed,")
+        assert code == 0, f"`alflow run` exited with {code} after the resume:\n{tail(second_log)}"
+    finally:
+        processes.stop_all()
+
+    labels = store.query_df("SELECT * FROM labels WHERE batch_id = ? ORDER BY label_id", [batch_id])
+    assert len(labels) == BATCH_SIZE, labels
+    assert set(labels["origin"]) == {"ui"}
+    assert set(labels["annotator"]) == {"annotator"}
+    assert set(labels["flow_run_id"]) == {run_id}
+    assert labels["item_id"].is_unique
+    got = dict(zip(labels["item_id"], labels["label"]))
+    assert got[changed["item_id"]] == new_label
+    for row in batch.iloc[1:].itertuples(index=False):
+        assert got[row.item_id] == row.prelabel, f"item #{row.rank} should keep its pre-label"
+    assert store.batch(batch_id)["status"] == "labeled"
+    cycles = store.cycles()
+    assert (cycles["flow_run_id"] == run_id).sum() == 1, cycles

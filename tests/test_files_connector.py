@@ -1,0 +1,259 @@
+"""The files connector (CSV, JSONL, Parquet, a folder of .txt) and the shared normalisation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from config import FilesSource
+from connectors import (
+    Connector,
+    Record,
+    SourceError,
+    build_connector,
+    content_hash,
+    normalise_text,
+    to_row,
+)
+from conftest import AG_NEWS_CSV, SMS_CSV
+
+
+def source(path: Path, **kw) -> FilesSource:
+    return FilesSource(type="files", name=kw.pop("name", "src"), path=path, **kw)
+
+
+def read(path: Path, **kw):
+    connector = build_connector(source(path, **kw))
+    return list(connector.fetch()), connector.report
+
+
+# -- CSV ---------------------------------------------------------------------------------
+def test_sms_csv_reads_every_row_with_gold_labels():
+    connector = build_connector(source(SMS_CSV, name="sms", label_column="label"))
+    assert isinstance(connector, Connector)
+    ticks = []
+    records = list(connector.fetch(progress=ticks.append))
+    assert len(records) == connector.report.read == 5574
+    assert connector.report.n_bad == 0
+    assert sum(ticks) == 5574
+    assert {r.gold_label for r in records} == {"ham", "spam"}
+    assert sum(r.gold_label == "spam" for r in records) == 747
+    assert records[1].text == "Ok lar... Joking wif u oni..."
+    assert records[0].meta == {} and records[0].title is None
+    rows = [to_row(r, "sms") for r in records]
+    assert len({row["item_id"] for row in rows}) == 5160  # 414 exact duplicates, counted
+    assert all(row["source"] == "sms" for row in rows)
+
+
+def test_sms_csv_without_label_column_has_no_gold():
+    records, _ = read(SMS_CSV)
+    assert len(records) == 5574
+    assert all(r.gold_label is None for r in records)
+    assert records[0].meta == {"label": "ham"}  # unused columns are kept as meta
+
+
+def test_csv_with_title_and_extra_columns():
+    records, report = read(AG_NEWS_CSV, title_column="title", label_column="label")
+    assert len(records) == 800 and report.n_bad == 0
+    assert {r.gold_label for r in records} == {"world", "sports", "business", "scitech"}
+    first = records[0]
+    assert first.title == "Sun to shine spotlight on new operating system, Solaris 10"
+    assert first.text.startswith("Sun to shine spotlight") and first.gold_label == "scitech"
+
+
+def test_csv_bad_rows_are_counted_by_reason(tmp_path: Path):
+    path = tmp_path / "messy.csv"
+    path.write_bytes(
+        b"id,text,label,note\n"
+        b"1,fine row,ham,\n"
+        b"2,\"caf\xff bad byte\",spam,\n"        # not UTF-8
+        b"3,,ham,\n"                              # empty text
+        b"4,   ,ham,\n"                           # only spaces
+        b"5,too,many,cells,here\n"               # more cells than columns
+        b"6,bad byte in an extra column,ham,x\xfey\n"
+        b"7,\"quoted, with comma\",spam,a note\n"
+    )
+    records, report = read(path, id_column="id", label_column="label")
+    assert [r.external_id for r in records] == ["1", "7"]
+    assert records[1].text == "quoted, with comma" and records[1].meta == {"note": "a note"}
+    assert report.read == 2
+    assert report.bad == {"undecodable bytes": 2, "empty text": 2, "malformed CSV row": 1}
+    assert report.n_bad == 5
+    # What was read can be stored: every field encodes.
+    for record in records:
+        json.dumps(to_row(record, "src"), ensure_ascii=False).encode("utf-8")
+
+
+def test_csv_other_encoding(tmp_path: Path):
+    path = tmp_path / "latin.csv"
+    path.write_bytes("text\ncafé crème\n".encode("latin-1"))
+    records, report = read(path, encoding="latin-1")
+    assert [r.text for r in records] == ["café crème"] and report.n_bad == 0
+    records, report = read(path)  # as UTF-8 the byte does not decode
+    assert records == [] and report.bad == {"undecodable bytes": 1}
+
+
+def test_missing_column_raises_naming_it(tmp_path: Path):
+    with pytest.raises(SourceError, match="'category'") as info:
+        read(SMS_CSV, label_column="category")
+    assert "label_column" in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(SourceError, match="'body'"):
+        read(SMS_CSV, text_column="body")
+
+
+def test_missing_path_raises(tmp_path: Path):
+    with pytest.raises(SourceError) as info:
+        build_connector(source(tmp_path / "absent.csv", name="gone"))
+    assert "absent.csv" in str(info.value) and "gone" in str(info.value)
+
+
+def test_unknown_extension_raises_unless_format_given(tmp_path: Path):
+    path = tmp_path / "data.tsvx"
+    path.write_text("text\nhello\n", encoding="utf-8")
+    with pytest.raises(SourceError, match="format"):
+        build_connector(source(path))
+    records, _ = read(path, format="csv")
+    assert [r.text for r in records] == ["hello"]
+
+
+def test_empty_csv_yields_nothing(tmp_path: Path):
+    path = tmp_path / "empty.csv"
+    path.write_text("", encoding="utf-8")
+    records, report = read(path)
+    assert records == [] and report.read == 0 and report.n_bad == 0
+
+
+# -- JSONL -------------------------------------------------------------------------------
+def test_jsonl_bad_lines_are_counted_not_fatal(tmp_path: Path):
+    path = tmp_path / "items.jsonl"
+    lines = [
+        json.dumps({"id": 1, "body": "first message", "cls": "ham", "extra": {"k": 1}}),
+        "{not json",
+        json.dumps(["a", "list"]),
+        "",
+        json.dumps({"id": 2, "body": "second message", "cls": "spam", "score": 0.5}),
+        json.dumps({"id": 3, "cls": "ham"}),          # no text field
+        json.dumps({"id": 4, "body": "", "cls": "ham"}),
+        '{"id": 5, "body": "lone \\ud800 surrogate"}',  # valid JSON, cannot be stored
+        json.dumps({"id": 6, "body": "third message", "cls": None}),
+    ]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    records, report = read(path, text_column="body", id_column="id", label_column="cls")
+    assert [r.text for r in records] == ["first message", "second message", "third message"]
+    assert [r.external_id for r in records] == ["1", "2", "6"]
+    assert [r.gold_label for r in records] == ["ham", "spam", None]
+    assert records[0].meta == {"extra": "{'k': 1}"}
+    assert records[1].meta == {"score": 0.5}
+    assert report.read == 3
+    assert report.bad == {"malformed JSON line": 1, "JSON line is not an object": 1,
+                          "no 'body' field": 1, "empty text": 1, "undecodable bytes": 1}
+    for record in records:
+        json.dumps(to_row(record, "src"), ensure_ascii=False).encode("utf-8")
+
+
+# -- Parquet -----------------------------------------------------------------------------
+def test_parquet(tmp_path: Path):
+    path = tmp_path / "items.parquet"
+    frame = pd.DataFrame({
+        "text": ["one parquet row", "two parquet row", None, "four parquet row"],
+        "headline": ["T1", None, "T3", "T4"],
+        "url": ["https://a.example/1", None, None, None],
+        "label": ["a", "b", "a", None],
+        "n": [1, 2, 3, 4],
+    })
+    frame.to_parquet(path, index=False)
+    connector = build_connector(source(path, title_column="headline", url_column="url", label_column="label"))
+    assert connector.expected_total() == 4
+    records = list(connector.fetch())
+    assert [r.text for r in records] == ["one parquet row", "two parquet row", "four parquet row"]
+    assert [r.title for r in records] == ["T1", None, "T4"]
+    assert [r.url for r in records] == ["https://a.example/1", None, None]
+    assert [r.gold_label for r in records] == ["a", "b", None]
+    assert [r.meta for r in records] == [{"n": 1}, {"n": 2}, {"n": 4}]
+    assert connector.report.read == 3 and connector.report.bad == {"empty text": 1}
+
+
+def test_parquet_missing_column(tmp_path: Path):
+    path = tmp_path / "items.parquet"
+    pd.DataFrame({"body": ["x"]}).to_parquet(path, index=False)
+    with pytest.raises(SourceError, match="'text'"):
+        read(path)
+
+
+def test_parquet_that_is_not_parquet(tmp_path: Path):
+    path = tmp_path / "broken.parquet"
+    path.write_bytes(b"this is not parquet at all")
+    with pytest.raises(SourceError, match="broken.parquet"):
+        read(path)
+
+
+# -- a folder of .txt files --------------------------------------------------------------
+def test_txt_folder_with_labels_from_folders(tmp_path: Path):
+    root = tmp_path / "corpus"
+    (root / "spam").mkdir(parents=True)
+    (root / "ham").mkdir()
+    (root / "spam" / "win-a-prize.txt").write_text("You won!\n\nCall now.", encoding="utf-8")
+    (root / "ham" / "lunch.txt").write_text("Lunch at noon?", encoding="utf-8")
+    (root / "ham" / "empty.txt").write_text("  \n", encoding="utf-8")
+    (root / "ham" / "broken.txt").write_bytes(b"\xff\xfe\xfa")
+    (root / "ham" / "notes.md").write_text("not a txt file", encoding="utf-8")
+    (root / "top.txt").write_text("At the top level", encoding="utf-8")
+
+    connector = build_connector(source(root, label_from_folder=True))
+    assert connector.expected_total() == 5
+    records = {r.external_id: r for r in connector.fetch()}
+    assert set(records) == {"spam/win-a-prize.txt", "ham/lunch.txt", "top.txt"}
+    prize = records["spam/win-a-prize.txt"]
+    assert (prize.title, prize.gold_label, prize.text) == ("win-a-prize", "spam", "You won!\n\nCall now.")
+    assert records["ham/lunch.txt"].gold_label == "ham"
+    assert records["top.txt"].gold_label is None  # no class folder
+    assert records["ham/lunch.txt"].meta == {}
+    assert connector.report.bad == {"undecodable bytes": 1, "empty text": 1}
+    assert connector.report.read == 3
+
+    records, _ = read(root)  # without label_from_folder: no gold labels
+    assert all(r.gold_label is None for r in records)
+
+
+def test_txt_format_needs_a_folder(tmp_path: Path):
+    path = tmp_path / "one.txt"
+    path.write_text("hello", encoding="utf-8")
+    with pytest.raises(SourceError, match="folder"):
+        read(path, format="txt")
+
+
+# -- normalisation and the content hash -------------------------------------------------
+def test_normalise_text():
+    assert normalise_text("  a\tb\n\nc  ") == "a b c"
+    assert normalise_text("e\u0301") == "\u00e9"  # NFC
+    assert normalise_text("a\u00a0b") == "a b"    # no-break space is whitespace
+
+
+def test_content_hash_ignores_spacing_not_content():
+    base = content_hash("Free entry in 2 a wkly comp")
+    for variant in ["Free entry in 2 a wkly comp ", "  Free  entry\tin 2\na wkly comp",
+                    "Free entry in 2 a wkly comp\r\n"]:
+        assert content_hash(variant) == base
+    assert content_hash("free entry in 2 a wkly comp") != base
+    assert len(base) == 64 and int(base, 16) >= 0
+    # The title is part of the identity; text and title do not run together.
+    assert content_hash("body", "Title") == content_hash(" body ", "  Title")
+    assert content_hash("body", "Title") != content_hash("body")
+    assert content_hash("b c", "a") != content_hash("c", "a b")
+    assert content_hash("x", "") == content_hash("x", None) == content_hash("x")
+
+
+def test_to_row_normalises_and_hashes():
+    record = Record(text="  hello   world ", title=" A  title ", url="https://x", external_id="7",
+                    gold_label="ham", meta={"k": "v"})
+    row = to_row(record, "src")
+    assert row == {
+        "item_id": content_hash("hello world", "A title"),
+        "source": "src", "external_id": "7", "url": "https://x", "title": "A title",
+        "text": "hello world", "gold_label": "ham", "meta": '{"k": "v"}',
+    }
+    assert to_row(Record(text="hello world"), "s")["item_id"] == content_hash("hello  world")
+    assert to_row(Record(text="x", title="   "), "s")["title"] is None

@@ -1,0 +1,298 @@
+"""The cycle flow end to end under a Prefect test server: pause, resume, every table."""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+import time
+from pathlib import Path
+from uuid import UUID
+
+import pytest
+from typer.testing import CliRunner
+
+from config import load_config
+from flows.cli import app
+from flows.cycle import active_learning_cycle
+from tasks.review import field_name
+from tasks.store import Store
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+runner = CliRunner()
+
+
+class FlowThread:
+    """Runs a flow in a thread that sees this thread's Prefect settings (the test server)."""
+
+    def __init__(self, fn, *args, **kwargs):
+        self.result = None
+        self.error: BaseException | None = None
+        context = contextvars.copy_context()
+        self.thread = threading.Thread(target=context.run, args=(self._run, fn, args, kwargs), daemon=True)
+        self.thread.start()
+
+    def _run(self, fn, args, kwargs):
+        try:
+            self.result = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            self.error = exc
+
+    def join(self, timeout: float = 120):
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the flow did not finish"
+        return self
+
+
+def store_for(config: Path) -> Store:
+    settings = load_config(config)
+    return Store(settings.database, settings.store.lock_timeout_seconds)
+
+
+def wait_until_paused(store: Store, timeout: float = 120) -> dict:
+    """The open batch, once its flow run is Paused and waiting for input."""
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if store.path.exists():
+            batches = store.batches("open")
+            if len(batches):
+                batch = batches.iloc[0].to_dict()
+                with get_client(sync_client=True) as client:
+                    state = client.read_flow_run(UUID(batch["flow_run_id"])).state
+                if state is not None and state.is_paused():
+                    return batch
+        time.sleep(0.3)
+    raise AssertionError("no run paused for review in time")
+
+
+def table_count(store: Store, table: str) -> int:
+    return int(store.scalar(f"SELECT count(*) FROM {table}"))
+
+
+def test_paused_cycle_resumed_with_run_input_fills_every_table(sms_config):
+    """Cycle 1 (simulated) trains a model; cycle 2 pauses with pre-labels, is resumed from
+    another thread with one answer changed, and records labels, a model and a cycle."""
+    from prefect.flow_runs import resume_flow_run
+
+    first = active_learning_cycle(str(sms_config), auto=True)
+    assert first["cycle"] == 1 and first["model_version"] == 1
+    store = store_for(sms_config)
+
+    flow = FlowThread(active_learning_cycle, str(sms_config), auto=False, ingest_sources=False)
+    batch = wait_until_paused(store)
+    items = store.batch_items(batch["batch_id"])
+    assert len(items) == 20 and items["prelabel"].notna().all()
+    assert items["answer"].isna().all()
+    values = {field_name(r.rank): r.prelabel for r in items.itertuples()}
+    flipped = items.iloc[0]
+    corrected = "spam" if flipped["prelabel"] == "ham" else "ham"
+    values[field_name(1)] = corrected
+    values[field_name(2)] = "skip"
+    values["annotator"] = "tester"
+    resume_flow_run(UUID(batch["flow_run_id"]), run_input=values)
+    flow.join()
+    assert flow.error is None, flow.error
+    summary = flow.result
+    assert summary["cycle"] == 2 and summary["labels_written"]["new"] == 20
+
+    labels = store.query_df("SELECT * FROM labels WHERE batch_id = ? ORDER BY label_id", [batch["batch_id"]])
+    assert len(labels) == 20
+    assert set(labels["origin"]) == {"ui"} and set(labels["annotator"]) == {"tester"}
+    assert set(labels["flow_run_id"]) == {batch["flow_run_id"]}
+    by_item = dict(zip(labels["item_id"], labels["label"]))
+    assert by_item[flipped["item_id"]] == corrected
+    assert by_item[items.iloc[1]["item_id"]] == "skip"
+    for row in items.iloc[2:].itertuples():
+        assert by_item[row.item_id] == row.prelabel  # the defaults were accepted as given
+
+    assert store.batch(batch["batch_id"])["status"] == "labeled"
+    assert table_count(store, "items") == 5160  # 5574 rows, 414 exact duplicates
+    assert table_count(store, "batches") == 2 and table_count(store, "batch_items") == 40
+    assert table_count(store, "labels") == 40
+    assert table_count(store, "models") == 2 and table_count(store, "cycles") == 2
+    scored = store.scalar("SELECT count(*) FROM predictions WHERE model_version = 1")
+    assert scored == store.counts(0.2)["pool"] + 20  # the pool as it was before this batch
+    cycles = store.cycles()
+    assert list(cycles["n_labels"]) == [20, 39]  # one answer was a skip
+    assert cycles["accuracy"].notna().all()
+    model = store.query_df("SELECT * FROM models WHERE model_version = 2").iloc[0]
+    assert Path(model["path"]).is_file() and model["path"].endswith(".skops")
+    assert model["label_watermark"] == store.scalar("SELECT max(label_id) FROM labels")
+    assert store.scalar("SELECT max(version) FROM schema_version") >= 1
+
+    artifacts = run_artifacts(batch["flow_run_id"])
+    assert {"review-batch", "review-form", "cycle-summary"} <= set(artifacts)
+    assert artifacts["review-form"].data.endswith(f"/runs/flow-run/{batch['flow_run_id']})") or \
+        batch["flow_run_id"] in artifacts["review-form"].data
+    summary_md = artifacts["cycle-summary"].data
+    assert "Learning curve" in summary_md and "| 2 | 39 |" in summary_md and "vs cycle 1" in summary_md
+    assert flipped["item_id"] in artifacts["review-batch"].data
+
+
+def run_artifacts(flow_run_id: str) -> dict:
+    """The artifacts a flow run created, by key."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(flow_run_id)]))
+        )
+    return {a.key: a for a in found if a.key}
+
+
+def test_cli_export_import_resume(sms_config, tmp_path):
+    """The files path: export a paused batch, correct it in the file, import, resume."""
+    import pandas as pd
+
+    store = store_for(sms_config)
+    flow = FlowThread(active_learning_cycle, str(sms_config))
+    batch = wait_until_paused(store)
+    out = tmp_path / "batch.csv"
+    result = runner.invoke(app, ["export", str(out), "--config", str(sms_config)])
+    assert result.exit_code == 0, result.output
+    frame = pd.read_csv(out, keep_default_na=False)
+    assert len(frame) == 20 and set(frame["label"]) == {""}  # cold start: nothing to pre-fill
+    gold = store.gold_labels(frame["item_id"].tolist())
+    frame["label"] = [gold[i] for i in frame["item_id"]]
+    frame.loc[frame.index[-1], "label"] = ""  # one left for the terminal
+    frame.to_csv(out, index=False)
+
+    result = runner.invoke(app, ["import", str(out), "--config", str(sms_config), "--annotator", "ana"])
+    assert result.exit_code == 0, result.output
+    assert "19 new" in result.output and "1 rows had no label" in result.output
+    again = runner.invoke(app, ["import", str(out), "--config", str(sms_config), "--annotator", "ana"])
+    assert "0 new, 19 already recorded" in again.output  # importing twice records once
+
+    early = runner.invoke(app, ["resume", "--config", str(sms_config)])
+    assert early.exit_code == 1 and "1 of 20 items" in early.output and "--skip-rest" in early.output
+
+    result = runner.invoke(app, ["resume", "--config", str(sms_config), "--skip-rest", "--annotator", "ana"])
+    assert result.exit_code == 0, result.output
+    flow.join()
+    assert flow.error is None, flow.error
+    assert flow.result["labels_written"]["new"] == 0  # the run re-recorded nothing
+    labels = store.query_df("SELECT * FROM labels WHERE batch_id = ?", [batch["batch_id"]])
+    assert len(labels) == 20 and set(labels["annotator"]) == {"ana"}
+    assert (labels["origin"] == "import").sum() == 19 and (labels["origin"] == "cli").sum() == 1
+    assert labels.loc[labels["origin"] == "cli", "label"].item() == "skip"
+    assert store.batch(batch["batch_id"])["status"] == "labeled"
+
+
+def test_terminal_labeling_then_resume(ag_config):
+    """`alflow label`: Enter accepts, a digit picks a class, s skips, b goes back; at the
+    end it resumes the paused run itself. Four classes (AG News)."""
+    active_learning_cycle(str(ag_config), auto=True)
+    store = store_for(ag_config)
+    flow = FlowThread(active_learning_cycle, str(ag_config), ingest_sources=False)
+    batch = wait_until_paused(store)
+    items = store.batch_items(batch["batch_id"])
+    # item 1: Enter (accept), item 2: '3' (business), then 'b' back to item 2 and '2'
+    # (sports: a correction), item 3: 's' (skip), then 'q' to quit.
+    result = runner.invoke(app, ["label", "--config", str(ag_config), "--annotator", "cli-user"], input="\r3b2sq")
+    assert result.exit_code == 0, result.output
+    assert "Stopped; 4 answers saved." in result.output
+    history = store.query_df("SELECT item_id, label FROM labels WHERE batch_id = ? ORDER BY label_id",
+                             [batch["batch_id"]])
+    assert list(history["label"]) == [items.iloc[0]["prelabel"], "business", "sports", "skip"]
+    answers = store.batch_items(batch["batch_id"])
+    assert answers.iloc[1]["answer"] == "sports"  # the correction is the answer; both rows kept
+
+    # The rest: accept every pre-label; the command resumes the run when all are answered.
+    result = runner.invoke(app, ["label", "--config", str(ag_config), "--annotator", "cli-user"],
+                           input="\r" * len(items))
+    assert result.exit_code == 0, result.output
+    assert "Resumed run" in result.output
+    flow.join()
+    assert flow.error is None, flow.error
+    assert store.batch(batch["batch_id"])["status"] == "labeled"
+    assert store.query_df("SELECT * FROM predictions LIMIT 1")["proba"].iloc[0].__len__() == 4
+
+
+def test_auto_three_cycles_accuracy_rises(sms_config):
+    """`alflow run --auto --cycles 3` on the bundled corpus: the learning curve goes up."""
+    result = runner.invoke(app, ["run", "--config", str(sms_config), "--auto", "--cycles", "3", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    cycles = store_for(sms_config).cycles()
+    assert list(cycles["cycle"]) == [1, 2, 3]
+    assert list(cycles["n_labels"]) == [20, 40, 60]
+    assert cycles["accuracy"].iloc[-1] > cycles["accuracy"].iloc[0]
+    assert cycles["macro_f1"].iloc[-1] > cycles["macro_f1"].iloc[0]
+    assert list(cycles["strategy"]) == ["cold-start:coverage"] + ["margin+exploration(0.1)"] * 2
+    labels = store_for(sms_config).labels()
+    assert set(labels["origin"]) == {"simulated"} and len(labels) == 60
+    assert "cycle 3: 60 labels" in result.output
+
+
+def test_budget_stops_the_loop(tmp_path):
+    from conftest import SMS_CSV, write_config
+
+    config = write_config(tmp_path, labels=["ham", "spam"], source_path=SMS_CSV,
+                          extra="\n[stopping]\nbudget = 30\n")
+    result = runner.invoke(app, ["run", "--config", str(config), "--auto", "--cycles", "5", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "budget of 30 labels spent" in result.output
+    cycles = store_for(config).cycles()
+    assert list(cycles["n_labels"]) == [20, 30]
+
+
+def test_timed_out_review_keeps_stored_answers(tmp_path):
+    """A run whose review times out fails, but answers stored meanwhile stay and train the
+    next cycle; the batch's unanswered items go back to the pool."""
+    from conftest import SMS_CSV, write_config
+    from prefect.exceptions import FlowPauseTimeout
+
+    from tasks.store import Answer
+
+    config = write_config(tmp_path, labels=["ham", "spam"], source_path=SMS_CSV, timeout_hours=0.003)
+    store = store_for(config)
+    flow = FlowThread(active_learning_cycle, str(config))
+    batch = wait_until_paused(store)
+    items = store.batch_items(batch["batch_id"])
+    gold = store.gold_labels(items["item_id"].tolist())
+    answered = items["item_id"].tolist()[:5]
+    store.record_labels([Answer(i, gold[i]) for i in answered], annotator="ana", origin="cli",
+                        batch_id=batch["batch_id"])
+    flow.join(timeout=120)
+    assert isinstance(flow.error, FlowPauseTimeout)
+    assert store.batch(batch["batch_id"])["status"] == "expired"
+    assert len(store.labels()) == 5
+    pool_before = store.counts(0.2)["pool"]
+    assert pool_before == 5160 - store.counts(0.2)["holdout"] - 5
+
+    summary = active_learning_cycle(str(config), auto=True, ingest_sources=False)
+    assert summary["n_labels"] == 25  # the 5 stored answers plus the new batch
+    assert set(store.labels()["label_id"]) >= set(range(1, 6))
+
+
+def test_multiclass_cross_validation(ag_config, monkeypatch):
+    """Four classes, evaluated by cross-validation instead of gold holdout."""
+    monkeypatch.setenv("ALFLOW_EVALUATION__METHOD", "cv")
+    first = active_learning_cycle(str(ag_config), auto=True)
+    second = active_learning_cycle(str(ag_config), auto=True, ingest_sources=False)
+    store = store_for(ag_config)
+    assert store.counts(None)["holdout"] == 0 and store.counts(None)["items"] == 800
+    assert second["metrics"]["method"] == "cv" and second["metrics"]["folds"] >= 2
+    assert 0.0 <= second["metrics"]["accuracy"] <= 1.0
+    promotion = second["metrics"]["promotion"]
+    assert promotion["compared_on"] == 20  # the new batch: unseen by the old model
+    assert first["cycle"] == 1 and second["cycle"] == 2
+
+
+def test_missing_source_fails_the_run_once_with_one_line(tmp_path):
+    """Bad input is not retried (it would fail the same way) and ends in one clear line."""
+    from conftest import write_config
+    from prefect.states import Failed
+
+    from connectors import SourceError
+    from tasks.retrying import is_transient
+    from tasks.store import StoreLockedError
+
+    config = write_config(tmp_path, labels=["ham", "spam"], source_path=tmp_path / "gone.csv")
+    result = runner.invoke(app, ["run", "--config", str(config), "--auto", "--no-progress"])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1].startswith("error: source corpus: ")
+    assert "gone.csv does not exist" in result.output
+    assert not is_transient(None, None, Failed(data=SourceError("gone")))
+    assert is_transient(None, None, Failed(data=StoreLockedError("held")))
