@@ -19,7 +19,7 @@ from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
 from prefect.runtime import flow_run
 
-from config import CONFIG_FILENAME, load_config
+from config import CONFIG_FILENAME, ConfigError, load_config
 from flows.ingest import ingest
 from tasks.prelabel import prelabel_task
 from tasks.query import query_task
@@ -70,8 +70,7 @@ def active_learning_cycle(config_path: str = "alflow.toml", auto: bool = False,
 
     if ingest_sources and settings.sources:
         ingest(config_path)
-    if auto and not store.scalar("SELECT count(*) FROM items WHERE gold_label IS NOT NULL"):
-        raise ValueError("--auto answers from gold labels, but no stored item has one (set label_column)")
+    check_gold_labels(store, settings, auto)
     expire_stale_batches(store, run_id)
 
     current = store.current_model()
@@ -135,6 +134,21 @@ def active_learning_cycle(config_path: str = "alflow.toml", auto: bool = False,
     return {"cycle": cycle, "batch_id": batch_id, "model_version": train.model_version,
             "promoted": train.promoted, "n_labels": train.n_labels, "metrics": train.metrics,
             "labels_written": asdict(written), "stop": stop, "counts": counts}
+
+
+def check_gold_labels(store: Store, settings, auto: bool) -> None:
+    """Fail before anything is asked if the run needs gold labels the store does not have."""
+    if not (auto or settings.evaluation.method == "holdout"):
+        return
+    n_gold = store.scalar("SELECT count(*) FROM items WHERE gold_label IS NOT NULL")
+    if n_gold:
+        return
+    if auto:
+        raise ConfigError("--auto answers from gold labels, but no stored item has one (set label_column on a source)")
+    raise ConfigError(
+        "evaluation.method = \"holdout\" scores on gold labels, but no stored item has one; "
+        "set label_column on a source or use evaluation.method = \"cv\""
+    )
 
 
 def _strategy(store: Store, batch_id: str) -> str:

@@ -22,7 +22,7 @@ import pandas as pd
 from pydantic import ConfigDict, Field, create_model
 
 from config import SKIP, Settings
-from tasks.store import Answer, LabelWrite, Store
+from tasks.store import Answer, LabelWrite, Store, owner_gone
 
 EXPORT_COLUMNS = ["batch_id", "rank", "item_id", "source", "title", "text", "url",
                   "prelabel", "confidence", "label"]
@@ -255,6 +255,7 @@ def resume_batch(store: Store, batch_id: str | None, *, annotator: str, skip_res
     Every item must be answered first, or ``skip_rest`` answers the rest ``skip``
     (recorded as this annotator's answers). Returns the batch row.
     """
+    from prefect.client.orchestration import get_client
     from prefect.exceptions import FlowPauseTimeout
     from prefect.flow_runs import NotPausedError, resume_flow_run
 
@@ -264,6 +265,11 @@ def resume_batch(store: Store, batch_id: str | None, *, annotator: str, skip_res
         raise ReviewError(f"batch {batch_id} is {batch['status']}, not waiting for review")
     if not isinstance(batch["flow_run_id"], str):
         raise ReviewError(f"batch {batch_id} has no flow run to resume")
+    with get_client(sync_client=True) as client:
+        why = _expire_if_abandoned(store, client, batch)
+    if why:
+        raise ReviewError(f"batch {batch_id} cannot be resumed: {why}; its stored answers are kept "
+                          "and train the next cycle (`alflow run`)")
     items = store.batch_items(batch_id)
     waiting = items[items["answer"].isna()]
     if len(waiting) and not skip_rest:
@@ -298,27 +304,52 @@ def simulated_answers(store: Store, batch: pd.DataFrame, classes: list[str]) -> 
     return [Answer(i, gold[i] if gold.get(i) in classes else SKIP) for i in batch["item_id"]]
 
 
-def expire_stale_batches(store: Store, current_run_id: str | None = None) -> list[str]:
-    """Close open batches whose flow run has ended without recording them (crashed, timed
-    out, cancelled): their stored answers stay and their unanswered items return to the pool.
-    """
-    from prefect.client.orchestration import get_client
+def _run_state(client, flow_run_id: str | None):
     from prefect.exceptions import ObjectNotFound
+
+    if not isinstance(flow_run_id, str):
+        return None
+    try:
+        return client.read_flow_run(UUID(flow_run_id)).state
+    except ObjectNotFound:  # the run lives on another Prefect server
+        return None
+
+
+def _expire_if_abandoned(store: Store, client, batch: dict) -> str | None:
+    """Close an open batch nobody waits for any more; returns why, or None if it is alive.
+
+    Abandoned: its flow run has ended (crashed, timed out, cancelled), or the process that
+    paused for it is gone (killed while paused: the run itself still says Paused, so it is
+    marked Crashed here). Stored answers stay; unanswered items return to the pool.
+    """
+    from prefect.states import Crashed
+
+    state = _run_state(client, batch.get("flow_run_id"))
+    if state is not None and state.is_final():
+        why = f"its run ended {state.type.value.lower()}"
+    elif owner_gone(batch.get("owner")):
+        why = f"the process that waited for it ({batch['owner']}) is gone"
+        if state is not None:
+            client.set_flow_run_state(UUID(batch["flow_run_id"]), Crashed(message=f"batch {batch['batch_id']}: {why}"),
+                                      force=True)
+    else:
+        return None
+    store.close_batch(batch["batch_id"], "expired")
+    return why
+
+
+def expire_stale_batches(store: Store, current_run_id: str | None = None) -> list[str]:
+    """Close the open batches nobody waits for any more (see :func:`_expire_if_abandoned`)."""
+    from prefect.client.orchestration import get_client
 
     expired = []
     open_batches = store.batches("open")
     if open_batches.empty:
         return expired
     with get_client(sync_client=True) as client:
-        for row in open_batches.itertuples(index=False):
-            if not isinstance(row.flow_run_id, str) or row.flow_run_id == current_run_id:
+        for batch in open_batches.to_dict("records"):
+            if batch["flow_run_id"] == current_run_id:
                 continue
-            try:
-                state = client.read_flow_run(UUID(row.flow_run_id)).state
-            except ObjectNotFound:
-                state = None  # the run lives on another Prefect server: leave the batch alone
-                continue
-            if state is not None and state.is_final():
-                store.close_batch(row.batch_id, "expired")
-                expired.append(row.batch_id)
+            if _expire_if_abandoned(store, client, batch):
+                expired.append(batch["batch_id"])
     return expired

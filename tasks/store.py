@@ -14,7 +14,9 @@ Rules this module keeps:
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
 import time
 import uuid
 from contextlib import contextmanager
@@ -97,6 +99,7 @@ MIGRATIONS: list[list[str]] = [
             model_version INTEGER,                 -- NULL: cold start, no model yet
             size          INTEGER NOT NULL,
             status        VARCHAR NOT NULL CHECK (status IN ('open', 'labeled', 'expired')),
+            owner         VARCHAR,                 -- host:pid of the process waiting on it
             created_at    TIMESTAMP NOT NULL,
             closed_at     TIMESTAMP
         )""",
@@ -193,6 +196,30 @@ class Answer:
 
     item_id: str
     label: str
+
+
+def process_owner() -> str:
+    """This process as ``host:pid``: who waits on a batch it created."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def owner_gone(owner: str | None) -> bool:
+    """True if ``owner`` (host:pid) is a process on this host that no longer runs.
+
+    A process on another host, or one that cannot be checked, counts as alive.
+    """
+    if not owner or ":" not in owner:
+        return False
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, owned by another user
+        return False
+    return False
 
 
 def _holder(message: str) -> str:
@@ -452,8 +479,8 @@ class Store:
         rows = picks.assign(batch_id=batch_id)
         with self.transaction() as con:
             con.execute(
-                "INSERT INTO batches VALUES (?, ?, ?, ?, ?, 'open', ?, NULL)",
-                [batch_id, flow_run_id, strategy, model_version, len(picks), utcnow()],
+                "INSERT INTO batches VALUES (?, ?, ?, ?, ?, 'open', ?, ?, NULL)",
+                [batch_id, flow_run_id, strategy, model_version, len(picks), process_owner(), utcnow()],
             )
             con.register("incoming", rows)
             con.execute(

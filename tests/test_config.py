@@ -6,9 +6,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import SMS_CSV, copy_repo_config, write_config
 
 from config import ConfigError, load_config
-from conftest import SMS_CSV, copy_repo_config, write_config
 
 
 def config_error(path: Path, environ: dict[str, str] | None = None) -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import AG_NEWS_CSV, SMS_CSV
 
 from config import FilesSource
 from connectors import (
@@ -18,7 +19,6 @@ from connectors import (
     normalise_text,
     to_row,
 )
-from conftest import AG_NEWS_CSV, SMS_CSV
 
 
 def source(path: Path, **kw) -> FilesSource:

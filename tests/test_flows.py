@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from uuid import UUID
 
+import duckdb
 import pytest
 from typer.testing import CliRunner
 
@@ -55,7 +56,10 @@ def wait_until_paused(store: Store, timeout: float = 120) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if store.path.exists():
-            batches = store.batches("open")
+            try:
+                batches = store.batches("open")
+            except duckdb.CatalogException:  # another process is still creating the schema
+                batches = ()
             if len(batches):
                 batch = batches.iloc[0].to_dict()
                 with get_client(sync_client=True) as client:
@@ -296,3 +300,53 @@ def test_missing_source_fails_the_run_once_with_one_line(tmp_path):
     assert "gone.csv does not exist" in result.output
     assert not is_transient(None, None, Failed(data=SourceError("gone")))
     assert is_transient(None, None, Failed(data=StoreLockedError("held")))
+
+
+def test_killed_paused_run_is_taken_over(sms_config):
+    """`alflow run` killed while paused: its answers stay, `alflow resume` says why it
+    can't, the run is marked Crashed, and the next cycle goes on without the batch."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from prefect.client.orchestration import get_client
+    from prefect.settings import get_current_settings
+
+    from tasks.store import Answer
+
+    env = dict(os.environ, PREFECT_API_URL=str(get_current_settings().api.url))
+    process = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--config", str(sms_config), "--no-progress"],
+                               cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        store = store_for(sms_config)
+        batch = wait_until_paused(store, timeout=180)
+        assert batch["owner"].endswith(f":{process.pid}")
+        first = store.batch_items(batch["batch_id"])["item_id"].iloc[0]
+        store.record_labels([Answer(first, "ham")], annotator="ana", origin="cli", batch_id=batch["batch_id"])
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(30)
+
+    result = runner.invoke(app, ["resume", "--config", str(sms_config), "--skip-rest"])
+    line = result.output.strip()
+    assert result.exit_code == 1 and f"batch {batch['batch_id']} cannot be resumed" in line
+    assert f":{process.pid}) is gone" in line
+    assert store.batch(batch["batch_id"])["status"] == "expired"
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(UUID(batch["flow_run_id"])).state.is_crashed()
+    assert len(store.labels()) == 1  # --skip-rest wrote nothing for an abandoned batch
+
+    summary = active_learning_cycle(str(sms_config), auto=True, ingest_sources=False)
+    assert summary["n_labels"] == 21
+
+
+def test_holdout_without_gold_labels_fails_before_asking(tmp_path):
+    from conftest import SMS_CSV, write_config
+
+    config = write_config(tmp_path, labels=["ham", "spam"], source_path=SMS_CSV, label_column=None)
+    result = runner.invoke(app, ["run", "--config", str(config), "--no-progress"])
+    assert result.exit_code == 1
+    assert 'evaluation.method = "holdout" scores on gold labels' in result.output.strip().splitlines()[-1]
+    assert store_for(config).scalar("SELECT count(*) FROM batches") == 0
