@@ -25,7 +25,7 @@ from tasks.prelabel import prelabel_task
 from tasks.query import query_task
 from tasks.report import cycle_markdown, publish_batch, publish_cycle
 from tasks.review import answers_from_form, build_review_form, expire_stale_batches, simulated_answers
-from tasks.store import Store
+from tasks.store import LabelWrite, Store
 from tasks.train import retrain_task
 
 
@@ -87,39 +87,17 @@ def active_learning_cycle(config_path: str = "alflow.toml", auto: bool = False,
     if settings.stopping.budget is not None:
         budget_left = settings.stopping.budget - counts["labeled"] - counts["skipped"]
     batch_id = query_task(settings, model_version, run_id, budget_left)
-    label_summary = ""
     if batch_id is None:
         stop = "budget spent" if budget_left is not None and budget_left <= 0 else "pool exhausted"
         logger.info(f"nothing to ask: {stop}")
         return {"cycle": None, "batch_id": None, "stop": stop, "counts": counts}
 
-    batch = store.batch_items(batch_id)
     if auto:
-        answers = simulated_answers(store, batch, settings.labels)
-        written = store.record_labels(answers, annotator="simulated", origin="simulated",
-                                      batch_id=batch_id, flow_run_id=run_id)
+        written = simulated_review(store, settings, batch_id, run_id)
     else:
-        url = publish_batch(batch_id, batch, run_id)
-        logger.info(review_instructions(batch_id, len(batch), url, config_path))
-        form = build_review_form(batch, settings.labels, settings.review.text_chars, settings.review.annotator)
-        try:
-            response = pause_flow_run(
-                wait_for_input=form,
-                timeout=int(settings.review.timeout_hours * 3600),
-                poll_interval=settings.review.poll_interval_seconds,
-            )
-        except FlowPauseTimeout:
-            store.close_batch(batch_id, "expired")
-            logger.error(f"batch {batch_id} was not reviewed in time; answers already stored are kept")
-            raise
-        values = response.model_dump()
-        written = store.record_labels(
-            answers_from_form(values, store.batch_items(batch_id)), annotator=values["annotator"].strip(),
-            origin="ui", batch_id=batch_id, flow_run_id=run_id, keep_batch_answers=True,
-        )
+        written = human_review(store, settings, batch_id, run_id, config_path)
     label_summary = written.summary()
     logger.info(f"batch {batch_id}: {label_summary}")
-    store.close_batch(batch_id, "labeled")
 
     train = retrain_task(settings, run_id)
     cycle = store.record_cycle(run_id, batch_id, train.model_version, _strategy(store, batch_id),
@@ -134,6 +112,41 @@ def active_learning_cycle(config_path: str = "alflow.toml", auto: bool = False,
     return {"cycle": cycle, "batch_id": batch_id, "model_version": train.model_version,
             "promoted": train.promoted, "n_labels": train.n_labels, "metrics": train.metrics,
             "labels_written": asdict(written), "stop": stop, "counts": counts}
+
+
+def simulated_review(store: Store, settings, batch_id: str, run_id: str) -> LabelWrite:
+    """The simulated annotator answers the batch from the gold labels."""
+    answers = simulated_answers(store, store.batch_items(batch_id), settings.labels)
+    return store.record_labels(answers, annotator="simulated", origin="simulated", batch_id=batch_id,
+                               flow_run_id=run_id, close_batch="labeled")
+
+
+def human_review(store: Store, settings, batch_id: str, run_id: str, config_path: str) -> LabelWrite:
+    """Pause for the Resume form (or `alflow label` / `import` + `resume`), then record it.
+
+    Answers already stored for the batch while it waited keep their value; the form's
+    value for those items is not recorded over them.
+    """
+    logger = get_run_logger()
+    batch = store.batch_items(batch_id)
+    url = publish_batch(batch_id, batch, run_id)
+    logger.info(review_instructions(batch_id, len(batch), url, config_path))
+    form = build_review_form(batch, settings.labels, settings.review.text_chars, settings.review.annotator)
+    try:
+        response = pause_flow_run(
+            wait_for_input=form,
+            timeout=int(settings.review.timeout_hours * 3600),
+            poll_interval=settings.review.poll_interval_seconds,
+        )
+    except FlowPauseTimeout:
+        store.close_batch(batch_id, "expired")
+        logger.error(f"batch {batch_id} was not reviewed in time; answers already stored are kept")
+        raise
+    values = response.model_dump()
+    return store.record_labels(
+        answers_from_form(values, store.batch_items(batch_id)), annotator=values["annotator"].strip(),
+        origin="ui", batch_id=batch_id, flow_run_id=run_id, keep_batch_answers=True, close_batch="labeled",
+    )
 
 
 def check_gold_labels(store: Store, settings, auto: bool) -> None:

@@ -526,18 +526,23 @@ class Store:
         )
 
     def close_batch(self, batch_id: str, status: str) -> None:
+        """Mark an open batch labeled or expired (a closed batch stays as it is)."""
+        with self.transaction() as con:
+            self._close_batch(con, batch_id, status)
+
+    @staticmethod
+    def _close_batch(con: duckdb.DuckDBPyConnection, batch_id: str, status: str) -> None:
         if status not in BATCH_STATUSES[1:]:
             raise StoreError(f"batch status must be one of {BATCH_STATUSES[1:]}, not {status!r}")
-        with self.transaction() as con:
-            con.execute(
-                "UPDATE batches SET status = ?, closed_at = ? WHERE batch_id = ? AND status = 'open'",
-                [status, utcnow(), batch_id],
-            )
+        con.execute(
+            "UPDATE batches SET status = ?, closed_at = ? WHERE batch_id = ? AND status = 'open'",
+            [status, utcnow(), batch_id],
+        )
 
     # -- labels ------------------------------------------------------------------------
     def record_labels(self, answers: Iterable[Answer], *, annotator: str, origin: str,
                       batch_id: str | None = None, flow_run_id: str | None = None,
-                      keep_batch_answers: bool = False) -> LabelWrite:
+                      keep_batch_answers: bool = False, close_batch: str | None = None) -> LabelWrite:
         """Append answers to ``labels`` in one transaction; nothing is overwritten.
 
         * The same answer again from the same annotator in the same batch is a duplicate
@@ -547,12 +552,18 @@ class Store:
         * ``keep_batch_answers`` (the Resume form, whose fields default to the pre-labels):
           items already answered in this batch, by anyone, keep that answer and the form's
           value for them is not recorded.
+        * ``close_batch``: also set the batch's status (e.g. 'labeled') in the same
+          transaction, so a batch is never closed without its answers or vice versa.
         """
         if origin not in ORIGINS:
             raise StoreError(f"label origin must be one of {ORIGINS}, not {origin!r}")
         answers = list(answers)
         result = LabelWrite()
+        if close_batch is not None and (batch_id is None or close_batch not in BATCH_STATUSES[1:]):
+            raise StoreError(f"close_batch needs a batch_id and one of {BATCH_STATUSES[1:]}")
         if not answers:
+            if close_batch:
+                self.close_batch(batch_id, close_batch)
             return result
         frame = pd.DataFrame({"item_id": [a.item_id for a in answers], "label": [a.label for a in answers]})
         if frame["item_id"].duplicated().any():
@@ -599,6 +610,8 @@ class Store:
                     VALUES (?, ?, ?, ?, ?, ?, ?)""",
                     rows,
                 )
+            if close_batch:
+                self._close_batch(con, batch_id, close_batch)
             con.unregister("incoming")
         return result
 

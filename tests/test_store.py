@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -470,3 +471,18 @@ def test_lock_held_too_long_names_the_holder(store: Store, abc):
     assert isinstance(info.value, StoreError)
     assert n_labels(store) == 0  # nothing was written
 
+
+
+def test_answers_and_batch_close_are_one_transaction(store: Store, abc):
+    """A batch is closed with its answers or not at all."""
+    batch_id = store.create_batch("run-9", "margin", 1, picks_frame(abc[:2]))
+    with pytest.raises(StoreError, match="not in the store"):
+        store.record_labels([Answer(abc[0], "ham"), Answer("f" * 64, "ham")], annotator="a", origin="ui",
+                            batch_id=batch_id, close_batch="labeled")
+    assert store.batch(batch_id)["status"] == "open" and n_labels(store) == 0
+    written = store.record_labels([Answer(abc[0], "ham"), Answer(abc[1], SKIP)], annotator="a", origin="ui",
+                                  batch_id=batch_id, close_batch="labeled")
+    assert written.new == 2 and store.batch(batch_id)["status"] == "labeled"
+    assert store.batch(batch_id)["owner"].endswith(f":{os.getpid()}")
+    with pytest.raises(StoreError, match="close_batch needs a batch_id"):
+        store.record_labels([Answer(abc[2], "ham")], annotator="a", origin="cli", close_batch="labeled")
