@@ -187,7 +187,8 @@ def status(config: ConfigOption = None):
     if cycles.empty:
         console.print("cycles: none yet")
         return
-    table = Table("cycle", "labels", "accuracy", "macro F1", "model", "promoted", "strategy", title="latest cycles")
+    table = Table("cycle", "labels", "accuracy", "macro F1", "model", "promoted", title="latest cycles")
+    table.add_column("strategy", overflow="fold")
     for row in cycles.tail(5).itertuples(index=False):
         fmt = lambda v: "–" if v is None or v != v else f"{v:.3f}"  # noqa: E731
         table.add_row(str(row.cycle), str(row.n_labels), fmt(row.accuracy), fmt(row.macro_f1),
