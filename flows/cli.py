@@ -170,6 +170,8 @@ def status(config: ConfigOption = None):
         f"items: {counts['items']}  pool: {counts['pool']}  labeled: {counts['labeled']}  "
         f"skipped: {counts['skipped']}  held out: {counts['holdout']}  models: {counts['models']}"
     )
+    from tasks.report import run_url
+
     waiting = store.batches("open")
     if waiting.empty:
         console.print("batches waiting for review: none")
@@ -182,7 +184,7 @@ def status(config: ConfigOption = None):
             console.print(f"  {row.batch_id}  {answered}/{len(items)} answered  {row.strategy}  "
                           f"created {str(row.created_at)[:19]} UTC")
             if isinstance(row.flow_run_id, str):
-                console.print(f"    {ui}/runs/flow-run/{row.flow_run_id}" if ui else f"    flow run {row.flow_run_id}")
+                console.print(f"    {run_url(row.flow_run_id, ui) if ui else 'flow run ' + row.flow_run_id}")
     cycles = store.cycles()
     if cycles.empty:
         console.print("cycles: none yet")

@@ -7,11 +7,12 @@ import math
 import pandas as pd
 
 
-def run_url(flow_run_id: str) -> str | None:
-    """The flow run's page in the Prefect UI, or None when no UI is configured."""
+def run_url(flow_run_id: str, ui_url: str | None = None) -> str | None:
+    """The flow run's page in the Prefect UI at ``ui_url`` (default: the configured UI),
+    or None when there is no UI."""
     from prefect.settings import get_current_settings
 
-    ui = get_current_settings().ui_url
+    ui = ui_url or get_current_settings().ui_url
     return f"{str(ui).rstrip('/')}/runs/flow-run/{flow_run_id}" if ui else None
 
 

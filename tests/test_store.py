@@ -486,3 +486,8 @@ def test_answers_and_batch_close_are_one_transaction(store: Store, abc):
     assert store.batch(batch_id)["owner"].endswith(f":{os.getpid()}")
     with pytest.raises(StoreError, match="close_batch needs a batch_id"):
         store.record_labels([Answer(abc[2], "ham")], annotator="a", origin="cli", close_batch="labeled")
+    before = n_labels(store)
+    other = store.create_batch("run-10", "margin", 1, picks_frame(abc[2:3]))
+    with pytest.raises(StoreError, match="batch status must be one of"):
+        store.record_labels([Answer(abc[2], "ham")], annotator="a", origin="ui", batch_id=other, close_batch="done")
+    assert n_labels(store) == before and store.batch(other)["status"] == "open"
