@@ -1,6 +1,6 @@
 """Settings for alflow: load and validate `alflow.toml` plus `ALFLOW_*` overrides."""
 
-from config.settings import (
+from alflow.config.settings import (
     CONFIG_FILENAME,
     SKIP,
     STRATEGIES,

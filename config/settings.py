@@ -174,6 +174,13 @@ class Settings(_Section):
     def db_path(self) -> str:
         return str(self.database)
 
+    @property
+    def holdout_fraction(self) -> float | None:
+        """The share of gold-labeled items held out of the pool for evaluation, or None
+        when models are scored by cross-validation (nothing is held out)."""
+        ev = self.evaluation
+        return ev.holdout_fraction if ev.method == "holdout" else None
+
 
 def import_object(dotted: str) -> Any:
     """`package.module.Name` -> the object, with an error that names the path."""

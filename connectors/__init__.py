@@ -1,6 +1,6 @@
 """Sources of items. Every connector implements :class:`connectors.base.Connector`."""
 
-from connectors.base import (
+from alflow.connectors.base import (
     Connector,
     FetchReport,
     Record,
@@ -14,7 +14,7 @@ from connectors.base import (
 def build_connector(source) -> Connector:
     """The connector for one configured source (an entry of ``sources`` in alflow.toml)."""
     if source.type == "files":
-        from connectors.files import FilesConnector
+        from alflow.connectors.files import FilesConnector
 
         return FilesConnector(source)
     raise SourceError(f"source {source.name}: no connector for type '{source.type}'")

@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator
 
-from config import FilesSource
-from connectors.base import FetchReport, Progress, Record, SourceError, has_undecodable
+from alflow.config import FilesSource
+from alflow.connectors.base import FetchReport, Progress, Record, SourceError, has_undecodable
 
 _FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 _PARQUET_BATCH = 10_000

@@ -37,12 +37,12 @@ AnnotatorOption = Annotated[
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from config import ConfigError
-    from connectors import SourceError
-    from flows.prefect_server import ServerError
-    from tasks.modeling import ModelError
-    from tasks.review import ReviewError
-    from tasks.store import StoreError
+    from alflow.config import ConfigError
+    from alflow.connectors import SourceError
+    from alflow.flows.prefect_server import ServerError
+    from alflow.tasks.modeling import ModelError
+    from alflow.tasks.review import ReviewError
+    from alflow.tasks.store import StoreError
 
     return (ConfigError, SourceError, ServerError, ModelError, ReviewError, StoreError)
 
@@ -62,13 +62,13 @@ def friendly(command: Callable) -> Callable:
 
 
 def _settings(config: Path | None):
-    from config import load_config
+    from alflow.config import load_config
 
     return load_config(config)
 
 
 def _store(settings):
-    from tasks.store import Store
+    from alflow.tasks.store import Store
 
     store = Store(settings.database, settings.store.lock_timeout_seconds)
     store.migrate()
@@ -84,7 +84,7 @@ def _prefect_api(settings, start: bool = True):
     """Point Prefect at a live API for the duration (starting a local server if needed)."""
     from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
 
-    from flows.prefect_server import ensure_server
+    from alflow.flows.prefect_server import ensure_server
 
     info = ensure_server(_state_dir(settings), echo=lambda m: err_console.print(f"[dim]{escape(m)}[/]"))
     with temporary_settings(updates={PREFECT_API_URL: info.api_url, PREFECT_UI_URL: info.ui_url}):
@@ -102,12 +102,12 @@ def run(
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")] = True,
 ):
     """Run active-learning cycles; each pauses for review in the Prefect UI unless --auto."""
-    from tasks.progress import enable_bars
+    from alflow.tasks.progress import enable_bars
 
     settings = _settings(config)
     _store(settings)
     enable_bars(progress)
-    from flows.cycle import active_learning_cycle
+    from alflow.flows.cycle import active_learning_cycle
 
     with _prefect_api(settings) as info:
         console.print(f"Prefect UI: [link={info.ui_url}]{info.ui_url}[/link]")
@@ -144,8 +144,8 @@ def _print_cycle(summary: dict, metric: str) -> None:
 @friendly
 def ingest(config: ConfigOption = None):
     """Fetch every configured source into the store (deduplicated; safe to repeat)."""
-    from tasks.ingest import ingest_source
-    from tasks.progress import enable_bars
+    from alflow.tasks.ingest import ingest_source
+    from alflow.tasks.progress import enable_bars
 
     settings = _settings(config)
     _store(settings)
@@ -164,13 +164,13 @@ def status(config: ConfigOption = None):
     """Pool size, labels, batches waiting for review (with their run URLs), latest metrics."""
     settings = _settings(config)
     store = _store(settings)
-    holdout = settings.evaluation.holdout_fraction if settings.evaluation.method == "holdout" else None
+    holdout = settings.holdout_fraction
     counts = store.counts(holdout)
     console.print(
         f"items: {counts['items']}  pool: {counts['pool']}  labeled: {counts['labeled']}  "
         f"skipped: {counts['skipped']}  held out: {counts['holdout']}  models: {counts['models']}"
     )
-    from tasks.report import run_url
+    from alflow.tasks.report import run_url
 
     waiting = store.batches("open")
     if waiting.empty:
@@ -200,7 +200,7 @@ def status(config: ConfigOption = None):
 
 
 def _ui_url() -> str | None:
-    from flows.prefect_server import configured_api_url, healthy, ui_url_for
+    from alflow.flows.prefect_server import configured_api_url, healthy, ui_url_for
 
     api = configured_api_url() or "http://127.0.0.1:4200/api"
     return ui_url_for(api) if healthy(api, timeout=1.0) else None
@@ -210,8 +210,9 @@ def _ui_url() -> str | None:
 def label_session(store, settings, batch_id: str, annotator: str, getchar: Callable[[], str], out: Console) -> tuple[int, bool]:
     """Ask about each unanswered item of a batch, one key per answer; each answer is saved
     at once. Returns (answers given, True if every item is now answered)."""
-    from config import SKIP
-    from tasks.review import item_heading, record_answer
+    from alflow.config import SKIP
+    from alflow.tasks.review import item_heading, record_answer
+    from alflow.tasks.store import title_adds
 
     classes = settings.labels
     keys = "  ".join(f"[bold]{i}[/] {c}" for i, c in enumerate(classes, start=1))
@@ -239,7 +240,7 @@ def label_session(store, settings, batch_id: str, annotator: str, getchar: Calla
         row = queue[position]
         title = item_heading(row)
         body = escape(row.text)
-        if isinstance(row.title, str) and not row.text.startswith(row.title):
+        if title_adds(row.title, row.text):
             body = f"[bold]{escape(row.title)}[/]\n{body}"
         out.print(Panel(body, title=f"{position + 1}/{len(queue)}  {escape(title)}", title_align="left"))
         key = next_key()
@@ -275,7 +276,7 @@ def label(
     resume_run: Annotated[bool, typer.Option("--resume/--no-resume", help="Resume the paused run when all are answered.")] = True,
 ):
     """Label a waiting batch in the terminal, one item at a time, then resume its run."""
-    from tasks.review import pick_batch
+    from alflow.tasks.review import pick_batch
 
     settings = _settings(config)
     store = _store(settings)
@@ -298,7 +299,7 @@ def export_(
     blank: Annotated[bool, typer.Option("--blank", help="Leave the label column empty instead of the pre-label.")] = False,
 ):
     """Write a waiting batch to CSV/JSONL for labeling in a spreadsheet or another tool."""
-    from tasks.review import export_batch, pick_batch
+    from alflow.tasks.review import export_batch, pick_batch
 
     settings = _settings(config)
     store = _store(settings)
@@ -318,7 +319,7 @@ def import_(
     fmt: Annotated[Optional[str], typer.Option("--format", "-f", help="csv or jsonl (default: from the name).")] = None,
 ):
     """Store answers from a CSV/JSONL file (all rows checked first; nothing half-written)."""
-    from tasks.review import import_answers
+    from alflow.tasks.review import import_answers
 
     settings = _settings(config)
     store = _store(settings)
@@ -330,7 +331,7 @@ def import_(
 
 
 def _resume(settings, store, batch_id: str | None, annotator: str, skip_rest: bool) -> None:
-    from tasks.review import resume_batch
+    from alflow.tasks.review import resume_batch
 
     with _prefect_api(settings):
         chosen = resume_batch(store, batch_id, annotator=annotator, skip_rest=skip_rest)
@@ -360,7 +361,7 @@ def init(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing alflow.toml.")] = False,
 ):
     """Write the annotated example alflow.toml (pointing at the bundled SMS corpus)."""
-    from config import CONFIG_FILENAME, ConfigError
+    from alflow.config import CONFIG_FILENAME, ConfigError
 
     repo = Path(__file__).resolve().parents[1]
     example = repo / CONFIG_FILENAME
@@ -380,7 +381,7 @@ def init(
 @friendly
 def server_start(config: ConfigOption = None):
     """Start (or find) the local Prefect server and print its UI address."""
-    from flows.prefect_server import ensure_server
+    from alflow.flows.prefect_server import ensure_server
 
     info = ensure_server(_state_dir(_settings_or_none(config)), echo=lambda m: err_console.print(escape(m)))
     console.print(f"Prefect UI: {info.ui_url}" + (" (already running)" if not info.started else ""))
@@ -390,14 +391,14 @@ def server_start(config: ConfigOption = None):
 @friendly
 def server_stop(config: ConfigOption = None):
     """Stop the Prefect server that alflow started."""
-    from flows.prefect_server import stop_server
+    from alflow.flows.prefect_server import stop_server
 
     pid = stop_server(_state_dir(_settings_or_none(config)))
     console.print(f"Stopped the Prefect server (pid {pid})." if pid else "No Prefect server started by alflow is running.")
 
 
 def _settings_or_none(config: Path | None):
-    from config import ConfigError
+    from alflow.config import ConfigError
 
     try:
         return _settings(config)

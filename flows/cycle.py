@@ -19,14 +19,14 @@ from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
 from prefect.runtime import flow_run
 
-from config import CONFIG_FILENAME, ConfigError, load_config
-from flows.ingest import ingest
-from tasks.prelabel import prelabel_task
-from tasks.query import query_task
-from tasks.report import cycle_markdown, publish_batch, publish_cycle
-from tasks.review import answers_from_form, build_review_form, expire_stale_batches, simulated_answers
-from tasks.store import LabelWrite, Store
-from tasks.train import retrain_task
+from alflow.config import CONFIG_FILENAME, ConfigError, load_config
+from alflow.flows.ingest import ingest
+from alflow.tasks.prelabel import prelabel_task
+from alflow.tasks.query import query_task
+from alflow.tasks.report import cycle_markdown, publish_batch, publish_cycle
+from alflow.tasks.review import answers_from_form, build_review_form, expire_stale_batches, simulated_answers
+from alflow.tasks.store import LabelWrite, Store
+from alflow.tasks.train import retrain_task
 
 
 def alflow_command() -> str:
@@ -75,7 +75,7 @@ def active_learning_cycle(config_path: str = "alflow.toml", auto: bool = False,
 
     current = store.current_model()
     model_version = int(current["model_version"]) if current else None
-    holdout = settings.evaluation.holdout_fraction if settings.evaluation.method == "holdout" else None
+    holdout = settings.holdout_fraction
     if current:
         prelabel_task(str(settings.database), settings.store.lock_timeout_seconds, current["path"],
                       current["classifier"], model_version, settings.labels, settings.query.chunk_size, holdout)

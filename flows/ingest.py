@@ -5,9 +5,9 @@ from __future__ import annotations
 from prefect import flow
 from prefect.runtime import flow_run
 
-from config import load_config
-from tasks.ingest import IngestReport, ingest_source_task
-from tasks.store import Store
+from alflow.config import load_config
+from alflow.tasks.ingest import IngestReport, ingest_source_task
+from alflow.tasks.store import Store
 
 
 @flow(name="ingest", log_prints=True)

@@ -8,11 +8,11 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NONE
 
-from config import Settings
-from connectors import build_connector, to_row
-from tasks.progress import track
-from tasks.retrying import is_transient
-from tasks.store import Store, utcnow
+from alflow.config import Settings
+from alflow.connectors import build_connector, to_row
+from alflow.tasks.progress import track
+from alflow.tasks.retrying import is_transient
+from alflow.tasks.store import Store, utcnow
 
 WRITE_CHUNK = 5000  # records per transaction: bounded memory, and a re-run resumes cheaply
 

@@ -17,8 +17,8 @@ from sklearn.metrics import accuracy_score, f1_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import Pipeline
 
-from config import ModelSettings, import_object
-from tasks import strategies
+from alflow.config import ModelSettings, import_object
+from alflow.tasks import strategies
 
 
 class ModelError(RuntimeError):

@@ -6,10 +6,10 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NONE
 
-from tasks.modeling import score_chunk
-from tasks.progress import track
-from tasks.retrying import is_transient
-from tasks.store import Store
+from alflow.tasks.modeling import score_chunk
+from alflow.tasks.progress import track
+from alflow.tasks.retrying import is_transient
+from alflow.tasks.store import Store
 
 
 def prelabel_pool(store: Store, model, model_version: int, classes: list[str], chunk_size: int,
@@ -46,7 +46,7 @@ def prelabel_task(db_path: str, lock_timeout: float, model_path: str, classifier
                   holdout_fraction: float | None) -> int:
     from prefect.logging import get_run_logger
 
-    from tasks.modeling import load_model
+    from alflow.tasks.modeling import load_model
 
     model = load_model(model_path, classifier)
     n = prelabel_pool(Store(db_path, lock_timeout), model, model_version, classes, chunk_size, holdout_fraction)

@@ -8,10 +8,10 @@ from prefect import task
 from prefect.cache_policies import NONE
 from sklearn.feature_extraction.text import TfidfVectorizer
 
-from config import Settings
-from tasks import strategies
-from tasks.retrying import is_transient
-from tasks.store import Store
+from alflow.config import Settings
+from alflow.tasks import strategies
+from alflow.tasks.retrying import is_transient
+from alflow.tasks.store import Store
 
 
 def batch_rng(seed: int, store: Store) -> np.random.Generator:
@@ -87,7 +87,7 @@ def query_batch(store: Store, settings: Settings, model_version: int | None,
     k = settings.query.batch_size if budget_left is None else min(settings.query.batch_size, budget_left)
     if k <= 0:
         return None
-    holdout = settings.evaluation.holdout_fraction if settings.evaluation.method == "holdout" else None
+    holdout = settings.holdout_fraction
     rng = batch_rng(settings.seed, store)
     if model_version is None:
         picks = cold_start_picks(store, settings, k, rng, holdout)

@@ -24,7 +24,7 @@ def _fmt(value) -> str:
 
 def batch_rows(batch: pd.DataFrame, text_chars: int = 160) -> list[dict]:
     """The batch as table rows for the UI (rank, pre-label, confidence, score, text)."""
-    from tasks.review import trim
+    from alflow.tasks.review import trim
 
     return [
         {

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 def is_transient(task, task_run, state) -> bool:
     """Prefect ``retry_condition_fn``: retry unless the error is a permanent one."""
-    from config import ConfigError
-    from connectors.base import SourceError
-    from tasks.modeling import ModelError
-    from tasks.review import ReviewError
+    from alflow.config import ConfigError
+    from alflow.connectors.base import SourceError
+    from alflow.tasks.modeling import ModelError
+    from alflow.tasks.review import ReviewError
 
     permanent = (ConfigError, SourceError, ModelError, ReviewError, ValueError, TypeError, KeyError)
     try:

@@ -21,8 +21,8 @@ from uuid import UUID
 import pandas as pd
 from pydantic import ConfigDict, Field, create_model
 
-from config import SKIP, Settings
-from tasks.store import Answer, LabelWrite, Store, owner_gone
+from alflow.config import SKIP, Settings
+from alflow.tasks.store import Answer, LabelWrite, Store, document, owner_gone
 
 EXPORT_COLUMNS = ["batch_id", "rank", "item_id", "source", "title", "text", "url",
                   "prelabel", "confidence", "label"]
@@ -80,7 +80,7 @@ def build_review_form(batch: pd.DataFrame, classes: list[str], text_chars: int, 
     choices = Literal[tuple(classes) + (SKIP,)]  # type: ignore[valid-type]
     fields = {}
     for row in batch.itertuples(index=False):
-        text = row.text if not isinstance(row.title, str) or row.text.startswith(row.title) else f"{row.title} — {row.text}"
+        text = document(row.title, row.text, sep=" — ")
         default = row.answer if isinstance(row.answer, str) else row.prelabel
         fields[field_name(row.rank)] = (
             choices,

@@ -9,10 +9,10 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NONE
 
-from config import Settings
-from tasks import modeling
-from tasks.retrying import is_transient
-from tasks.store import Store
+from alflow.config import Settings
+from alflow.tasks import modeling
+from alflow.tasks.retrying import is_transient
+from alflow.tasks.store import Store
 
 
 @dataclass
@@ -25,10 +25,6 @@ class TrainResult:
     class_counts: dict = field(default_factory=dict)
 
 
-def _holdout_fraction(settings: Settings) -> float | None:
-    return settings.evaluation.holdout_fraction if settings.evaluation.method == "holdout" else None
-
-
 def retrain(store: Store, settings: Settings, flow_run_id: str | None = None) -> TrainResult:
     """Fit on the effective labels, evaluate, save with skops and record a ``models`` row.
 
@@ -38,7 +34,7 @@ def retrain(store: Store, settings: Settings, flow_run_id: str | None = None) ->
     current model's predictions and the new model's out-of-fold ones are both unseen.
     Re-running with no new labels returns the model already trained on them.
     """
-    holdout = _holdout_fraction(settings)
+    holdout = settings.holdout_fraction
     frame, watermark = store.training_set(holdout)
     labels = frame["label"].tolist()
     counts = modeling.class_counts(labels)

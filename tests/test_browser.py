@@ -27,7 +27,7 @@ import httpx
 import pytest
 from conftest import SMS_CSV, chromium_path, write_config
 
-from tasks.store import Store
+from alflow.tasks.store import Store
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -116,7 +116,7 @@ class Processes:
 
 
 def alflow_command(config: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "flows.cli", "run", "--config", str(config), "--no-progress", *extra]
+    return [sys.executable, "-m", "alflow.flows.cli", "run", "--config", str(config), "--no-progress", *extra]
 
 
 def wait_healthy(api_url: str, server: subprocess.Popen, log: Path, timeout: float = 180.0) -> None:

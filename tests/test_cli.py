@@ -13,8 +13,8 @@ import yaml
 from conftest import REPO, SMS_CSV, copy_repo_config, write_config
 from typer.testing import CliRunner
 
-from flows.cli import app
-from tasks.store import Store
+from alflow.flows.cli import app
+from alflow.tasks.store import Store
 
 runner = CliRunner()
 
@@ -65,8 +65,8 @@ def test_ingest_twice_counts_duplicates(tmp_path):
 
 def _open_batch(config: Path) -> tuple[Store, str]:
     """A batch recorded by the query step, without a flow run (for file-checking tests)."""
-    from config import load_config
-    from tasks.query import query_batch
+    from alflow.config import load_config
+    from alflow.tasks.query import query_batch
 
     settings = load_config(config)
     store = Store(settings.database)
@@ -131,7 +131,7 @@ def test_status_lists_waiting_batches_and_counts(tmp_path):
 
 
 def test_init_writes_a_config_that_loads(tmp_path):
-    from config import load_config
+    from alflow.config import load_config
 
     result = runner.invoke(app, ["init", str(tmp_path)])
     assert result.exit_code == 0, result.output
@@ -141,7 +141,7 @@ def test_init_writes_a_config_that_loads(tmp_path):
 
 
 def test_shipped_config_is_valid(tmp_path):
-    from config import load_config
+    from alflow.config import load_config
 
     settings = load_config(copy_repo_config(tmp_path))
     assert settings.query.strategy == "margin" and settings.evaluation.method == "holdout"
@@ -189,7 +189,7 @@ def test_server_start_and_stop(tmp_path):
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=f"http://127.0.0.1:{port}/api")
-    command = [sys.executable, "-m", "flows.cli", "server"]
+    command = [sys.executable, "-m", "alflow.flows.cli", "server"]
     try:
         started = subprocess.run(command + ["start", "--config", str(config)], env=env, cwd=REPO,
                                  capture_output=True, text=True, timeout=300)

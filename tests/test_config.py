@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import SMS_CSV, copy_repo_config, write_config
 
-from config import ConfigError, load_config
+from alflow.config import ConfigError, load_config
 
 
 def config_error(path: Path, environ: dict[str, str] | None = None) -> str:

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from conftest import AG_NEWS_CSV, SMS_CSV
 
-from config import FilesSource
-from connectors import (
+from alflow.config import FilesSource
+from alflow.connectors import (
     Connector,
     Record,
     SourceError,

@@ -12,11 +12,11 @@ import duckdb
 import pytest
 from typer.testing import CliRunner
 
-from config import load_config
-from flows.cli import app
-from flows.cycle import active_learning_cycle
-from tasks.review import field_name
-from tasks.store import Store
+from alflow.config import load_config
+from alflow.flows.cli import app
+from alflow.flows.cycle import active_learning_cycle
+from alflow.tasks.review import field_name
+from alflow.tasks.store import Store
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 runner = CliRunner()
@@ -247,7 +247,7 @@ def test_timed_out_review_keeps_stored_answers(tmp_path):
     from conftest import SMS_CSV, write_config
     from prefect.exceptions import FlowPauseTimeout
 
-    from tasks.store import Answer
+    from alflow.tasks.store import Answer
 
     config = write_config(tmp_path, labels=["ham", "spam"], source_path=SMS_CSV, timeout_hours=0.003)
     store = store_for(config)
@@ -289,9 +289,9 @@ def test_missing_source_fails_the_run_once_with_one_line(tmp_path):
     from conftest import write_config
     from prefect.states import Failed
 
-    from connectors import SourceError
-    from tasks.retrying import is_transient
-    from tasks.store import StoreLockedError
+    from alflow.connectors import SourceError
+    from alflow.tasks.retrying import is_transient
+    from alflow.tasks.store import StoreLockedError
 
     config = write_config(tmp_path, labels=["ham", "spam"], source_path=tmp_path / "gone.csv")
     result = runner.invoke(app, ["run", "--config", str(config), "--auto", "--no-progress"])
@@ -314,10 +314,10 @@ def test_killed_paused_run_is_taken_over(sms_config):
     from prefect.client.orchestration import get_client
     from prefect.settings import get_current_settings
 
-    from tasks.store import Answer
+    from alflow.tasks.store import Answer
 
     env = dict(os.environ, PREFECT_API_URL=str(get_current_settings().api.url))
-    process = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--config", str(sms_config), "--no-progress"],
+    process = subprocess.Popen([sys.executable, "-m", "alflow.flows.cli", "run", "--config", str(sms_config), "--no-progress"],
                                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         store = store_for(sms_config)

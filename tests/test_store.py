@@ -14,9 +14,9 @@ import duckdb
 import pandas as pd
 import pytest
 
-from config import FilesSource
-from connectors import Record, build_connector, content_hash, to_row
-from tasks.store import (
+from alflow.config import FilesSource
+from alflow.connectors import Record, build_connector, content_hash, to_row
+from alflow.tasks.store import (
     SCHEMA_VERSION,
     SKIP,
     Answer,

@@ -9,7 +9,7 @@ import pytest
 from conftest import SMS_CSV
 from sklearn.feature_extraction.text import TfidfVectorizer
 
-from tasks import strategies as st
+from alflow.tasks import strategies as st
 
 # Five items, three classes. The three measures rank them three different ways.
 PROBA = np.array([

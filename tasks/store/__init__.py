@@ -1,0 +1,79 @@
+"""The DuckDB store: every table alflow reads or writes, and the only code that writes them.
+
+One module per concern, each a part of :class:`Store`:
+
+* :mod:`~alflow.tasks.store.database`: connections, the lock retry, transactions, and the
+  schema migrations (``migrations/NNNN_*.sql``);
+* :mod:`~alflow.tasks.store.pool`: items, the gold holdout, predictions, the pool;
+* :mod:`~alflow.tasks.store.batches`: queried batches and their items;
+* :mod:`~alflow.tasks.store.labels`: the append-only answers and effective labels;
+* :mod:`~alflow.tasks.store.models`: model versions and cycles (the learning curve).
+"""
+
+from __future__ import annotations
+
+from alflow.config import SKIP
+from alflow.tasks.store.batches import BATCH_STATUSES, BatchStore, owner_gone, process_owner
+from alflow.tasks.store.database import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    Database,
+    StoreError,
+    StoreLockedError,
+    utcnow,
+)
+from alflow.tasks.store.labels import ORIGINS, Answer, LabelStore, LabelWrite
+from alflow.tasks.store.models import ModelStore
+from alflow.tasks.store.pool import DOC_SQL, PoolStore, document, holdout_sql, title_adds
+
+
+class Store(PoolStore, LabelStore, ModelStore):
+    """The alflow database at ``path``. Cheap to create; holds no connection between calls.
+
+    See :class:`~alflow.tasks.store.database.Database` for ``path`` and ``lock_timeout``.
+    """
+
+    def counts(self, holdout_fraction: float | None = None) -> dict:
+        with self.connect() as con:
+            def one(sql: str) -> int:
+                return int(con.execute(sql).fetchone()[0])
+
+            return {
+                "items": one("SELECT count(*) FROM items"),
+                "labeled": one("SELECT count(*) FROM effective_labels"),
+                "skipped": one(
+                    "SELECT count(DISTINCT item_id) FROM labels WHERE item_id NOT IN (SELECT item_id FROM effective_labels)"
+                ),
+                "label_rows": one("SELECT count(*) FROM labels"),
+                "holdout": one(f"SELECT count(*) FROM items i WHERE {holdout_sql(holdout_fraction)}"),
+                "pool": one(f"SELECT count(*) FROM items i WHERE {self._pool_where(holdout_fraction)}"),
+                "open_batches": one("SELECT count(*) FROM batches WHERE status = 'open'"),
+                "models": one("SELECT count(*) FROM models"),
+                "cycles": one("SELECT count(*) FROM cycles"),
+            }
+
+
+__all__ = [
+    "BATCH_STATUSES",
+    "DOC_SQL",
+    "MIGRATIONS",
+    "ORIGINS",
+    "SCHEMA_VERSION",
+    "SKIP",
+    "Answer",
+    "BatchStore",
+    "Database",
+    "LabelStore",
+    "LabelWrite",
+    "ModelStore",
+    "PoolStore",
+    "Store",
+    "StoreError",
+    "StoreLockedError",
+    "document",
+    "holdout_sql",
+    "owner_gone",
+    "process_owner",
+    "title_adds",
+    "utcnow",
+]

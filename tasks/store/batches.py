@@ -1,0 +1,117 @@
+"""Batches: the items queried for one review, who waits on them, and their status.
+
+A batch is ``open`` while its review waits, then ``labeled`` (answers recorded) or
+``expired`` (its run ended or its waiting process died; answers already given are kept and
+its unanswered items return to the pool).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+
+import duckdb
+import pandas as pd
+
+from alflow.tasks.store.database import Database, StoreError, utcnow
+
+BATCH_STATUSES = ("open", "labeled", "expired")
+
+
+def process_owner() -> str:
+    """This process as ``host:pid``: who waits on a batch it created."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def owner_gone(owner: str | None) -> bool:
+    """True if ``owner`` (host:pid) is a process on this host that no longer runs.
+
+    A process on another host, or one that cannot be checked, counts as alive.
+    """
+    if not isinstance(owner, str) or ":" not in owner:
+        return False
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, owned by another user
+        return False
+    return False
+
+
+class BatchStore(Database):
+    """Batches and their items (mixed into :class:`alflow.tasks.store.Store`)."""
+
+    def create_batch(self, flow_run_id: str | None, strategy: str, model_version: int | None,
+                     picks: pd.DataFrame) -> str:
+        """Record a queried batch and its items in one transaction; returns the batch_id.
+
+        ``picks`` has columns item_id, rank, score, prelabel, confidence, picked_by.
+        """
+        batch_id = uuid.uuid4().hex[:12]
+        rows = picks.assign(batch_id=batch_id)
+        with self.transaction() as con:
+            con.execute(
+                "INSERT INTO batches VALUES (?, ?, ?, ?, ?, 'open', ?, ?, NULL)",
+                [batch_id, flow_run_id, strategy, model_version, len(picks), process_owner(), utcnow()],
+            )
+            con.register("incoming", rows)
+            con.execute(
+                """INSERT INTO batch_items BY NAME SELECT batch_id, item_id, rank, score,
+                prelabel, confidence, picked_by FROM incoming"""
+            )
+            con.unregister("incoming")
+        return batch_id
+
+    def batch(self, batch_id: str) -> dict | None:
+        frame = self.query_df("SELECT * FROM batches WHERE batch_id = ?", [batch_id])
+        return None if frame.empty else frame.iloc[0].to_dict()
+
+    def batches(self, status: str | None = None) -> pd.DataFrame:
+        where = "WHERE status = ?" if status else ""
+        return self.query_df(
+            f"SELECT * FROM batches {where} ORDER BY created_at, batch_id", [status] if status else []
+        )
+
+    def batch_for_run(self, flow_run_id: str) -> dict | None:
+        frame = self.query_df(
+            "SELECT * FROM batches WHERE flow_run_id = ? ORDER BY created_at DESC LIMIT 1", [flow_run_id]
+        )
+        return None if frame.empty else frame.iloc[0].to_dict()
+
+    def batch_items(self, batch_id: str) -> pd.DataFrame:
+        """The batch in rank order with each item's text and its answers so far in this batch.
+
+        ``answer`` is the latest answer recorded for the item in this batch (any annotator),
+        ``answered_by`` who gave it; both are NULL while the item waits.
+        """
+        return self.query_df(
+            """SELECT bi.rank, bi.item_id, bi.score, bi.prelabel, bi.confidence, bi.picked_by,
+                      i.source, i.title, i.text, i.url, i.external_id,
+                      l.label AS answer, l.annotator AS answered_by
+            FROM batch_items bi JOIN items i USING (item_id)
+            LEFT JOIN (
+                SELECT item_id, arg_max(label, label_id) AS label, arg_max(annotator, label_id) AS annotator
+                FROM labels WHERE batch_id = ? GROUP BY item_id
+            ) l USING (item_id)
+            WHERE bi.batch_id = ? ORDER BY bi.rank""",
+            [batch_id, batch_id],
+        )
+
+    def close_batch(self, batch_id: str, status: str) -> None:
+        """Mark an open batch labeled or expired (a closed batch stays as it is)."""
+        with self.transaction() as con:
+            self._close_batch(con, batch_id, status)
+
+    @staticmethod
+    def _close_batch(con: duckdb.DuckDBPyConnection, batch_id: str, status: str) -> None:
+        if status not in BATCH_STATUSES[1:]:
+            raise StoreError(f"batch status must be one of {BATCH_STATUSES[1:]}, not {status!r}")
+        con.execute(
+            "UPDATE batches SET status = ?, closed_at = ? WHERE batch_id = ? AND status = 'open'",
+            [status, utcnow(), batch_id],
+        )

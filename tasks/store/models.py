@@ -1,0 +1,56 @@
+"""Models and cycles: every trained model version, and the learning curve."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+
+from alflow.tasks.store.database import Database, utcnow
+
+
+class ModelStore(Database):
+    """Model versions and cycles (mixed into :class:`alflow.tasks.store.Store`)."""
+
+    def next_model_version(self) -> int:
+        return int(self.scalar("SELECT coalesce(max(model_version), 0) + 1 FROM models"))
+
+    def register_model(self, model_version: int, path: str, classifier: str, params: dict,
+                       n_labels: int, label_watermark: int, metrics: dict | None,
+                       promoted: bool, flow_run_id: str | None, labels: list[str] | None = None) -> None:
+        with self.transaction() as con:
+            con.execute(
+                """INSERT INTO models (model_version, path, classifier, params, n_labels, label_watermark,
+                                       metrics, promoted, flow_run_id, created_at, labels)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                [model_version, path, classifier, json.dumps(params, default=str), n_labels,
+                 label_watermark, json.dumps(metrics) if metrics is not None else None,
+                 promoted, flow_run_id, utcnow(), json.dumps(labels) if labels is not None else None],
+            )
+
+    def current_model(self) -> dict | None:
+        """The newest promoted model row, or None before the first one."""
+        frame = self.query_df(
+            "SELECT * FROM models WHERE promoted ORDER BY model_version DESC LIMIT 1"
+        )
+        if frame.empty:
+            return None
+        row = frame.iloc[0].to_dict()
+        row["metrics"] = json.loads(row["metrics"]) if row["metrics"] else None
+        return row
+
+    def record_cycle(self, flow_run_id: str | None, batch_id: str | None, model_version: int | None,
+                     strategy: str, n_labels: int, metrics: dict | None, promoted: bool) -> int:
+        metrics = metrics or {}
+        with self.transaction() as con:
+            cycle = con.execute("SELECT coalesce(max(cycle), 0) + 1 FROM cycles").fetchone()[0]
+            con.execute(
+                "INSERT INTO cycles VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [cycle, flow_run_id, batch_id, model_version, strategy, n_labels,
+                 metrics.get("accuracy"), metrics.get("macro_f1"),
+                 json.dumps(metrics) if metrics else None, promoted, utcnow()],
+            )
+        return int(cycle)
+
+    def cycles(self) -> pd.DataFrame:
+        return self.query_df("SELECT * FROM cycles ORDER BY cycle")
