@@ -23,6 +23,8 @@ from pydantic import (
     field_validator,
 )
 
+from alflow.config.sources import GoogleSource, WikipediaSource, YouTubeSource
+
 CONFIG_FILENAME = "alflow.toml"
 ENV_PREFIX = "ALFLOW_"
 # Environment variables with this prefix that are not settings keys.
@@ -33,6 +35,14 @@ STRATEGIES = ("least_confidence", "margin", "entropy", "random")
 
 class ConfigError(ValueError):
     """A setting is missing, unknown or invalid. The message is one line naming the key."""
+
+
+class _NestedError(ValueError):
+    """A validator's error about a key below the field it validates (``loc`` under it)."""
+
+    def __init__(self, loc: tuple, message: str):
+        super().__init__(message)
+        self.loc = loc
 
 
 class _Section(BaseModel):
@@ -127,10 +137,15 @@ class FilesSource(_Section):
     label_column: str | None = None
     # For a folder of .txt files: take the gold label from each file's parent folder name.
     label_from_folder: bool = False
+    # Gold label values as the source has them -> a class of `labels`, e.g. {"0" = "ham"};
+    # values not in the map are kept as they are (and must then be classes themselves).
+    label_map: dict[str, str] = Field(default_factory=dict)
     encoding: str = "utf-8"
 
 
-SourceSettings = Annotated[Union[FilesSource], Field(discriminator="type")]
+SourceSettings = Annotated[
+    Union[FilesSource, WikipediaSource, YouTubeSource, GoogleSource], Field(discriminator="type")
+]
 
 
 class Settings(_Section):
@@ -168,6 +183,21 @@ class Settings(_Section):
         names = [source.name for source in value]
         if len(set(names)) != len(names):
             raise ValueError(f"source names repeat: {names}")
+        return value
+
+    @field_validator("sources")
+    @classmethod
+    def _label_maps_name_classes(cls, value: list, info: ValidationInfo) -> list:
+        labels = info.data.get("labels")
+        if labels is None:
+            return value  # labels itself is invalid; that error is reported
+        for index, source in enumerate(value):
+            for raw, mapped in source.label_map.items():
+                if mapped not in labels:
+                    raise _NestedError(
+                        (index, "label_map"),
+                        f"{raw!r} maps to {mapped!r}, which is not one of labels {labels}",
+                    )
         return value
 
     @property
@@ -232,6 +262,9 @@ def _format_error(exc: ValidationError, origins: dict[tuple[str, ...], str], def
     errors = exc.errors()
     first = errors[0]
     loc = tuple(str(part) for part in first["loc"])
+    nested = (first.get("ctx") or {}).get("error")
+    if isinstance(nested, _NestedError):
+        loc += tuple(str(part) for part in nested.loc)
     key = ".".join(loc) or "(top level)"
     origin = default_origin
     for path, env_name in origins.items():
@@ -289,7 +322,8 @@ def _resolve_paths(settings: Settings, config_path: Path) -> Settings:
         p = p.expanduser()
         return p if p.is_absolute() else (base / p).resolve()
 
-    sources = [source.model_copy(update={"path": resolve(source.path)}) for source in settings.sources]
+    sources = [source.model_copy(update={"path": resolve(source.path)}) if isinstance(source, FilesSource)
+               else source for source in settings.sources]
     return settings.model_copy(
         update={
             "database": resolve(settings.database),

@@ -17,6 +17,18 @@ def build_connector(source) -> Connector:
         from alflow.connectors.files import FilesConnector
 
         return FilesConnector(source)
+    if source.type == "wikipedia":
+        from alflow.connectors.wikipedia import WikipediaConnector
+
+        return WikipediaConnector(source)
+    if source.type == "youtube":
+        from alflow.connectors.youtube import YouTubeConnector
+
+        return YouTubeConnector(source)
+    if source.type == "google":
+        from alflow.connectors.google import GoogleConnector
+
+        return GoogleConnector(source)
     raise SourceError(f"source {source.name}: no connector for type '{source.type}'")
 
 

@@ -5,6 +5,17 @@ the store: the ingest flow hashes, deduplicates and writes. A record a connector
 (empty text, undecodable bytes, a malformed line) is counted in its :class:`FetchReport`
 with a reason, never fatal; an error that stops the whole source (file missing, service
 down after retries) raises :class:`SourceError` with a one-line message naming the source.
+
+Incremental fetching (the network connectors: wikipedia, youtube, google) is optional for a
+connector: ``fetch(progress=None, cursor=None)`` accepts the cursor a previous fetch left
+in ``connector.next_cursor`` and then yields only records newer than it (a JSON value
+whose meaning belongs to the connector: a newest date, the revisions or links already
+read). ``next_cursor`` is None until a fetch has run to its end (a fetch that raised leaves
+it None); it already includes the cursor it was given, so the caller stores it as it is,
+after the records are committed. Date cursors keep the boundary ("not older than"), so one
+item may come again and is deduplicated. ``skipped_by_cursor`` counts what the cursor
+skipped. ``limit`` bounds the results asked of the service in one fetch, before the cursor
+filters them, so a re-run without a cursor over unchanged results yields the same records.
 """
 
 from __future__ import annotations

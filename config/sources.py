@@ -1,0 +1,272 @@
+"""Settings of the network sources: ``type = "wikipedia"``, ``"youtube"`` and ``"google"``.
+
+Each is one ``[[sources]]`` table in ``alflow.toml``, validated at start-up like the rest of
+the settings (unknown keys and bad values are one-line errors naming the key). The
+connectors that read them live in ``connectors/wikipedia.py``, ``youtube.py`` and
+``google.py``.
+
+Secrets never live here: a Custom Search API key is named by the environment variable or
+the Prefect Secret block that holds it, and validators never echo a value that might be a
+key.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+_NAME = Field(..., min_length=1, max_length=64, pattern=r"^[\w.-]+$")
+_LANGUAGE = re.compile(r"^[a-z]{2,3}(?:-[a-z0-9]{1,8})*$|^simple$")
+_SUB_LANGUAGE = re.compile(r"^[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{1,8})*$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_BLOCK_NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+# Library defaults and tools that say nothing about who is calling (Wikimedia's policy asks
+# for a name and a way to contact you: https://foundation.wikimedia.org/wiki/Policy:User-Agent_policy).
+_GENERIC_AGENTS = re.compile(
+    r"^\s*(python-requests|python-httpx|python-urllib|python/|urllib|aiohttp|httpx|requests|curl|"
+    r"wget|mozilla/|go-http-client|java/|okhttp|libwww-perl|scrapy|wikipedia-api|node-fetch|"
+    r"axios|postman|alflow\s*$)",
+    re.IGNORECASE,
+)
+_CONTACT = re.compile(r"@|https?://|www\.|\bUser:", re.IGNORECASE)
+USER_AGENT_EXAMPLE = "my-project/1.0 (https://example.org/my-project; me@example.org)"
+GOOGLE_NEWS_RSS = "https://news.google.com/rss/search"
+CUSTOM_SEARCH_ENDPOINT = "https://customsearch.googleapis.com/customsearch/v1"
+
+
+def _nested(key: str, message: str) -> ValueError:
+    """An error reported under ``key`` of this source (see config.settings._format_error)."""
+    from alflow.config import settings  # loaded by the time a source is validated
+
+    nested = getattr(settings, "_NestedError", None)
+    if nested is None:
+        return ValueError(f"{key}: {message}")
+    return nested((key,), message)
+
+
+def _http_url(value: str | None, what: str) -> str | None:
+    if value is None:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"{what} must be an http(s) URL (got {value!r})")
+    return value
+
+
+class _Source(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = _NAME
+    timeout_seconds: float = Field(30.0, gt=0, le=600)
+    # Retries of one request after a timeout, a 429 or a 5xx, with exponential backoff from
+    # retry_wait_seconds; a Retry-After header replaces the computed wait.
+    retries: int = Field(3, ge=0, le=10)
+    retry_wait_seconds: float = Field(1.0, ge=0, le=300)
+
+    @property
+    def label_map(self) -> dict[str, str]:
+        """These sources carry no gold labels (ingest maps gold labels through this)."""
+        return {}
+
+
+class WikipediaSource(_Source):
+    """Pages of Wikipedia (or any MediaWiki with TextExtracts, via ``api_url``).
+
+    Exactly one of ``search`` (full-text search), ``titles`` or ``category`` (its pages,
+    and sub-categories' pages down to ``category_depth``) chooses the pages.
+    """
+
+    type: Literal["wikipedia"]
+    search: str | None = Field(None, min_length=1)
+    titles: list[str] | None = Field(None, min_length=1, max_length=10_000)
+    category: str | None = Field(None, min_length=1)
+    category_depth: int = Field(0, ge=0, le=10)
+    limit: int = Field(100, ge=1, le=10_000)
+    language: str = "en"
+    content: Literal["text", "summary"] = "text"
+    user_agent: str | None = Field(None, validate_default=True)
+    api_url: str | None = None
+
+    @field_validator("titles")
+    @classmethod
+    def _titles_not_blank(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and any(not title.strip() for title in value):
+            raise ValueError("a title is empty")
+        return [title.strip() for title in value] if value is not None else None
+
+    @field_validator("category")
+    @classmethod
+    def _category_title(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip()
+        # "Physics" means "Category:Physics"; a localised prefix ("Kategorie:Physik") is kept.
+        return value if ":" in value else f"Category:{value}"
+
+    @field_validator("language")
+    @classmethod
+    def _language_code(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not _LANGUAGE.match(value):
+            raise ValueError(f"not a Wikipedia language code like 'en' or 'zh-yue' (got {value!r})")
+        return value
+
+    @field_validator("user_agent")
+    @classmethod
+    def _descriptive_user_agent(cls, value: str | None) -> str:
+        if value is None or not value.strip():
+            raise ValueError(
+                "Wikipedia requires a descriptive user agent with contact information, "
+                f"e.g. user_agent = \"{USER_AGENT_EXAMPLE}\""
+            )
+        value = value.strip()
+        if _GENERIC_AGENTS.match(value):
+            raise ValueError(
+                f"{value!r} is a generic user agent; Wikipedia blocks those. Name your project "
+                f"and a contact, e.g. \"{USER_AGENT_EXAMPLE}\""
+            )
+        if not _CONTACT.search(value):
+            raise ValueError(
+                f"{value!r} has no contact information (an e-mail address or URL); "
+                f"Wikipedia requires one, e.g. \"{USER_AGENT_EXAMPLE}\""
+            )
+        return value
+
+    @field_validator("api_url")
+    @classmethod
+    def _api_url(cls, value: str | None) -> str | None:
+        return _http_url(value, "api_url (a MediaWiki api.php)")
+
+    @model_validator(mode="after")
+    def _one_selector(self) -> "WikipediaSource":
+        given = [key for key in ("search", "titles", "category") if getattr(self, key) is not None]
+        if len(given) != 1:
+            key = given[1] if len(given) > 1 else "search"
+            got = " and ".join(given) if given else "none"
+            raise _nested(key, f"give exactly one of search, titles or category (got {got})")
+        if "category_depth" in self.model_fields_set and self.category is None:
+            raise _nested("category_depth", "only applies with category")
+        return self
+
+
+class YouTubeSource(_Source):
+    """Videos of YouTube read with yt-dlp: metadata and subtitle text, never the video."""
+
+    type: Literal["youtube"]
+    search: str | None = Field(None, min_length=1)
+    urls: list[str] | None = Field(None, min_length=1, max_length=1000)
+    limit: int = Field(20, ge=1, le=5000)
+    # Languages in order of preference; manual subtitles before automatic captions.
+    subtitle_languages: list[str] = Field(default_factory=lambda: ["en"], max_length=20)
+    # Reject a video without subtitles in those languages (by default its description is
+    # the text).
+    require_subtitles: bool = False
+    max_retry_wait_seconds: float = Field(120.0, ge=0, le=3600)
+
+    @field_validator("urls")
+    @classmethod
+    def _urls(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            for url in value:
+                _http_url(url.strip(), "each of urls")
+            return [url.strip() for url in value]
+        return None
+
+    @field_validator("subtitle_languages")
+    @classmethod
+    def _languages(cls, value: list[str]) -> list[str]:
+        for lang in value:
+            if not _SUB_LANGUAGE.match(lang):
+                raise ValueError(f"not a language code like 'en' or 'pt-BR' (got {lang!r})")
+        return value
+
+    @model_validator(mode="after")
+    def _one_selector(self) -> "YouTubeSource":
+        if (self.search is None) == (self.urls is None):
+            key = "urls" if self.search is not None else "search"
+            raise _nested(key, "give exactly one of search or urls")
+        return self
+
+
+class GoogleSource(_Source):
+    """Google results: Google News RSS search (no key) or the Custom Search JSON API."""
+
+    type: Literal["google"]
+    backend: Literal["news_rss", "custom_search"] = "news_rss"
+    search: str = Field(..., min_length=1)
+    limit: int = Field(50, ge=1, le=100)  # both backends return at most 100 results
+    max_retry_wait_seconds: float = Field(120.0, ge=0, le=3600)
+    # backend = "news_rss"
+    rss_url: str | None = None
+    hl: str | None = None
+    gl: str | None = None
+    ceid: str | None = None
+    # backend = "custom_search": the key comes from an environment variable or a Prefect
+    # Secret block, never from this file.
+    cx: str | None = None
+    api_key_env: str | None = None
+    api_key_secret: str | None = None
+    endpoint: str | None = None
+    # Fetch each result's page (robots.txt respected, one request per domain every
+    # page_delay_seconds) and use its main text.
+    fetch_pages: bool = False
+    page_delay_seconds: float = Field(1.0, ge=0, le=600)
+    user_agent: str | None = None
+
+    @field_validator("rss_url", "endpoint")
+    @classmethod
+    def _urls(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return _http_url(value, info.field_name)
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        # Never echo the value: a key pasted here by mistake must not reach the error line.
+        if value is not None and (not _ENV_NAME.match(value) or value.startswith("AIza")):
+            raise ValueError(
+                "must be the NAME of an environment variable holding the key, "
+                "e.g. api_key_env = \"GOOGLE_API_KEY\" (never the key itself)"
+            )
+        return value
+
+    @field_validator("api_key_secret")
+    @classmethod
+    def _block_name(cls, value: str | None) -> str | None:
+        if value is not None and (not _BLOCK_NAME.match(value) or value.startswith("aiza")):
+            raise ValueError(
+                "must be the name of a Prefect Secret block holding the key "
+                "(lowercase letters, digits and dashes), never the key itself"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _backend_keys(self) -> "GoogleSource":
+        news_only = ("rss_url", "hl", "gl", "ceid")
+        search_only = ("cx", "api_key_env", "api_key_secret", "endpoint")
+        foreign = news_only if self.backend == "custom_search" else search_only
+        for key in foreign:
+            if getattr(self, key) is not None:
+                raise _nested(key, f"does not apply to backend = \"{self.backend}\"")
+        if self.backend == "custom_search":
+            if not self.cx:
+                raise _nested("cx", "backend = \"custom_search\" needs cx (the search engine ID)")
+            if (self.api_key_env is None) == (self.api_key_secret is None):
+                raise _nested(
+                    "api_key_env",
+                    "backend = \"custom_search\" needs exactly one of api_key_env (an environment "
+                    "variable) or api_key_secret (a Prefect Secret block) holding the API key",
+                )
+        return self
+
+    # Resolved defaults of the news_rss parameters.
+    def news_params(self) -> dict[str, Any]:
+        hl = self.hl or "en-US"
+        gl = self.gl or "US"
+        ceid = self.ceid or f"{gl}:{hl.split('-')[0]}"
+        return {"q": self.search, "hl": hl, "gl": gl, "ceid": ceid}
+
+
+NETWORK_SOURCES = (WikipediaSource, YouTubeSource, GoogleSource)
