@@ -259,7 +259,8 @@ def label_session(store, settings, batch_id: str, annotator: str, getchar: Calla
         else:
             out.print("[yellow]Enter accepts the pre-label; a number picks a class; s skips; b goes back; q quits.[/]")
             continue
-        record_answer(store, settings, batch_id, row.item_id, label, annotator, origin="cli")
+        record_answer(store, settings, batch_id, row.item_id, label, annotator, origin="cli",
+                      prelabel_shown=row.prelabel if isinstance(row.prelabel, str) else None)
         out.print(f"  -> {label}")
         given += 1
         position += 1

@@ -24,9 +24,15 @@ from alflow.flows.ingest import ingest
 from alflow.tasks.prelabel import prelabel_task
 from alflow.tasks.query import query_task
 from alflow.tasks.report import cycle_markdown, publish_batch, publish_cycle
-from alflow.tasks.review import answers_from_form, build_review_form, expire_stale_batches, simulated_answers
+from alflow.tasks.review import (
+    answers_from_form,
+    build_review_form,
+    expire_stale_batches,
+    form_defaults,
+    simulated_answers,
+)
 from alflow.tasks.store import LabelWrite, Store
-from alflow.tasks.train import retrain_task
+from alflow.tasks.train import load_model_task, retrain_task
 
 
 def alflow_command() -> str:
@@ -73,12 +79,12 @@ def active_learning_cycle(config_path: str = "alflow.toml", auto: bool = False,
     check_gold_labels(store, settings, auto)
     expire_stale_batches(store, run_id)
 
-    current = store.current_model()
-    model_version = int(current["model_version"]) if current else None
+    # the newest promoted model that loads and fits labels + classifier; retrained if need be
+    current = load_model_task(settings, run_id)
+    model_version = current.version if current else None
     holdout = settings.holdout_fraction
     if current:
-        prelabel_task(str(settings.database), settings.store.lock_timeout_seconds, current["path"],
-                      current["classifier"], model_version, settings.labels, settings.query.chunk_size, holdout)
+        prelabel_task(settings, current.model, model_version)
     else:
         logger.info("no model yet: cold start, the batch is chosen for coverage")
 
@@ -105,7 +111,7 @@ def active_learning_cycle(config_path: str = "alflow.toml", auto: bool = False,
     counts = store.counts(holdout)
     metric = settings.evaluation.metric
     publish_cycle(cycle_markdown(counts, store.cycles(), asdict(train) if train.model_version else None,
-                                 batch_id, label_summary, metric))
+                                 batch_id, label_summary, metric, store.prelabel_agreement(batch_id)))
     stop = _stop_reason(settings, counts, train.metrics)
     if stop:
         logger.info(f"stopping rule: {stop}")
@@ -115,7 +121,8 @@ def active_learning_cycle(config_path: str = "alflow.toml", auto: bool = False,
 
 
 def simulated_review(store: Store, settings, batch_id: str, run_id: str) -> LabelWrite:
-    """The simulated annotator answers the batch from the gold labels."""
+    """The simulated annotator answers the batch from the gold labels (it is shown no
+    pre-label, so ``prelabel_shown`` stays NULL)."""
     answers = simulated_answers(store, store.batch_items(batch_id), settings.labels)
     return store.record_labels(answers, annotator="simulated", origin="simulated", batch_id=batch_id,
                                flow_run_id=run_id, close_batch="labeled")
@@ -124,8 +131,10 @@ def simulated_review(store: Store, settings, batch_id: str, run_id: str) -> Labe
 def human_review(store: Store, settings, batch_id: str, run_id: str, config_path: str) -> LabelWrite:
     """Pause for the Resume form (or `alflow label` / `import` + `resume`), then record it.
 
-    Answers already stored for the batch while it waited keep their value; the form's
-    value for those items is not recorded over them.
+    An item answered while the run waited keeps that answer when its form value is still
+    the field's default (untouched); a value the reviewer changed is recorded as the form
+    annotator's answer (a correction if they had answered otherwise). Each row keeps the
+    pre-label its field showed.
     """
     logger = get_run_logger()
     batch = store.batch_items(batch_id)
@@ -143,18 +152,41 @@ def human_review(store: Store, settings, batch_id: str, run_id: str, config_path
         logger.error(f"batch {batch_id} was not reviewed in time; answers already stored are kept")
         raise
     values = response.model_dump()
-    return store.record_labels(
-        answers_from_form(values, store.batch_items(batch_id)), annotator=values["annotator"].strip(),
-        origin="ui", batch_id=batch_id, flow_run_id=run_id, keep_batch_answers=True, close_batch="labeled",
+    written = store.record_labels(
+        answers_from_form(values, batch), annotator=values["annotator"].strip(), origin="ui",
+        batch_id=batch_id, flow_run_id=run_id, form_defaults=form_defaults(form, values, batch),
+        close_batch="labeled",
     )
+    if written.corrections or written.kept:
+        logger.info(f"batch {batch_id}: the form changed {written.corrections} answers given while the run "
+                    f"waited (corrections); {written.kept} stored answers kept over untouched form defaults")
+    return written
 
 
 def check_gold_labels(store: Store, settings, auto: bool) -> None:
-    """Fail before anything is asked if the run needs gold labels the store does not have."""
+    """Fail before anything is asked if the run needs gold labels the store does not have,
+    or has stored gold labels that are not classes of ``labels`` (e.g. ``labels`` changed)."""
+    from collections import Counter
+
+    from alflow.tasks.ingest import unknown_gold_message
+
     if not (auto or settings.evaluation.method == "holdout"):
         return
-    n_gold = store.scalar("SELECT count(*) FROM items WHERE gold_label IS NOT NULL")
-    if n_gold:
+    gold = store.query_df(
+        "SELECT source, gold_label, count(*) AS n FROM items WHERE gold_label IS NOT NULL "
+        "GROUP BY source, gold_label ORDER BY source"
+    )
+    bad = gold[~gold["gold_label"].isin(settings.labels)]
+    if len(bad):
+        unknown = Counter()
+        for value, n in zip(bad["gold_label"], bad["n"]):
+            unknown[value] += int(n)
+        sources = ", ".join(dict.fromkeys(bad["source"]))
+        raise ConfigError(unknown_gold_message(
+            f"stored items of source {sources}", settings.labels, unknown,
+            "were they ingested under other labels? restore those labels or start a new database",
+        ))
+    if len(gold):
         return
     if auto:
         raise ConfigError("--auto answers from gold labels, but no stored item has one (set label_column on a source)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import pandas as pd
@@ -9,7 +10,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from alflow.config import Settings
-from alflow.connectors import build_connector, to_row
+from alflow.connectors import SourceError, build_connector, to_row
 from alflow.tasks.progress import track
 from alflow.tasks.retrying import is_transient
 from alflow.tasks.store import Store, utcnow
@@ -32,11 +33,24 @@ class IngestReport:
         return f"{self.source}: {self.read} read, {self.new} new, {self.duplicate} duplicates{bad}"
 
 
+def unknown_gold_message(source: str, labels: list[str], unknown: Counter, hint: str) -> str:
+    """One line: the gold label values outside ``labels``, most frequent first, with counts."""
+    shown = 8
+    ordered = sorted(unknown.items(), key=lambda pair: (-pair[1], str(pair[0])))
+    values = ", ".join(f"{value!r} ({n})" for value, n in ordered[:shown])
+    more = f" and {len(unknown) - shown} more values" if len(unknown) > shown else ""
+    return f"{source}: gold labels not in labels {labels}: {values}{more}; {hint}"
+
+
 def ingest_source(settings: Settings, source_name: str, ingest_id: str,
                   flow_run_id: str | None = None) -> IngestReport:
     """Fetch one source and upsert its records, ``WRITE_CHUNK`` per transaction.
 
     Re-running is safe: items already stored (same content hash) count as duplicates.
+    Gold labels go through the source's ``label_map``; each chunk is checked before it is
+    written, and a gold label outside ``labels`` stops the writes: the rest of the source
+    is only read, to count every such value, then :class:`SourceError` names them (a
+    stored item is never rewritten, so a bad gold label must not be stored at all).
     """
     source = next((s for s in settings.sources if s.name == source_name), None)
     if source is None:
@@ -46,20 +60,35 @@ def ingest_source(settings: Settings, source_name: str, ingest_id: str,
     report = IngestReport(source=source.name)
     started = utcnow()
     rows: list[dict] = []
+    classes = set(settings.labels)
+    label_map = source.label_map
+    unknown: Counter = Counter()
 
     def flush() -> None:
-        new, duplicate = store.upsert_items(pd.DataFrame(rows), ingest_id)
-        report.new += new
-        report.duplicate += duplicate
+        bad = Counter(row["gold_label"] for row in rows
+                      if row["gold_label"] is not None and row["gold_label"] not in classes)
+        unknown.update(bad)
+        if not unknown:
+            new, duplicate = store.upsert_items(pd.DataFrame(rows), ingest_id)
+            report.new += new
+            report.duplicate += duplicate
         rows.clear()
 
     with track(f"ingest {source.name}", connector.expected_total()) as advance:
         for record in connector.fetch(progress=advance):
-            rows.append(to_row(record, source.name))
+            row = to_row(record, source.name)
+            if row["gold_label"] is not None:
+                row["gold_label"] = label_map.get(row["gold_label"], row["gold_label"])
+            rows.append(row)
             if len(rows) >= WRITE_CHUNK:
                 flush()
         if rows:
             flush()
+    if unknown:
+        raise SourceError(unknown_gold_message(
+            f"source {source.name}", settings.labels, unknown,
+            "fix label_column or map them with label_map",
+        ))
     report.read = connector.report.read
     report.bad = connector.report.n_bad
     report.bad_reasons = dict(connector.report.bad)

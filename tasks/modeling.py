@@ -1,15 +1,18 @@
 """The model: build, fit, predict aligned to the configured labels, evaluate, save, load.
 
-Models are files written by skops, never pickle: loading checks every type in the file
-against an allow-list (scikit-learn, NumPy, SciPy and the configured classifier's module),
-so a model file cannot run code when it is opened.
+Models are files written by skops, never pickle. Loading trusts exactly the types the
+*configured* model needs (:func:`trusted_types`: what skops does not trust by itself in a
+pipeline built from ``[model]`` and fitted on a tiny probe corpus; none for the default
+TF-IDF + LogisticRegression) and refuses a file holding any other type, so a model file
+cannot run code when it is opened.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 from sklearn.feature_extraction.text import TfidfVectorizer
@@ -23,6 +26,14 @@ from alflow.tasks import strategies
 
 class ModelError(RuntimeError):
     """A model cannot be trained or loaded; the message says why."""
+
+
+class ModelFileError(ModelError):
+    """A model file is missing or cannot be read (deleted, truncated, not a skops file)."""
+
+
+class UntrustedModelError(ModelError):
+    """A model file holds types the configured model does not need; it is not opened."""
 
 
 def _vectorizer_params(params: dict) -> dict:
@@ -126,9 +137,6 @@ def evaluate_holdout(model, docs: Sequence[str], labels: Sequence[str]) -> dict:
 
 
 # -- persistence ------------------------------------------------------------------------------
-_TRUSTED_PREFIXES = ("sklearn.", "numpy.", "scipy.", "builtins.", "collections.")
-
-
 def save_model(model, path: str | Path) -> Path:
     import skops.io as sio
 
@@ -140,19 +148,71 @@ def save_model(model, path: str | Path) -> Path:
     return path
 
 
-def load_model(path: str | Path, classifier: str):
-    """Load a skops model file, trusting only library types and the configured classifier."""
+def _probe_corpus(classes: Sequence[str], per_class: int = 10) -> tuple[list[str], list[str]]:
+    """A tiny synthetic corpus: ``per_class`` short texts per class, separable by one word."""
+    docs, labels = [], []
+    for k, cls in enumerate(classes):
+        for i in range(per_class):
+            docs.append(f"probe{k} word{i % 3} shared{(i + k) % 4} common text {'extra ' * (i % 2)}")
+            labels.append(cls)
+    return docs, labels
+
+
+_TRUSTED: dict[str, frozenset[str]] = {}
+
+
+def trusted_types(settings: ModelSettings, classes: Sequence[str]) -> frozenset[str]:
+    """The types a model file may hold beyond what skops trusts by itself (scikit-learn,
+    NumPy, SciPy basics): exactly those of a pipeline built from ``settings`` and fitted on a
+    probe corpus of ``classes``. Cached per (settings, classes).
+
+    Empty for the default TF-IDF + LogisticRegression. If the probe cannot be fitted, the
+    unfitted pipeline's types plus the classifier's own class.
+    """
+    import skops.io as sio
+
+    key = json.dumps([settings.model_dump(mode="json"), list(classes)], sort_keys=True, default=str)
+    if key not in _TRUSTED:
+        try:
+            model = build_model(settings)
+            model.fit(*_probe_corpus(classes))
+            found = set(sio.get_untrusted_types(data=sio.dumps(model)))
+        except Exception:  # noqa: BLE001 - a classifier the probe cannot fit
+            model = build_model(settings)
+            clf = type(model.named_steps["clf"])
+            found = set(sio.get_untrusted_types(data=sio.dumps(model))) | {f"{clf.__module__}.{clf.__qualname__}"}
+        _TRUSTED[key] = frozenset(found)
+    return _TRUSTED[key]
+
+
+def load_model(path: str | Path, trusted: Iterable[str]):
+    """Load a fitted classifier from a skops file, trusting only the types in ``trusted``
+    (see :func:`trusted_types`) beyond those skops trusts by itself.
+
+    Raises :class:`ModelFileError` if the file is missing or unreadable and
+    :class:`UntrustedModelError` (naming the file and the types) if it holds other types.
+    """
     import skops.io as sio
 
     path = Path(path)
     if not path.is_file():
-        raise ModelError(f"model file {path} is missing")
-    untrusted = sio.get_untrusted_types(file=path)
-    allowed_module = classifier.rpartition(".")[0].split(".")[0] + "."
-    refused = [t for t in untrusted if not t.startswith(_TRUSTED_PREFIXES + (allowed_module,))]
+        raise ModelFileError(f"model file {path} is missing")
+    try:
+        untrusted = sio.get_untrusted_types(file=path)
+    except Exception as exc:  # noqa: BLE001 - truncated, not a zip, not a skops file
+        raise ModelFileError(f"model file {path} cannot be read ({type(exc).__name__}: {exc})") from None
+    refused = sorted(set(untrusted) - set(trusted))
     if refused:
-        raise ModelError(f"model file {path} holds types alflow does not trust: {refused}")
-    return sio.load(path, trusted=untrusted)
+        raise UntrustedModelError(
+            f"model file {path} refused: it holds types the configured model does not need: {', '.join(refused)}"
+        )
+    try:
+        model = sio.load(path, trusted=list(untrusted))
+    except Exception as exc:  # noqa: BLE001
+        raise ModelFileError(f"model file {path} cannot be read ({type(exc).__name__}: {exc})") from None
+    if not (hasattr(model, "predict_proba") and hasattr(model, "classes_")):
+        raise ModelFileError(f"model file {path} does not hold a fitted classifier ({type(model).__name__})")
+    return model
 
 
 @dataclass(frozen=True)

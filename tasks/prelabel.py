@@ -6,6 +6,7 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NONE
 
+from alflow.config import Settings
 from alflow.tasks.modeling import score_chunk
 from alflow.tasks.progress import track
 from alflow.tasks.retrying import is_transient
@@ -41,14 +42,12 @@ def prelabel_pool(store: Store, model, model_version: int, classes: list[str], c
 
 @task(name="pre-label", retries=1, retry_delay_seconds=10, cache_policy=NONE,
       retry_condition_fn=is_transient)
-def prelabel_task(db_path: str, lock_timeout: float, model_path: str, classifier: str,
-                  model_version: int, classes: list[str], chunk_size: int,
-                  holdout_fraction: float | None) -> int:
+def prelabel_task(settings: Settings, model, model_version: int) -> int:
+    """:func:`prelabel_pool` with a fitted ``model`` (see ``train.load_model_task``)."""
     from prefect.logging import get_run_logger
 
-    from alflow.tasks.modeling import load_model
-
-    model = load_model(model_path, classifier)
-    n = prelabel_pool(Store(db_path, lock_timeout), model, model_version, classes, chunk_size, holdout_fraction)
+    store = Store(settings.database, settings.store.lock_timeout_seconds)
+    n = prelabel_pool(store, model, model_version, list(settings.labels), settings.query.chunk_size,
+                      settings.holdout_fraction)
     get_run_logger().info(f"pre-labeled {n} pool items with model v{model_version}")
     return n

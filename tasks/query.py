@@ -12,6 +12,10 @@ from alflow.config import Settings
 from alflow.tasks import strategies
 from alflow.tasks.retrying import is_transient
 from alflow.tasks.store import Store
+from alflow.tasks.store.batches import PoolChangedError
+
+# How often the query picks again when another cycle took some of its picks meanwhile.
+QUERY_ATTEMPTS = 3
 
 
 def batch_rng(seed: int, store: Store) -> np.random.Generator:
@@ -79,24 +83,33 @@ def query_batch(store: Store, settings: Settings, model_version: int | None,
     """Pick and record a batch; returns its batch_id, or None if nothing is left to ask.
 
     Idempotent per flow run: a retried or re-run step returns the run's existing batch.
+    If another cycle recorded a batch with some of the same items meanwhile, the batch is
+    refused by the store and picked again from the pool as it now is (``QUERY_ATTEMPTS``
+    times at most): an item is never in two open batches.
     """
-    if flow_run_id:
-        existing = store.batch_for_run(flow_run_id)
-        if existing:
-            return existing["batch_id"]
     k = settings.query.batch_size if budget_left is None else min(settings.query.batch_size, budget_left)
-    if k <= 0:
-        return None
     holdout = settings.holdout_fraction
-    rng = batch_rng(settings.seed, store)
-    if model_version is None:
-        picks = cold_start_picks(store, settings, k, rng, holdout)
-    else:
-        picks = model_picks(store, settings, model_version, k, rng, holdout)
-    if picks.empty:
-        return None
-    picks = picks.assign(rank=np.arange(1, len(picks) + 1))
-    return store.create_batch(flow_run_id, strategy_label(settings, model_version), model_version, picks)
+    for attempt in range(1, QUERY_ATTEMPTS + 1):
+        if flow_run_id:
+            existing = store.batch_for_run(flow_run_id)
+            if existing:
+                return existing["batch_id"]
+        if k <= 0:
+            return None
+        rng = batch_rng(settings.seed, store)
+        if model_version is None:
+            picks = cold_start_picks(store, settings, k, rng, holdout)
+        else:
+            picks = model_picks(store, settings, model_version, k, rng, holdout)
+        if picks.empty:
+            return None
+        picks = picks.assign(rank=np.arange(1, len(picks) + 1))
+        try:
+            return store.create_batch(flow_run_id, strategy_label(settings, model_version), model_version, picks)
+        except PoolChangedError:
+            if attempt == QUERY_ATTEMPTS:
+                raise
+    return None  # not reached: the last attempt returns or raises
 
 
 @task(name="query", retries=1, retry_delay_seconds=10, cache_policy=NONE,

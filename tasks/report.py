@@ -3,8 +3,26 @@
 from __future__ import annotations
 
 import math
+import string
 
 import pandas as pd
+
+_MARKDOWN_ESCAPES = str.maketrans({c: "\\" + c for c in string.punctuation})
+
+
+def markdown_text(text) -> str:
+    """``text`` for a place the Prefect UI renders as Markdown, so that it shows as typed.
+
+    The UI renders Resume-form field descriptions, every cell of a table artifact and
+    markdown artifacts with its Markdown renderer, which passes raw HTML through (``<img
+    src=x>`` becomes an image) and makes links of ``[a](javascript:...)``. CommonMark lets
+    any ASCII punctuation character be backslash-escaped and shows it literally (without
+    the backslash), so every one is: no markup, link, entity (``&amp;``), autolink, or HTML
+    survives. Whitespace runs, newlines included, become one space, so that the text stays
+    one paragraph (a line can start no heading, list, quote or table row). Field *titles*
+    are plain text in the UI and must not go through this (the backslashes would show).
+    """
+    return " ".join(str(text).split()).translate(_MARKDOWN_ESCAPES)
 
 
 def run_url(flow_run_id: str, ui_url: str | None = None) -> str | None:
@@ -23,18 +41,21 @@ def _fmt(value) -> str:
 
 
 def batch_rows(batch: pd.DataFrame, text_chars: int = 160) -> list[dict]:
-    """The batch as table rows for the UI (rank, pre-label, confidence, score, text)."""
+    """The batch as table rows for the UI (rank, pre-label, confidence, score, text).
+
+    The UI renders each cell as Markdown: text cells go through :func:`markdown_text`.
+    """
     from alflow.tasks.review import trim
 
     return [
         {
             "rank": int(r.rank),
-            "source": r.source,
-            "prelabel": r.prelabel if isinstance(r.prelabel, str) else "",
+            "source": markdown_text(r.source),
+            "prelabel": markdown_text(r.prelabel) if isinstance(r.prelabel, str) else "",
             "confidence": _fmt(r.confidence),
             "score": _fmt(r.score),
             "picked_by": r.picked_by,
-            "text": trim(r.text, text_chars),
+            "text": markdown_text(trim(r.text, text_chars)),
             "item_id": r.item_id,
         }
         for r in batch.itertuples(index=False)
@@ -58,15 +79,31 @@ def publish_batch(batch_id: str, batch: pd.DataFrame, flow_run_id: str) -> str |
     return url
 
 
+def agreement_line(agreement: dict) -> str:
+    """How a batch's answers relate to the pre-labels shown (:meth:`Store.prelabel_agreement`)."""
+    if not agreement.get("shown"):
+        return f"no pre-label was shown with its {agreement.get('answers', 0)} answers"
+    line = (f"{agreement['kept']} of {agreement['shown']} answers shown a pre-label kept it, "
+            f"**{agreement['changed']} changed it**")
+    if agreement.get("skipped"):
+        line += f", {agreement['skipped']} skipped"
+    if agreement.get("not_shown"):
+        line += f" ({agreement['not_shown']} answered without one)"
+    return line
+
+
 def cycle_markdown(counts: dict, cycles: pd.DataFrame, train: dict | None, batch_id: str | None,
-                   label_summary: str, metric: str) -> str:
-    """The run summary: pool, labels, this cycle's metrics vs the previous, learning curve."""
+                   label_summary: str, metric: str, agreement: dict | None = None) -> str:
+    """The run summary: pool, labels, the batch (and how often its answers changed the
+    pre-label), this cycle's metrics vs the previous, learning curve."""
     lines = ["# Active-learning cycle", ""]
     lines.append(f"- pool: **{counts['pool']}** items waiting of {counts['items']} stored"
                  + (f" ({counts['holdout']} held out for evaluation)" if counts.get("holdout") else ""))
     lines.append(f"- labeled: **{counts['labeled']}** items ({counts['skipped']} skipped)")
     if batch_id:
-        lines.append(f"- batch `{batch_id}`: {label_summary}")
+        lines.append(f"- batch `{batch_id}`: {markdown_text(label_summary)}")
+        if agreement is not None:
+            lines.append(f"- pre-labels: {agreement_line(agreement)}")
     if train:
         lines.append(f"- model: v{train['model_version']} — "
                      f"{'promoted' if train['promoted'] else 'not promoted'} ({train['reason']})")

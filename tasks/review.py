@@ -22,6 +22,7 @@ import pandas as pd
 from pydantic import ConfigDict, Field, create_model
 
 from alflow.config import SKIP, Settings
+from alflow.tasks.report import markdown_text
 from alflow.tasks.store import Answer, LabelWrite, Store, document, owner_gone
 
 EXPORT_COLUMNS = ["batch_id", "rank", "item_id", "source", "title", "text", "url",
@@ -50,17 +51,15 @@ def item_heading(row) -> str:
     return f"{head} · no pre-label (cold start)"
 
 
-_MARKDOWN = str.maketrans({c: "\\" + c for c in "\\`*_[]<>#|~"})
+STORED_ANSWERS = "stored_answers"
 
 
-def markdown_safe(text: str) -> str:
-    """The UI renders field descriptions as Markdown: show item text as typed instead."""
-    return text.translate(_MARKDOWN)
-
-
-def _all_required(schema: dict) -> None:
+def _ui_schema(schema: dict) -> None:
     # A field with a default shows as "(Optional)" in the UI; every item needs an answer
     # (the default only makes agreeing free), so the schema marks them all required.
+    # `stored_answers` is for `alflow resume` only: the UI neither shows nor sends it.
+    schema.get("properties", {}).pop(STORED_ANSWERS, None)
+    schema.pop("additionalProperties", None)
     schema["required"] = list(schema.get("properties", {}))
 
 
@@ -71,11 +70,18 @@ def build_review_form(batch: pd.DataFrame, classes: list[str], text_chars: int, 
     ``text_chars``) as the description, the classes plus ``skip`` as the choices and the
     pre-label (or an answer already stored for it) as the default. On a cold start there
     is no pre-label and each field must be chosen. A last field names the annotator.
+
+    The UI shows titles as plain text and renders descriptions as Markdown, so the text
+    goes through :func:`~alflow.tasks.report.markdown_text` and the title does not.
+    A hidden ``stored_answers`` flag (not in the UI's schema) is set by `alflow resume`:
+    its values are the answers already stored, not a reviewer's.
     """
     from prefect.input import RunInput
 
     class ReviewForm(RunInput):
-        model_config = ConfigDict(json_schema_extra=_all_required)
+        model_config = ConfigDict(json_schema_extra=_ui_schema)
+
+        stored_answers: bool = False
 
     choices = Literal[tuple(classes) + (SKIP,)]  # type: ignore[valid-type]
     fields = {}
@@ -85,7 +91,7 @@ def build_review_form(batch: pd.DataFrame, classes: list[str], text_chars: int, 
         fields[field_name(row.rank)] = (
             choices,
             Field(default if isinstance(default, str) else ..., title=item_heading(row),
-                  description=markdown_safe(trim(text, text_chars))),
+                  description=markdown_text(trim(text, text_chars))),
         )
     fields["annotator"] = (
         str,
@@ -95,15 +101,37 @@ def build_review_form(batch: pd.DataFrame, classes: list[str], text_chars: int, 
     return create_model("ReviewBatch", __base__=ReviewForm, **fields)
 
 
+def _prelabel(row) -> str | None:
+    return row.prelabel if isinstance(row.prelabel, str) else None
+
+
 def answers_from_form(values: dict, batch: pd.DataFrame) -> list[Answer]:
-    """The form's values (field -> label) as answers, in rank order."""
+    """The form's values (field -> label) as answers, in rank order, each with the
+    pre-label its field showed (in the title, and preselected)."""
     answers = []
     for row in batch.itertuples(index=False):
         name = field_name(row.rank)
         if name not in values:
             raise ReviewError(f"the review input has no field {name} (item {row.item_id})")
-        answers.append(Answer(row.item_id, values[name]))
+        answers.append(Answer(row.item_id, values[name], _prelabel(row)))
     return answers
+
+
+def form_defaults(form, values: dict, batch: pd.DataFrame) -> dict[str, str | None]:
+    """item_id -> what the submitted value counts as untouched against (for
+    :meth:`Store.record_labels`): the default its field had when ``form`` (a class from
+    :func:`build_review_form`) was built, None for a field without one. When `alflow
+    resume` sent the stored answers (``stored_answers``), every value counts as untouched."""
+    defaults = {}
+    for row in batch.itertuples(index=False):
+        name = field_name(row.rank)
+        if values.get(STORED_ANSWERS):
+            defaults[row.item_id] = values.get(name)
+            continue
+        field = form.model_fields.get(name)
+        default = None if field is None or field.is_required() else field.default
+        defaults[row.item_id] = default if isinstance(default, str) else None
+    return defaults
 
 
 def _check_label(label: str, classes: list[str], where: str) -> None:
@@ -112,10 +140,12 @@ def _check_label(label: str, classes: list[str], where: str) -> None:
 
 
 def record_answer(store: Store, settings: Settings, batch_id: str | None, item_id: str, label: str,
-                  annotator: str, origin: str = "cli") -> LabelWrite:
-    """One answer from the terminal, written at once so quitting never loses it."""
+                  annotator: str, origin: str = "cli", prelabel_shown: str | None = None) -> LabelWrite:
+    """One answer from the terminal, written at once so quitting never loses it.
+    ``prelabel_shown``: the pre-label its heading showed (None: none)."""
     _check_label(label, settings.labels, f"item {item_id}")
-    return store.record_labels([Answer(item_id, label)], annotator=annotator, origin=origin, batch_id=batch_id)
+    return store.record_labels([Answer(item_id, label, prelabel_shown)], annotator=annotator, origin=origin,
+                               batch_id=batch_id)
 
 
 # -- files ------------------------------------------------------------------------------------
@@ -187,7 +217,9 @@ def import_answers(store: Store, settings: Settings, path: str | Path, *, annota
     The batch is ``batch_id``, else the file's ``batch_id`` column (one value), else the
     only open batch. Every row is checked before anything is written: an unknown label, an
     item outside the batch or a repeated item stops the import with the line named, and
-    nothing is stored. Rows with an empty label are left unanswered.
+    nothing is stored. Rows with an empty label are left unanswered. Each answer keeps the
+    file's ``prelabel`` value as the pre-label shown (exported files have that column, also
+    with ``--blank``; None when the file has no such column or the cell is empty).
     Returns (what was written, rows left unanswered, the batch_id).
     """
     path = Path(path)
@@ -225,7 +257,8 @@ def import_answers(store: Store, settings: Settings, path: str | Path, *, annota
             unanswered += 1
             continue
         _check_label(label, settings.labels, where)
-        answers.append(Answer(item_id, label))
+        shown = str(row.get("prelabel") or "").strip() or None
+        answers.append(Answer(item_id, label, shown))
     written = store.record_labels(answers, annotator=annotator, origin="import", batch_id=batch_id)
     return written, unanswered, batch_id
 
@@ -253,7 +286,9 @@ def resume_batch(store: Store, batch_id: str | None, *, annotator: str, skip_res
     """Resume the paused run of a batch with the answers already stored for it.
 
     Every item must be answered first, or ``skip_rest`` answers the rest ``skip``
-    (recorded as this annotator's answers). Returns the batch row.
+    (recorded as this annotator's answers, with no pre-label shown: nobody saw those
+    items). The run gets the stored answers flagged ``stored_answers``, so it records
+    none of them again. Returns the batch row.
     """
     from prefect.client.orchestration import get_client
     from prefect.exceptions import FlowPauseTimeout
@@ -283,6 +318,7 @@ def resume_batch(store: Store, batch_id: str | None, *, annotator: str, skip_res
         items = store.batch_items(batch_id)
     values = {field_name(r.rank): r.answer for r in items.itertuples(index=False)}
     values["annotator"] = annotator
+    values[STORED_ANSWERS] = True
     try:
         resume_flow_run(UUID(batch["flow_run_id"]), run_input=values)
     except NotPausedError:

@@ -1,9 +1,17 @@
-"""Retrain on every effective label, evaluate, version the model, promote if not worse."""
+"""Retrain on every effective label, evaluate, version the model, promote if not worse; and
+find the model a cycle pre-labels with (:func:`load_current_model`).
+
+Model rows keep the file name only; the file is looked up in the configured ``models_dir``
+(:func:`model_file`), so the project folder can move.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from prefect import task
@@ -13,6 +21,8 @@ from alflow.config import Settings
 from alflow.tasks import modeling
 from alflow.tasks.retrying import is_transient
 from alflow.tasks.store import Store
+
+log = logging.getLogger("alflow")
 
 
 @dataclass
@@ -25,41 +35,178 @@ class TrainResult:
     class_counts: dict = field(default_factory=dict)
 
 
-def retrain(store: Store, settings: Settings, flow_run_id: str | None = None) -> TrainResult:
+@dataclass
+class CurrentModel:
+    """The promoted model a cycle uses: its ``models`` row and the fitted pipeline."""
+
+    row: dict
+    model: Any
+
+    @property
+    def version(self) -> int:
+        return int(self.row["model_version"])
+
+
+@dataclass(frozen=True)
+class Unusable:
+    """Why the newest promoted model cannot serve this config, and what is done instead."""
+
+    version: int
+    why: str
+    remedy: str
+
+    def line(self) -> str:
+        return f"{self.why}: {self.remedy}"
+
+
+def model_file(settings: Settings, row: dict) -> Path:
+    """The file of a ``models`` row: its ``path`` (a file name) in the configured ``models_dir``."""
+    path = Path(str(row["path"]))
+    return settings.models_dir / (path.name if path.is_absolute() else path)
+
+
+def _mismatch(store: Store, settings: Settings, row: dict, model=None) -> tuple[str, str] | None:
+    """(why, remedy) if the model of ``row`` was built for another classifier or class list.
+
+    A row from before schema v2 has no ``labels``: once ``model`` is loaded, its
+    ``classes_`` outside ``labels``, or stored probabilities of another width, tell.
+    """
+    version = int(row["model_version"])
+    if row["classifier"] != settings.model.classifier:
+        why = f"model.classifier changed since model v{version} ({row['classifier']} -> {settings.model.classifier})"
+        return why, "retraining with the configured classifier"
+    new = list(settings.labels)
+    if row.get("labels") is not None:
+        old = list(row["labels"])
+    elif model is not None:
+        classes = [str(c) for c in model.classes_]
+        width = store.prediction_width(version)
+        if not set(classes) <= set(new):
+            old = classes
+        elif width is not None and width != len(new):
+            old = f"{width} classes"
+        else:
+            return None
+    else:
+        return None
+    if old == new:
+        return None
+    return f"labels changed since model v{version} ({old} -> {new})", "retraining on the new class list"
+
+
+def find_usable_model(store: Store, settings: Settings,
+                      logger: logging.Logger | logging.LoggerAdapter = log) -> tuple[CurrentModel | None, Unusable | None]:
+    """The newest promoted model whose file loads and that fits the configured labels and
+    classifier, walking promoted models newest first. Never trains.
+
+    Returns (model, None); (None, None) before the first model; or (None, why) when the
+    newest promoted model was built for another class list or classifier, its file is
+    missing or unreadable, or no promoted model is usable. A file holding types the
+    configured model does not need is refused (an error in the log) and the previous
+    promoted model is tried.
+    """
+    rows = store.promoted_models()
+    if not rows:
+        return None, None
+    trusted = modeling.trusted_types(settings.model, settings.labels)
+    newest = int(rows[0]["model_version"])
+    for i, row in enumerate(rows):
+        version = int(row["model_version"])
+        problem = _mismatch(store, settings, row)
+        model = None
+        if problem is None:
+            try:
+                model = modeling.load_model(model_file(settings, row), trusted)
+            except modeling.UntrustedModelError as exc:
+                logger.error(f"{exc}; trying the previous promoted model")
+                continue
+            except modeling.ModelFileError as exc:
+                problem = (str(exc), "retraining from the stored labels")
+            else:
+                problem = _mismatch(store, settings, row, model)
+        if problem is None:
+            if version != newest:
+                logger.warning(f"using model v{version}, the newest promoted model that loads and fits the "
+                               f"labels (v{newest} does not)")
+            return CurrentModel(row, model), None
+        if i == 0:
+            return None, Unusable(version, *problem)
+    return None, Unusable(newest, f"no promoted model up to v{newest} loads and fits labels {list(settings.labels)}",
+                          "retraining from the stored labels")
+
+
+def load_current_model(store: Store, settings: Settings, logger: logging.Logger | logging.LoggerAdapter = log,
+                       flow_run_id: str | None = None) -> CurrentModel | None:
+    """The model to pre-label with, repaired if need be; None for a cold start.
+
+    If the newest promoted model was built for another class list or classifier, or its
+    file is missing or unreadable, says so in one warning and retrains from the stored
+    labels (a new promoted version whose ``reason`` names the version it replaces and why).
+    Untrusted files fall back to the previous promoted model (see :func:`find_usable_model`).
+    If nothing is trainable on the configured labels yet, logs it and returns None.
+    """
+    current, problem = find_usable_model(store, settings, logger)
+    if problem is None:
+        return current
+    logger.warning(problem.line())
+    result, model = _retrain(store, settings, flow_run_id, logger, replaces=problem)
+    if result.model_version is None:
+        logger.warning(f"no model can be trained on labels {list(settings.labels)} yet ({result.reason}): "
+                       "cold start, the batch is chosen for coverage")
+        return None
+    logger.info(f"model v{result.model_version} trained on {result.n_labels} labels ({result.reason})")
+    return CurrentModel(store.model_row(result.model_version), model)
+
+
+def retrain(store: Store, settings: Settings, flow_run_id: str | None = None,
+            logger: logging.Logger | logging.LoggerAdapter = log) -> TrainResult:
     """Fit on the effective labels, evaluate, save with skops and record a ``models`` row.
 
+    The training set is the effective labels whose class is in ``settings.labels``.
     Evaluation is ``holdout`` (gold items never queried) or ``cv`` (stratified k-fold on
     the labels). Promotion compares the new and the current model on the same items: the
     holdout set, or (cv) the labels added since the current model was trained, where the
-    current model's predictions and the new model's out-of-fold ones are both unseen.
+    current model's predictions and the new model's out-of-fold ones are both unseen. The
+    current model is the newest usable promoted one (:func:`find_usable_model`); if none
+    is usable, the new model is promoted as the first usable one.
     Re-running with no new labels returns the model already trained on them.
+    """
+    return _retrain(store, settings, flow_run_id, logger)[0]
+
+
+def _retrain(store: Store, settings: Settings, flow_run_id: str | None,
+             logger: logging.Logger | logging.LoggerAdapter, replaces: Unusable | None = None):
+    """:func:`retrain`, also returning the fitted model (None if none was fitted).
+
+    ``replaces``: the newest promoted model is unusable; train anew and promote.
     """
     holdout = settings.holdout_fraction
     frame, watermark = store.training_set(holdout)
+    frame = frame[frame["label"].isin(settings.labels)].reset_index(drop=True)
     labels = frame["label"].tolist()
     counts = modeling.class_counts(labels)
     reason = modeling.trainable(labels)
     if reason:
-        return TrainResult(None, len(frame), reason=reason, class_counts=counts)
+        return TrainResult(None, len(frame), reason=reason, class_counts=counts), None
 
     params = settings.model.model_dump()
-    existing = store.query_df(
-        "SELECT * FROM models WHERE label_watermark = ? AND params = ?::JSON ORDER BY model_version DESC LIMIT 1",
-        [watermark, json.dumps(params, default=str)],
-    )
-    if not existing.empty:
-        row = existing.iloc[0]
-        return TrainResult(int(row["model_version"]), int(row["n_labels"]),
-                           json.loads(row["metrics"]) if row["metrics"] else None, bool(row["promoted"]),
-                           "already trained on these labels", counts)
+    if replaces is None:
+        existing = store.query_df(
+            """SELECT * FROM models WHERE label_watermark = ? AND params = ?::JSON AND labels = ?::JSON
+            ORDER BY model_version DESC""",
+            [watermark, json.dumps(params, default=str), json.dumps(list(settings.labels))],
+        )
+        for row in existing.to_dict("records"):
+            if model_file(settings, row).is_file():
+                return TrainResult(int(row["model_version"]), int(row["n_labels"]),
+                                   json.loads(row["metrics"]) if row["metrics"] else None, bool(row["promoted"]),
+                                   "already trained on these labels", counts), None
 
     docs = frame["doc"].tolist()
     model = modeling.fit(settings.model, docs, labels)
-    current = store.current_model()
+    current = find_usable_model(store, settings, logger)[0] if replaces is None else None
+    current_model = current.model if current is not None else None
     metric = settings.evaluation.metric
-    current_model = (
-        modeling.load_model(current["path"], current["classifier"]) if current is not None else None
-    )
 
     if holdout:
         gold = store.holdout_set(holdout)
@@ -80,7 +227,7 @@ def retrain(store: Store, settings: Settings, flow_run_id: str | None = None) ->
         new_score, current_score, compared = None, None, 0
         if current_model is not None and oof is not None:
             fresh = store.query_df(
-                "SELECT DISTINCT item_id FROM labels WHERE label_id > ?", [int(current["label_watermark"])]
+                "SELECT DISTINCT item_id FROM labels WHERE label_id > ?", [int(current.row["label_watermark"])]
             )["item_id"]
             mask = frame["item_id"].isin(set(fresh)).to_numpy()
             compared = int(mask.sum())
@@ -93,17 +240,21 @@ def retrain(store: Store, settings: Settings, flow_run_id: str | None = None) ->
                 new_score = current_score = 0.0
         elif current_model is not None:
             new_score, current_score = None, 0.0
-    decision = modeling.should_promote(new_score, current_score if current is not None else None,
-                                       metric, compared)
+    if replaces is not None:
+        decision = modeling.Promotion(True, f"replaces model v{replaces.version}: {replaces.why}")
+    elif current is None and store.current_model() is not None:
+        decision = modeling.Promotion(True, "first usable model")
+    else:
+        decision = modeling.should_promote(new_score, current_score if current is not None else None,
+                                           metric, compared)
     metrics = dict(metrics, promotion={"promoted": decision.promoted, "reason": decision.reason,
                                        "compared_on": compared, "new": new_score, "current": current_score})
 
     version = store.next_model_version()
-    path = settings.models_dir / f"model-{version:04d}.skops"
-    modeling.save_model(model, path)
-    store.register_model(version, str(path), settings.model.classifier, params, len(frame),
-                         watermark, metrics, decision.promoted, flow_run_id)
-    return TrainResult(version, len(frame), metrics, decision.promoted, decision.reason, counts)
+    path = modeling.save_model(model, settings.models_dir / f"model-{version:04d}.skops")
+    store.register_model(version, path.name, settings.model.classifier, params, len(frame),
+                         watermark, metrics, decision.promoted, flow_run_id, labels=list(settings.labels))
+    return TrainResult(version, len(frame), metrics, decision.promoted, decision.reason, counts), model
 
 
 @task(name="retrain-evaluate", retries=1, retry_delay_seconds=10, cache_policy=NONE,
@@ -111,8 +262,8 @@ def retrain(store: Store, settings: Settings, flow_run_id: str | None = None) ->
 def retrain_task(settings: Settings, flow_run_id: str | None = None) -> TrainResult:
     from prefect.logging import get_run_logger
 
-    result = retrain(Store(settings.database, settings.store.lock_timeout_seconds), settings, flow_run_id)
     logger = get_run_logger()
+    result = retrain(Store(settings.database, settings.store.lock_timeout_seconds), settings, flow_run_id, logger)
     if result.model_version is None:
         logger.warning(f"no model trained: {result.reason}")
     else:
@@ -121,3 +272,13 @@ def retrain_task(settings: Settings, flow_run_id: str | None = None) -> TrainRes
             f"{'promoted' if result.promoted else 'not promoted'} ({result.reason})"
         )
     return result
+
+
+@task(name="load-model", retries=1, retry_delay_seconds=10, cache_policy=NONE,
+      retry_condition_fn=is_transient)
+def load_model_task(settings: Settings, flow_run_id: str | None = None) -> CurrentModel | None:
+    """:func:`load_current_model` in a cycle; retried only on transient errors (a held lock)."""
+    from prefect.logging import get_run_logger
+
+    store = Store(settings.database, settings.store.lock_timeout_seconds)
+    return load_current_model(store, settings, get_run_logger(), flow_run_id)

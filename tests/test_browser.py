@@ -2,10 +2,13 @@
 run from the Prefect UI of a real `prefect server` on 127.0.0.1 and the answer lands in DuckDB.
 
     prefect server start (own PREFECT_HOME, free port)
-    alflow run --auto            cycle 1, simulated answers: trains model v1
-    alflow run                   cycle 2: pre-labels, queries 5 items, pauses for review
-    chromium: run page -> Resume -> change item #1 to the other class -> Submit
-    alflow run exits 0           labels (origin 'ui'), batch 'labeled', model retrained
+    alflow run --auto            cycle 1, simulated answers for the whole pool: model v1
+    (5 messages full of markup are added to the source)
+    alflow run                   cycle 2: ingests and pre-labels them, queries all 5, pauses
+    chromium: the batch's table artifact and the Resume form show each text exactly as
+              typed (no image, no javascript: link, no stray backslash); change item #1
+              to the other class -> Submit
+    alflow run exits 0           labels (origin 'ui', the pre-label shown), batch 'labeled'
 
 Needs Debian's chromium (``apt-get install chromium``; Playwright's own browser download is
 never used). ``ALFLOW_SKIP_BROWSER_TESTS=1`` skips the test instead.
@@ -13,9 +16,8 @@ never used). ``ALFLOW_SKIP_BROWSER_TESTS=1`` skips the test instead.
 
 from __future__ import annotations
 
-import html
+import csv
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -27,6 +29,7 @@ import httpx
 import pytest
 from conftest import SMS_CSV, chromium_path, write_config
 
+from alflow.tasks.review import item_heading, trim
 from alflow.tasks.store import Store
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
@@ -37,6 +40,14 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 CLASSES = ["ham", "spam"]
 BATCH_SIZE = 5
 FLOW_NAME = "active-learning-cycle"
+# The review batch: messages whose markup must show as typed, never as HTML or links.
+NASTY_TEXTS = [
+    "Win <img src=x onerror=alert(1)> now & claim [click](javascript:alert(1)) prize",
+    "Meet at `noon` | bring *stars* and _under_ too, a|b|c",
+    "# heading\nsecond line &amp; third &lt;b&gt; &#65;",
+    "back\\slash \\* and ~~strike~~ <b>bold</b> www.example.com <!-- note -->",
+    "1. first\n- item\n\n    > quote ![img](x.png) __dunder__",
+]
 
 
 # -- requirements -----------------------------------------------------------------------------
@@ -162,9 +173,17 @@ def wait_exit(process: subprocess.Popen, log: Path, timeout: float, what: str) -
         pytest.fail(f"{what} still running after {timeout:.0f} s:\n{tail(log)}", pytrace=False)
 
 
-def words(text: str, n: int = 5) -> list[str]:
-    """The first ``n`` alphanumeric words of an item's text (as a markdown renderer keeps them)."""
-    return re.findall(r"[A-Za-z0-9]+", html.unescape(text))[:n]
+def as_typed(text: str, limit: int) -> str:
+    """What the UI must show for an item's text: exactly the text, whitespace runs as one
+    space, trimmed to ``limit`` characters (as every UI surface trims it)."""
+    return trim(text, limit)
+
+
+def assert_no_injection(page, scope, where: str) -> None:
+    images = scope.locator("img").count()
+    assert images == 0, f"{where}: item text created {images} <img> elements"
+    links = page.locator('a[href^="javascript"]').count()
+    assert links == 0, f"{where}: item text created {links} javascript: links"
 
 
 # -- the browser ------------------------------------------------------------------------------
@@ -194,15 +213,35 @@ def choose(page, select_button, value: str) -> None:
     page.locator(".p-pop-over-content").get_by_role("option", name=value, exact=True).click()
 
 
+def check_table_artifact(page, artifact_url: str, batch) -> None:
+    """The batch's table artifact shows each item's text, trimmed as typed, in its cell."""
+    from playwright.sync_api import expect
+
+    page.goto(artifact_url, wait_until="domcontentloaded")
+    table = page.locator("table").filter(has=page.locator("th", has_text="text")).first
+    expect(table.locator("tbody tr")).to_have_count(len(batch))
+    headers = [h.strip() for h in table.locator("thead th").all_inner_texts()]
+    column = headers.index("text")
+    cells = [row.locator("td").nth(column).inner_text().strip() for row in table.locator("tbody tr").all()]
+    assert cells == [as_typed(text, 160) for text in batch["text"]], cells
+    assert_no_injection(page, table, "the table artifact")
+
+
 def resume_in_browser(sync_playwright, chromium: str, run_url: str, batch, changed_rank: int,
-                      new_label: str, shots: Path) -> None:
+                      new_label: str, shots: Path, artifact_url: str | None = None,
+                      text_chars: int = 600) -> None:
     from playwright.sync_api import expect
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1100})
         page.set_default_timeout(30_000)
+        alerts: list[str] = []
+        page.on("dialog", lambda d: (alerts.append(d.message), d.dismiss()))
         try:
+            if artifact_url:
+                check_table_artifact(page, artifact_url, batch)
+                page.screenshot(path=str(shots / "table-artifact.png"), full_page=True)
             page.goto(run_url, wait_until="domcontentloaded")
             resume = page.get_by_role("button", name="Resume", exact=True).first
             try:
@@ -223,12 +262,14 @@ def resume_in_browser(sync_playwright, chromium: str, run_url: str, batch, chang
                 field = fields.filter(has=page.locator(".schema-form-property__label",
                                                        has_text=f"#{row.rank} · "))
                 expect(field).to_have_count(1)
-                # the title names rank, source and pre-label; the item text is the description
-                expect(field.locator(".schema-form-property__label")).to_contain_text(
-                    f"pre-label {row.prelabel}")
+                # the title names rank, source and pre-label (plain text); the item text is
+                # the description (Markdown): both show exactly what was typed
+                expect(field.locator(".schema-form-property__label")).to_contain_text(item_heading(row))
                 description = field.locator(".schema-form-property__description")
-                for word in words(row.text):
-                    expect(description).to_contain_text(word)
+                expect(description).to_be_visible()
+                shown = description.inner_text().strip()
+                assert shown == as_typed(row.text, text_chars), f"#{row.rank} shows {shown!r}"
+                assert_no_injection(page, description, f"the Resume form, item #{row.rank}")
                 # the pre-label is preselected
                 expect(field.locator("button.p-select-button__control")).to_have_text(row.prelabel)
             annotator = fields.filter(has=page.locator(".schema-form-property__label", has_text="Annotator"))
@@ -240,6 +281,7 @@ def resume_in_browser(sync_playwright, chromium: str, run_url: str, batch, chang
             choose(page, select, new_label)
             expect(select).to_have_text(new_label)
             page.screenshot(path=str(shots / "resume-form.png"), full_page=True)
+            assert not alerts, f"item text ran script: {alerts}"
 
             with page.expect_response(lambda r: r.request.method == "POST"
                                       and r.url.endswith("/resume")) as resumed:
@@ -264,10 +306,11 @@ def resume_in_browser(sync_playwright, chromium: str, run_url: str, batch, chang
 def test_resume_in_the_prefect_ui_records_the_changed_label(tmp_path: Path):
     chromium, sync_playwright = require_browser()
 
-    lines = SMS_CSV.read_text(encoding="utf-8").splitlines(keepends=True)[:601]
-    corpus = tmp_path / "sms_600.csv"
+    lines = SMS_CSV.read_text(encoding="utf-8").splitlines(keepends=True)[:401]
+    corpus = tmp_path / "sms_400.csv"
     corpus.write_text("".join(lines), encoding="utf-8")
     assert {"ham", "spam"} <= {line.rsplit(",", 1)[-1].strip() for line in lines[1:]}
+    assert len(NASTY_TEXTS) == BATCH_SIZE
     config = write_config(tmp_path, labels=CLASSES, source_path=corpus, batch_size=BATCH_SIZE)
     store = Store(tmp_path / "state" / "alflow.duckdb", lock_timeout=60)
 
@@ -287,14 +330,19 @@ def test_resume_in_the_prefect_ui_records_the_changed_label(tmp_path: Path):
         server, server_log = processes.start("prefect-server", server_command, env=server_env)
         wait_healthy(api_url, server, server_log)
 
-        # Cycle 1, simulated answers over a cold-start batch of 30 (both classes): model v1.
+        # Cycle 1, simulated answers for the whole pool (both classes): model v1.
         first, first_log = processes.start("run-auto", alflow_command(config, "--auto"),
-                                           env=dict(client_env, ALFLOW_QUERY__BATCH_SIZE="30"))
+                                           env=dict(client_env, ALFLOW_QUERY__BATCH_SIZE="500"))
         code = wait_exit(first, first_log, 180, "`alflow run --auto`")
         assert code == 0, f"`alflow run --auto` exited with {code}:\n{tail(first_log)}"
         assert "model v1" in first_log.read_text(errors="replace"), tail(first_log)
+        assert store.counts(0.2)["pool"] == 0
 
-        # Cycle 2 pauses for review with model v1's pre-labels as the form's defaults.
+        # New messages full of markup (no gold label, so none is held out) are the pool now.
+        with open(corpus, "a", newline="", encoding="utf-8") as handle:
+            csv.writer(handle).writerows([text, ""] for text in NASTY_TEXTS)
+
+        # Cycle 2 ingests them and pauses for review with model v1's pre-labels as defaults.
         second, second_log = processes.start("run-review", alflow_command(config))
         run_id = wait_paused_run(api_url, second, second_log)
         batch_row = store.batch_for_run(run_id)
@@ -302,13 +350,18 @@ def test_resume_in_the_prefect_ui_records_the_changed_label(tmp_path: Path):
         batch_id = batch_row["batch_id"]
         batch = store.batch_items(batch_id)
         assert len(batch) == BATCH_SIZE and batch["prelabel"].isin(CLASSES).all(), batch
+        assert sorted(batch["text"]) == sorted(" ".join(t.split()) for t in NASTY_TEXTS)  # as ingested
         assert batch["answer"].isna().all()
         changed = batch.iloc[0]
         assert changed["rank"] == 1
         new_label = next(c for c in CLASSES if c != changed["prelabel"])
 
+        artifacts = httpx.post(f"{api_url}/artifacts/filter", timeout=10.0, json={
+            "artifacts": {"key": {"any_": ["review-batch"]}, "flow_run_id": {"any_": [run_id]}}}).json()
+        assert len(artifacts) == 1, artifacts
         resume_in_browser(sync_playwright, chromium, f"http://127.0.0.1:{port}/runs/flow-run/{run_id}",
-                          batch, int(changed["rank"]), new_label, tmp_path)
+                          batch, int(changed["rank"]), new_label, tmp_path,
+                          artifact_url=f"http://127.0.0.1:{port}/artifacts/artifact/{artifacts[0]['id']}")
 
         code = wait_exit(second, second_log, 120, "`alflow run`, resumed,")
         assert code == 0, f"`alflow run` exited with {code} after the resume:\n{tail(second_log)}"
@@ -325,6 +378,8 @@ def test_resume_in_the_prefect_ui_records_the_changed_label(tmp_path: Path):
     assert got[changed["item_id"]] == new_label
     for row in batch.iloc[1:].itertuples(index=False):
         assert got[row.item_id] == row.prelabel, f"item #{row.rank} should keep its pre-label"
+    shown = dict(zip(labels["item_id"], labels["prelabel_shown"]))
+    assert shown == dict(zip(batch["item_id"], batch["prelabel"]))  # what each field showed
     assert store.batch(batch_id)["status"] == "labeled"
     cycles = store.cycles()
     assert (cycles["flow_run_id"] == run_id).sum() == 1, cycles

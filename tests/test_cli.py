@@ -204,3 +204,21 @@ def test_server_start_and_stop(tmp_path):
         stopped = subprocess.run(command + ["stop", "--config", str(config)], env=env, cwd=REPO,
                                  capture_output=True, text=True, timeout=60)
     assert "Stopped the Prefect server" in stopped.stdout
+
+
+def test_ingest_of_gold_labels_outside_labels_is_one_line_and_stores_nothing(tmp_path):
+    """`0`/`1` labels against ham/spam: one line with the values and their counts, nothing
+    stored; the same file with label_map ingests."""
+    source = tmp_path / "binary.csv"
+    source.write_text("text,label\n" + "".join(f"message {n},{n % 3 % 2}\n" for n in range(30)))
+    config = write_config(tmp_path, labels=["ham", "spam"], source_path=source)
+    line = one_line_error(runner.invoke(app, ["ingest", "--config", str(config)]))
+    assert line == ("error: source corpus: gold labels not in labels ['ham', 'spam']: '0' (20), '1' (10); "
+                    "fix label_column or map them with label_map")
+    store = Store(tmp_path / "state" / "alflow.duckdb")
+    assert store.scalar("SELECT count(*) FROM items") == 0 and store.scalar("SELECT count(*) FROM ingests") == 0
+
+    config.write_text(config.read_text() + 'label_map = { 0 = "ham", 1 = "spam" }\n')
+    result = runner.invoke(app, ["ingest", "--config", str(config)])
+    assert result.exit_code == 0 and "30 read, 30 new" in result.output, result.output
+    assert store.scalar("SELECT count(*) FROM items WHERE gold_label = 'spam'") == 10

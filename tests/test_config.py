@@ -270,6 +270,23 @@ def test_bad_source(tmp_path: Path):
     assert "sources.0" in message and "colour" in message and "unknown key" in message
 
 
+def test_label_map(tmp_path: Path):
+    path = write_config(tmp_path, labels=["ham", "spam"], source_path=SMS_CSV)
+    text = path.read_text(encoding="utf-8")
+    path.write_text(text + 'label_map = { 0 = "ham", 1 = "spam", Spam = "spam" }\n', encoding="utf-8")
+    assert load_config(path, environ={}).sources[0].label_map == {"0": "ham", "1": "spam", "Spam": "spam"}
+    assert load_config(write_config(tmp_path, labels=["ham", "spam"], source_path=SMS_CSV),
+                       environ={}).sources[0].label_map == {}
+
+    path.write_text(text + 'label_map = { HAM = "ham", Spam = "spamm" }\n', encoding="utf-8")
+    assert config_error(path) == (
+        f"{path.resolve()}: sources.0.label_map: 'Spam' maps to 'spamm', which is not one of labels ['ham', 'spam']"
+    )
+    source = '[{"type": "files", "name": "s", "path": "x.csv", "label_map": {"1": "yes"}}]'
+    message = config_error(path, {"ALFLOW_SOURCES": source})
+    assert message.startswith("ALFLOW_SOURCES: sources.0.label_map: '1' maps to 'yes'")
+
+
 def test_missing_file(tmp_path: Path):
     message = config_error(tmp_path / "absent.toml")
     assert "absent.toml" in message and "not found" in message

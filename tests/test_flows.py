@@ -121,14 +121,17 @@ def test_paused_cycle_resumed_with_run_input_fills_every_table(sms_config):
     assert list(cycles["n_labels"]) == [20, 39]  # one answer was a skip
     assert cycles["accuracy"].notna().all()
     model = store.query_df("SELECT * FROM models WHERE model_version = 2").iloc[0]
-    assert Path(model["path"]).is_file() and model["path"].endswith(".skops")
+    assert model["path"] == "model-0002.skops"  # a file name in models_dir: the project can move
+    assert (load_config(sms_config).models_dir / model["path"]).is_file()
     assert model["label_watermark"] == store.scalar("SELECT max(label_id) FROM labels")
-    assert store.scalar("SELECT max(version) FROM schema_version") >= 1
+    from alflow.tasks.store import SCHEMA_VERSION
+
+    assert store.query_df("SELECT version FROM schema_version ORDER BY version")["version"].tolist() == \
+        list(range(1, SCHEMA_VERSION + 1))
 
     artifacts = run_artifacts(batch["flow_run_id"])
     assert {"review-batch", "review-form", "cycle-summary"} <= set(artifacts)
-    assert artifacts["review-form"].data.endswith(f"/runs/flow-run/{batch['flow_run_id']})") or \
-        batch["flow_run_id"] in artifacts["review-form"].data
+    assert artifacts["review-form"].data.endswith(f"/runs/flow-run/{batch['flow_run_id']})")
     summary_md = artifacts["cycle-summary"].data
     assert "Learning curve" in summary_md and "| 2 | 39 |" in summary_md and "vs cycle 1" in summary_md
     assert flipped["item_id"] in artifacts["review-batch"].data
@@ -221,8 +224,13 @@ def test_auto_three_cycles_accuracy_rises(sms_config):
     cycles = store_for(sms_config).cycles()
     assert list(cycles["cycle"]) == [1, 2, 3]
     assert list(cycles["n_labels"]) == [20, 40, 60]
-    assert cycles["accuracy"].iloc[-1] > cycles["accuracy"].iloc[0]
-    assert cycles["macro_f1"].iloc[-1] > cycles["macro_f1"].iloc[0]
+    # Measured (seed 7, gold holdout of 1,012): accuracy 0.846, 0.926, 0.929 and macro F1
+    # 0.458, 0.838, 0.864. The cold-start model calls everything ham (ham is 84.6% of the
+    # holdout, F1 0.458); two margin batches find the spam.
+    accuracy, macro_f1 = cycles["accuracy"].tolist(), cycles["macro_f1"].tolist()
+    assert macro_f1[0] < 0.55 and macro_f1[0] < macro_f1[1] < macro_f1[2]
+    assert accuracy[0] < accuracy[1] <= accuracy[2]
+    assert macro_f1[2] >= 0.80 and accuracy[2] >= 0.91
     assert list(cycles["strategy"]) == ["cold-start:coverage"] + ["margin+exploration(0.1)"] * 2
     labels = store_for(sms_config).labels()
     assert set(labels["origin"]) == {"simulated"} and len(labels) == 60
@@ -277,29 +285,58 @@ def test_multiclass_cross_validation(ag_config, monkeypatch):
     second = active_learning_cycle(str(ag_config), auto=True, ingest_sources=False)
     store = store_for(ag_config)
     assert store.counts(None)["holdout"] == 0 and store.counts(None)["items"] == 800
-    assert second["metrics"]["method"] == "cv" and second["metrics"]["folds"] >= 2
-    assert 0.0 <= second["metrics"]["accuracy"] <= 1.0
+    metrics = second["metrics"]
+    assert metrics["method"] == "cv" and metrics["folds"] == 5 and metrics["n_eval"] == 40
+    # Measured: macro F1 0.433, accuracy 0.475 on 40 labels (4 classes: chance is 0.25).
+    assert metrics["macro_f1"] >= 0.35 and metrics["accuracy"] >= 0.38
+    assert metrics["macro_f1"] > first["metrics"]["macro_f1"] + 0.1  # 0.229 on 20 labels
     promotion = second["metrics"]["promotion"]
     assert promotion["compared_on"] == 20  # the new batch: unseen by the old model
     assert first["cycle"] == 1 and second["cycle"] == 2
 
 
 def test_missing_source_fails_the_run_once_with_one_line(tmp_path):
-    """Bad input is not retried (it would fail the same way) and ends in one clear line."""
+    """Bad input is not retried (it would fail the same way) and ends in one clear line:
+    the ingest task of the real run ran once, though it may retry twice."""
     from conftest import write_config
-    from prefect.states import Failed
-
-    from alflow.connectors import SourceError
-    from alflow.tasks.retrying import is_transient
-    from alflow.tasks.store import StoreLockedError
 
     config = write_config(tmp_path, labels=["ham", "spam"], source_path=tmp_path / "gone.csv")
     result = runner.invoke(app, ["run", "--config", str(config), "--auto", "--no-progress"])
-    assert result.exit_code == 1
-    assert result.output.strip().splitlines()[-1].startswith("error: source corpus: ")
-    assert "gone.csv does not exist" in result.output
-    assert not is_transient(None, None, Failed(data=SourceError("gone")))
-    assert is_transient(None, None, Failed(data=StoreLockedError("held")))
+    line = run_error_line(result)
+    assert line == f"error: source corpus: {tmp_path / 'gone.csv'} does not exist"
+
+    runs, task_runs = runs_for_config(config)
+    assert sorted(runs) == ["active-learning-cycle", "ingest"]
+    assert all(run.state.is_failed() and run.run_count == 1 for run in runs.values())
+    [ingest_task] = [t for t in task_runs if t.task_key.startswith("ingest_source_task")]
+    assert ingest_task.name == "ingest-corpus" and ingest_task.state.is_failed()
+    assert ingest_task.run_count == 1  # no retry (retries=2 would make it 3)
+    assert "gone.csv does not exist" in ingest_task.state.message
+
+
+def runs_for_config(config: Path) -> tuple[dict, list]:
+    """The flow runs started with this config (by flow name), and their task runs."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        recent = client.read_flow_runs(sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=50)
+        mine = [run for run in recent if run.parameters.get("config_path") == str(config.resolve())]
+        flows = {run.flow_id: client.read_flow(run.flow_id).name for run in mine}
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id for run in mine]))
+        ) if mine else []
+    return {flows[run.flow_id]: run for run in mine}, task_runs
+
+
+def run_error_line(result) -> str:
+    """The run failed (exit 1) and said why in one line, its last (Prefect's own log lines
+    may come before it)."""
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and result.output.strip().splitlines()[-1] == errors[0], result.output
+    return errors[0]
 
 
 def test_killed_paused_run_is_taken_over(sms_config):
@@ -350,3 +387,91 @@ def test_holdout_without_gold_labels_fails_before_asking(tmp_path):
     assert result.exit_code == 1
     assert 'evaluation.method = "holdout" scores on gold labels' in result.output.strip().splitlines()[-1]
     assert store_for(config).scalar("SELECT count(*) FROM batches") == 0
+
+
+def sms_with_labels(path: Path, mapping: dict[str, str], rows: int = 1500) -> tuple[Path, dict[str, int]]:
+    """The first ``rows`` SMS messages with their labels renamed; returns the file and how
+    many rows carry each new label."""
+    import csv
+    from collections import Counter
+
+    from conftest import SMS_CSV
+
+    with open(SMS_CSV, newline="", encoding="utf-8") as handle:
+        records = list(csv.DictReader(handle))[:rows]
+    for record in records:
+        record["label"] = mapping[record["label"]]
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["text", "label"])
+        writer.writeheader()
+        writer.writerows(records)
+    return path, Counter(record["label"] for record in records)
+
+
+def test_gold_labels_outside_labels_fail_at_ingest_then_label_map_fixes_them(tmp_path):
+    """`Spam`/`HAM` against labels ham/spam: one line naming the values and their counts,
+    before any item, batch or label is written; with label_map the same file works."""
+    from conftest import write_config
+
+    source, counts = sms_with_labels(tmp_path / "sms.csv", {"ham": "HAM", "spam": "Spam"})
+    config = write_config(tmp_path, labels=["ham", "spam"], source_path=source)
+    result = runner.invoke(app, ["run", "--config", str(config), "--auto", "--no-progress"])
+    assert run_error_line(result) == (
+        "error: source corpus: gold labels not in labels ['ham', 'spam']: "
+        f"'HAM' ({counts['HAM']}), 'Spam' ({counts['Spam']}); fix label_column or map them with label_map"
+    )
+    store = store_for(config)
+    assert {t: table_count(store, t) for t in ("items", "batches", "batch_items", "labels", "models")} == \
+        {"items": 0, "batches": 0, "batch_items": 0, "labels": 0, "models": 0}
+    runs, task_runs = runs_for_config(config)
+    [ingest_task] = [t for t in task_runs if t.task_key.startswith("ingest_source_task")]
+    assert ingest_task.run_count == 1  # bad input: not retried
+
+    config.write_text(config.read_text() + 'label_map = { HAM = "ham", Spam = "spam" }\n')
+    result = runner.invoke(app, ["run", "--config", str(config), "--auto", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "cycle 1: 20 labels, model v1" in result.output
+    assert set(store.labels()["label"]) <= {"ham", "spam"} and len(store.labels()) == 20
+    gold = store.query_df("SELECT gold_label, count(*) AS n FROM items GROUP BY gold_label ORDER BY gold_label")
+    assert gold["gold_label"].tolist() == ["ham", "spam"] and gold["n"].sum() == table_count(store, "items")
+
+
+def test_stored_gold_labels_outside_changed_labels_fail_before_the_query(tmp_path):
+    """Items stored under labels ham/spam, then labels renamed in the config: the run that
+    needs gold labels stops before querying, naming the stored values."""
+    from conftest import write_config
+
+    source, counts = sms_with_labels(tmp_path / "sms.csv", {"ham": "ham", "spam": "spam"})
+    config = write_config(tmp_path, labels=["ham", "spam"], source_path=source)
+    assert runner.invoke(app, ["ingest", "--config", str(config)]).exit_code == 0
+    config.write_text(config.read_text().replace('labels = ["ham", "spam"]', 'labels = ["ok", "spam"]'))
+    result = runner.invoke(app, ["run", "--config", str(config), "--auto", "--no-ingest", "--no-progress"])
+    line = run_error_line(result)
+    store = store_for(config)
+    stored_ham = store.scalar("SELECT count(*) FROM items WHERE gold_label = 'ham'")
+    assert 0 < stored_ham <= counts["ham"]  # stored once per distinct text
+    assert line.startswith(
+        f"error: stored items of source corpus: gold labels not in labels ['ok', 'spam']: 'ham' ({stored_ham}); "
+    )
+    assert table_count(store, "batches") == 0 and table_count(store, "labels") == 0
+
+
+def test_holdout_check_of_stored_gold_labels_without_auto(tmp_path):
+    """Holdout evaluation needs the gold labels too: checked before a human is asked."""
+    from conftest import write_config
+
+    from alflow.config import ConfigError
+    from alflow.flows.cycle import check_gold_labels
+
+    source, _ = sms_with_labels(tmp_path / "sms.csv", {"ham": "ham", "spam": "spam"}, rows=300)
+    config = write_config(tmp_path, labels=["ham", "spam"], source_path=source)
+    assert runner.invoke(app, ["ingest", "--config", str(config)]).exit_code == 0
+    store = store_for(config)
+    check_gold_labels(store, load_config(config), auto=False)  # all gold labels are classes
+    config.write_text(config.read_text().replace('labels = ["ham", "spam"]', 'labels = ["ham", "junk"]'))
+    spam = store.scalar("SELECT count(*) FROM items WHERE gold_label = 'spam'")
+    with pytest.raises(ConfigError, match=r"^stored items of source corpus: gold labels not in labels "
+                                          rf"\['ham', 'junk'\]: 'spam' \({spam}\); "):
+        check_gold_labels(store, load_config(config), auto=False)
+    cv = load_config(config, environ={"ALFLOW_EVALUATION__METHOD": "cv"})
+    check_gold_labels(store, cv, auto=False)  # neither --auto nor holdout: gold labels unused

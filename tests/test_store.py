@@ -101,6 +101,137 @@ def test_migrate_refuses_a_newer_schema(store: Store):
         store.migrate()
 
 
+# Each thread of each process migrates the same fresh file at once, for several fresh
+# files in turn. A migrator that reads the version in a connection of its own (outside a
+# transaction) then waits there for all the others (a file barrier): a migrate that read
+# the version first and applied the steps in later transactions would have every migrator
+# read version 0 and apply every step. The rounds repeat the race of opening a file that
+# another process is creating at that moment.
+MIGRATOR = textwrap.dedent(
+    """
+    import json, os, sys, threading, time
+    from contextlib import contextmanager
+    from alflow.tasks.store import Store
+
+    folder, parties, n_threads, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+
+    def meet(phase):
+        open(os.path.join(folder, f"{phase}-{os.getpid()}-{threading.get_ident()}"), "w").close()
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            if sum(name.startswith(f"{phase}-") for name in os.listdir(folder)) >= parties:
+                return
+            time.sleep(0.002)
+
+    original_connect, original_transaction = Store.connect, Store.transaction
+    local = threading.local()
+
+    @contextmanager
+    def transaction(self):
+        local.writing = True
+        try:
+            with original_transaction(self) as con:
+                yield con
+        finally:
+            local.writing = False
+
+    @contextmanager
+    def connect(self):
+        with original_connect(self) as con:
+            yield con
+        if not getattr(local, "writing", False) and not local.met:
+            local.met = True
+            meet(f"read{local.round}")
+
+    Store.connect, Store.transaction = connect, transaction
+    results = {}
+
+    def migrate():
+        for round in range(rounds):
+            local.round, local.met = round, False
+            meet(f"start{round}")
+            try:
+                result = Store(os.path.join(folder, f"db{round}", "alflow.duckdb"), lock_timeout=30).migrate()
+            except Exception as exc:
+                result = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            results.setdefault(round, []).append(result)
+
+    threads = [threading.Thread(target=migrate) for _ in range(n_threads)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    print(json.dumps(results), flush=True)
+    """
+)
+
+
+def test_concurrent_migrations_of_a_fresh_file_apply_each_step_once(tmp_path: Path):
+    import json
+
+    n_processes, n_threads, rounds = 4, 3, 2
+    children = [
+        subprocess.Popen([sys.executable, "-c", MIGRATOR, str(tmp_path), str(n_processes * n_threads),
+                          str(n_threads), str(rounds)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(n_processes)
+    ]
+    results = []
+    for child in children:
+        out, err = child.communicate(timeout=120)
+        assert child.returncode == 0, err
+        results += [r for per_round in json.loads(out.strip().splitlines()[-1]).values() for r in per_round]
+    assert results == [SCHEMA_VERSION] * (n_processes * n_threads * rounds)
+    for round in range(rounds):
+        store = Store(tmp_path / f"db{round}" / "alflow.duckdb")
+        versions = store.query_df("SELECT version FROM schema_version ORDER BY version")["version"].tolist()
+        assert versions == list(range(1, SCHEMA_VERSION + 1))
+        tables = set(store.query_df("SELECT table_name FROM information_schema.tables")["table_name"])
+        assert TABLES <= tables
+
+
+# DuckDB creates a new file in place: for a moment the file exists without its header, and
+# a process opening it then is told "not a valid DuckDB database file" (not "locked", so
+# it is not retried). This creator stretches that moment to a second.
+SLOW_CREATOR = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    import duckdb
+    from alflow.tasks.store import Store
+
+    real_connect = duckdb.connect
+
+    def connect(database, *args, **kwargs):
+        path = Path(database)
+        if not path.exists():
+            path.touch()  # the file is there, its header not yet
+            print("creating", flush=True)
+            time.sleep(1.0)
+            path.unlink()
+        return real_connect(database, *args, **kwargs)
+
+    duckdb.connect = connect
+    print(Store(sys.argv[1], lock_timeout=30).migrate(), flush=True)
+    """
+)
+
+
+def test_opening_a_file_another_process_is_creating(tmp_path: Path):
+    path = tmp_path / "new" / "alflow.duckdb"
+    path.parent.mkdir()
+    creator = subprocess.Popen([sys.executable, "-c", SLOW_CREATOR, str(path)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert creator.stdout.readline().strip() == "creating", creator.stderr.read()
+        assert Store(path, lock_timeout=30).migrate() == SCHEMA_VERSION
+    finally:
+        out, err = creator.communicate(timeout=60)
+    assert creator.returncode == 0 and out.strip() == str(SCHEMA_VERSION), err
+    assert Store(path).scalar("SELECT count(*) FROM schema_version") == SCHEMA_VERSION
+    assert sorted(p.name for p in path.parent.iterdir()) == ["alflow.duckdb"]  # nothing left aside
+
+
 # -- transactions ------------------------------------------------------------------------
 def test_transaction_rolls_back_every_write_of_the_block(store: Store, abc):
     with pytest.raises(RuntimeError, match="boom"):
@@ -322,7 +453,8 @@ def test_keep_batch_answers(store: Store, abc):
     # The Resume form comes back with its pre-filled values for all three.
     result = store.record_labels(
         [Answer(abc[0], "ham"), Answer(abc[1], "ham"), Answer(abc[2], "spam")],
-        annotator="form", origin="ui", batch_id=batch_id, keep_batch_answers=True)
+        annotator="form", origin="ui", batch_id=batch_id,
+        form_defaults={abc[0]: "ham", abc[1]: "ham", abc[2]: "spam"})  # all three untouched
     assert (result.new, result.kept, result.duplicates, result.corrections) == (1, 1, 1, 0)
     assert result.kept_items == [abc[0]]
     history = store.labels()
@@ -331,7 +463,7 @@ def test_keep_batch_answers(store: Store, abc):
     assert n_labels(store) == 3
     assert store.batch_items(batch_id).set_index("item_id").loc[abc[0], "answer"] == "spam"
 
-    # Without keep_batch_answers the same form value is recorded (a second annotator's vote).
+    # Without form_defaults the same form value is recorded (a second annotator's vote).
     plain = store.record_labels([Answer(abc[0], "ham")], annotator="form", origin="ui", batch_id=batch_id)
     assert plain.new == 1 and n_labels(store) == 4
 
@@ -491,3 +623,217 @@ def test_answers_and_batch_close_are_one_transaction(store: Store, abc):
     with pytest.raises(StoreError, match="batch status must be one of"):
         store.record_labels([Answer(abc[2], "ham")], annotator="a", origin="ui", batch_id=other, close_batch="done")
     assert n_labels(store) == before and store.batch(other)["status"] == "open"
+
+
+# -- rollback of the store's own writes --------------------------------------------------
+class _FailingConnection:
+    """A connection whose ``unregister`` (the last step of a write) raises."""
+
+    def __init__(self, con):
+        self._con = con
+
+    def __getattr__(self, name):
+        return getattr(self._con, name)
+
+    def unregister(self, name):
+        raise RuntimeError("injected failure after the inserts")
+
+
+def fail_after_the_inserts(monkeypatch) -> None:
+    from contextlib import contextmanager
+
+    original = Store.transaction
+
+    @contextmanager
+    def transaction(self):
+        with original(self) as con:
+            yield _FailingConnection(con)
+
+    monkeypatch.setattr(Store, "transaction", transaction)
+
+
+def table_counts(store: Store) -> dict[str, int]:
+    return {t: int(store.scalar(f"SELECT count(*) FROM {t}"))
+            for t in ("items", "batches", "batch_items", "labels")}
+
+
+def test_upsert_items_rolls_back_the_whole_chunk(store: Store, abc, monkeypatch):
+    before = table_counts(store)
+    rows = item_rows(["new one", "new two", "new three", "new four"])
+    rows.loc[2:, "text"] = None  # the second half violates text NOT NULL
+    with pytest.raises(duckdb.ConstraintException):
+        store.upsert_items(rows, "run-bad")
+    assert table_counts(store) == before
+
+    fail_after_the_inserts(monkeypatch)
+    with pytest.raises(RuntimeError, match="injected"):
+        store.upsert_items(item_rows(["new one", "new two"]), "run-bad")
+    assert table_counts(store) == before
+    assert store.scalar("SELECT count(*) FROM items WHERE ingest_run = 'run-bad'") == 0
+
+
+def test_create_batch_rolls_back_the_batch_with_its_items(store: Store, abc, monkeypatch):
+    before = table_counts(store)
+    picks = picks_frame(abc[:4])
+    picks.loc[2:, "picked_by"] = None  # batch_items.picked_by NOT NULL: fails after the batch row
+    with pytest.raises(duckdb.ConstraintException):
+        store.create_batch("run-1", "margin", 1, picks)
+    assert table_counts(store) == before and store.batch_for_run("run-1") is None
+
+    fail_after_the_inserts(monkeypatch)
+    with pytest.raises(RuntimeError, match="injected"):
+        store.create_batch("run-1", "margin", 1, picks_frame(abc[:4]))
+    assert table_counts(store) == before and store.batch_for_run("run-1") is None
+    assert store.pool_size() == 5
+
+
+# -- create_batch checks the pool itself -------------------------------------------------
+def test_create_batch_refuses_items_that_left_the_pool(store: Store, abc):
+    """An item answered, in an open batch, or not stored is refused, naming it; nothing of
+    the batch is written."""
+    first = store.create_batch("run-1", "margin", 1, picks_frame(abc[:2]))
+    store.record_labels([Answer(abc[2], "ham")], annotator="a", origin="cli")
+    before = table_counts(store)
+    for taken, why in [(abc[1], f"is in open batch {first}"), (abc[2], "is already answered"),
+                       ("f" * 64, "is not in the store")]:
+        with pytest.raises(StoreError, match=f"item {taken} {why}"):
+            store.create_batch("run-2", "margin", 1, picks_frame([abc[3], taken, abc[4]]))
+        assert table_counts(store) == before and store.batch_for_run("run-2") is None
+    with pytest.raises(StoreError, match=f"item {abc[3]} is picked twice"):
+        store.create_batch("run-2", "margin", 1, picks_frame([abc[3], abc[3]]))
+    assert table_counts(store) == before
+
+    # Once the first batch is closed its unanswered item is back in the pool.
+    store.close_batch(first, "expired")
+    second = store.create_batch("run-2", "margin", 1, picks_frame([abc[3], abc[1], abc[4]]))
+    assert store.batch_items(second)["item_id"].tolist() == [abc[3], abc[1], abc[4]]
+
+
+def _query_settings(tmp_path: Path, small_csv: Path):
+    from conftest import write_config
+
+    from alflow.config import load_config
+
+    return load_config(write_config(tmp_path, labels=["ham", "spam"], source_path=small_csv), environ={})
+
+
+def _ingest(settings) -> Store:
+    from alflow.tasks.ingest import ingest_source
+
+    store = Store(settings.database, settings.store.lock_timeout_seconds)
+    store.migrate()
+    ingest_source(settings, "corpus", "ingest-1")
+    return store
+
+
+def test_query_returns_the_runs_existing_batch_and_writes_nothing(tmp_path: Path, small_csv: Path):
+    from alflow.tasks.query import query_batch
+
+    settings = _query_settings(tmp_path, small_csv)
+    store = _ingest(settings)
+    batch_id = query_batch(store, settings, None, "run-1")
+    before = table_counts(store)
+    assert before["batches"] == 1 and before["batch_items"] == 20
+    assert query_batch(store, settings, None, "run-1") == batch_id
+    assert query_batch(store, settings, 3, "run-1", budget_left=5) == batch_id  # whatever else asked
+    assert table_counts(store) == before
+    other = query_batch(store, settings, None, "run-2")
+    assert other != batch_id and table_counts(store)["batches"] == 2
+
+
+def test_concurrent_queries_never_share_an_item(tmp_path: Path, small_csv: Path, monkeypatch):
+    """Two cycles query the same pool at once (both pick before either records): the
+    second batch recorded is refused by the store and picked again from what is left."""
+    import threading
+
+    from alflow.tasks.query import query_batch
+
+    settings = _query_settings(tmp_path, small_csv)
+    store = _ingest(settings)
+    both_picked = threading.Barrier(2)
+    original = Store.create_batch
+    local = threading.local()
+
+    def create_batch(self, *args, **kwargs):
+        if not getattr(local, "met", False):
+            local.met = True
+            try:
+                both_picked.wait(timeout=5)
+            except threading.BrokenBarrierError:
+                pass
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "create_batch", create_batch)
+    results, errors = {}, []
+
+    def query(run_id: str) -> None:
+        try:
+            results[run_id] = query_batch(Store(store.path), settings, None, run_id)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=query, args=(run,)) for run in ("run-a", "run-b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors, errors
+    assert len(set(results.values())) == 2
+    rows = store.query_df("SELECT batch_id, item_id FROM batch_items")
+    assert len(rows) == 40 and rows["item_id"].is_unique
+    assert set(store.batches("open")["batch_id"]) == set(results.values())
+    assert {store.batch(b)["flow_run_id"] for b in results.values()} == {"run-a", "run-b"}
+
+
+# -- gold labels at ingest ---------------------------------------------------------------
+def _labeled_csv(path: Path, labels: list[str]) -> Path:
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        writer.writerows([f"message number {n}", label] for n, label in enumerate(labels))
+    return path
+
+
+def test_ingest_maps_gold_labels_with_label_map(tmp_path: Path):
+    from conftest import write_config
+
+    from alflow.config import load_config
+    from alflow.tasks.ingest import ingest_source
+
+    csv_path = _labeled_csv(tmp_path / "binary.csv", ["0", "1", "0", "ham"])
+    config = write_config(tmp_path, labels=["ham", "spam"], source_path=csv_path)
+    config.write_text(config.read_text() + 'label_map = { 0 = "ham", 1 = "spam" }\n')
+    settings = load_config(config, environ={})
+    Store(settings.database).migrate()
+    report = ingest_source(settings, "corpus", "ingest-1")
+    assert (report.read, report.new) == (4, 4)
+    gold = Store(settings.database).query_df("SELECT text, gold_label FROM items ORDER BY text")
+    assert gold["gold_label"].tolist() == ["ham", "spam", "ham", "ham"]
+
+
+def test_ingest_stops_writing_at_the_first_chunk_with_unknown_gold_labels(tmp_path: Path, monkeypatch):
+    """Chunks before the first bad one are stored (they were valid); from it on nothing is
+    written, but the whole source is read so that the error counts every bad value."""
+    from conftest import write_config
+
+    from alflow.config import load_config
+    from alflow.connectors import SourceError
+    from alflow.tasks import ingest
+
+    monkeypatch.setattr(ingest, "WRITE_CHUNK", 10)
+    labels = ["ham"] * 25 + ["Spam"] + ["ham"] * 10 + ["HAM"] * 3 + ["Spam"] * 2 + ["spam"] * 9
+    csv_path = _labeled_csv(tmp_path / "mixed.csv", labels)
+    settings = load_config(write_config(tmp_path, labels=["ham", "spam"], source_path=csv_path), environ={})
+    Store(settings.database).migrate()
+    with pytest.raises(SourceError) as info:
+        ingest.ingest_source(settings, "corpus", "ingest-1")
+    assert str(info.value) == (
+        "source corpus: gold labels not in labels ['ham', 'spam']: 'HAM' (3), 'Spam' (3); "
+        "fix label_column or map them with label_map"
+    )
+    store = Store(settings.database)
+    assert store.scalar("SELECT count(*) FROM items") == 20  # chunks 1 and 2; chunk 3 held 'Spam'
+    assert store.scalar("SELECT count(*) FROM items WHERE gold_label NOT IN ('ham', 'spam')") == 0
+    assert store.scalar("SELECT count(*) FROM ingests") == 0

@@ -19,6 +19,10 @@ from alflow.tasks.store.database import Database, StoreError, utcnow
 BATCH_STATUSES = ("open", "labeled", "expired")
 
 
+class PoolChangedError(StoreError):
+    """A picked item left the pool before its batch was recorded (another cycle took it)."""
+
+
 def process_owner() -> str:
     """This process as ``host:pid``: who waits on a batch it created."""
     return f"{socket.gethostname()}:{os.getpid()}"
@@ -50,16 +54,41 @@ class BatchStore(Database):
                      picks: pd.DataFrame) -> str:
         """Record a queried batch and its items in one transaction; returns the batch_id.
 
-        ``picks`` has columns item_id, rank, score, prelabel, confidence, picked_by.
+        ``picks`` has columns item_id, rank, score, prelabel, confidence, picked_by. The
+        same transaction checks that every pick is still in the pool: an item not stored,
+        already answered or in an open batch raises :class:`PoolChangedError` (naming it)
+        and nothing is written; the caller picks again from the pool as it now is.
         """
         batch_id = uuid.uuid4().hex[:12]
         rows = picks.assign(batch_id=batch_id)
+        repeated = picks["item_id"][picks["item_id"].duplicated()]
+        if len(repeated):
+            raise StoreError(f"item {repeated.iloc[0]} is picked twice for one batch")
         with self.transaction() as con:
+            con.register("incoming", rows)
+            taken = con.execute(
+                """SELECT n.item_id,
+                    CASE WHEN n.item_id NOT IN (SELECT item_id FROM items) THEN 'is not in the store'
+                         WHEN n.item_id IN (SELECT item_id FROM labels) THEN 'is already answered'
+                         ELSE 'is in open batch ' || (
+                            SELECT min(bi.batch_id) FROM batch_items bi JOIN batches b USING (batch_id)
+                            WHERE b.status = 'open' AND bi.item_id = n.item_id)
+                    END AS why
+                FROM incoming n
+                WHERE n.item_id NOT IN (SELECT item_id FROM items)
+                   OR n.item_id IN (SELECT item_id FROM labels)
+                   OR n.item_id IN (SELECT bi.item_id FROM batch_items bi JOIN batches b USING (batch_id)
+                                    WHERE b.status = 'open')
+                ORDER BY n.rank"""
+            ).fetchall()
+            if taken:
+                item_id, why = taken[0]
+                more = f" (and {len(taken) - 1} more picks)" if len(taken) > 1 else ""
+                raise PoolChangedError(f"cannot record the batch: item {item_id} {why}{more}")
             con.execute(
                 "INSERT INTO batches VALUES (?, ?, ?, ?, ?, 'open', ?, ?, NULL)",
                 [batch_id, flow_run_id, strategy, model_version, len(picks), process_owner(), utcnow()],
             )
-            con.register("incoming", rows)
             con.execute(
                 """INSERT INTO batch_items BY NAME SELECT batch_id, item_id, rank, score,
                 prelabel, confidence, picked_by FROM incoming"""

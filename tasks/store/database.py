@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
@@ -53,6 +54,11 @@ def _migration_files() -> list[str]:
 MIGRATIONS: list[str] = _migration_files()
 SCHEMA_VERSION = len(MIGRATIONS)
 
+# DuckDB shares one database instance between a process's connections to a file; a thread
+# connecting while another is still setting that instance up can find its functions
+# missing ("pandas_scan does not exist" on register), so connections are opened one at a time.
+_open_lock = threading.Lock()
+
 _write_locks: dict[str, threading.RLock] = {}
 _write_locks_guard = threading.Lock()
 
@@ -87,11 +93,14 @@ class Database:
     def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """A connection for one operation, closed on exit (the file lock goes with it)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():
+            self._create()
         deadline = time.monotonic() + self.lock_timeout
         delay = 0.05
         while True:
             try:
-                con = duckdb.connect(str(self.path))
+                with _open_lock:
+                    con = duckdb.connect(str(self.path))
                 break
             except duckdb.IOException as exc:
                 if "lock" not in str(exc).lower():
@@ -110,6 +119,22 @@ class Database:
             yield con
         finally:
             con.close()
+
+    def _create(self) -> None:
+        """Create the file whole: an empty database written aside, then hard-linked into
+        place, which never replaces a file another process created meanwhile. A process
+        opening the path can then never meet a file half written (DuckDB refuses one as
+        "not a valid DuckDB database file", not as locked)."""
+        aside = self.path.with_name(f".{self.path.name}.{os.getpid()}.{threading.get_ident()}.new")
+        try:
+            duckdb.connect(str(aside)).close()
+            os.link(aside, self.path)
+        except FileExistsError:
+            pass  # another process created it first
+        except (OSError, duckdb.Error):
+            pass  # no hard links here (or no room aside): DuckDB creates it on connect
+        finally:
+            aside.unlink(missing_ok=True)
 
     @contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:

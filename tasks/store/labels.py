@@ -7,10 +7,11 @@ derived by the ``effective_labels`` view (latest answer per annotator, then majo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import pandas as pd
 
+from alflow.config import SKIP
 from alflow.tasks.store.batches import BatchStore
 from alflow.tasks.store.database import StoreError, utcnow
 from alflow.tasks.store.pool import DOC_SQL, holdout_sql
@@ -20,18 +21,30 @@ ORIGINS = ("ui", "cli", "import", "simulated")
 
 @dataclass
 class LabelWrite:
-    """What a label write did. ``kept`` answers were already given in this batch and stay."""
+    """What a label write did.
+
+    ``kept``: answers already given in this batch that stay, because the Resume form came
+    back with its untouched default for them. Of the rows written (``new`` +
+    ``corrections``) shown with a pre-label: ``accepted_prelabel`` kept it,
+    ``changed_prelabel`` chose another class, ``skipped_prelabel`` skipped the item.
+    """
 
     new: int = 0
     duplicates: int = 0
     corrections: int = 0
     kept: int = 0
     kept_items: list[str] = field(default_factory=list)
+    accepted_prelabel: int = 0
+    changed_prelabel: int = 0
+    skipped_prelabel: int = 0
 
     def summary(self) -> str:
-        parts = [f"{self.new} new"]
+        """'20 new (18 kept the pre-label, 2 changed it)', then corrections, duplicates, kept."""
+        written = f"{self.new} new"
         if self.corrections:
-            parts.append(f"{self.corrections} corrections")
+            written += f", {self.corrections} corrections"
+        written += prelabel_note(self.accepted_prelabel, self.changed_prelabel, self.skipped_prelabel)
+        parts = [written]
         if self.duplicates:
             parts.append(f"{self.duplicates} already recorded")
         if self.kept:
@@ -39,12 +52,24 @@ class LabelWrite:
         return ", ".join(parts)
 
 
+def prelabel_note(accepted: int, changed: int, skipped: int = 0) -> str:
+    """' (18 kept the pre-label, 2 changed it)', or '' when no pre-label was shown."""
+    if not (accepted or changed or skipped):
+        return ""
+    note = f" ({accepted} kept the pre-label, {changed} changed it"
+    return note + (f", {skipped} skipped)" if skipped else ")")
+
+
 @dataclass(frozen=True)
 class Answer:
-    """One reviewer's answer for one item: a class name or 'skip'."""
+    """One reviewer's answer for one item: a class name or 'skip'.
+
+    ``prelabel_shown``: the pre-label the reviewer saw with the item (None: none was shown).
+    """
 
     item_id: str
     label: str
+    prelabel_shown: str | None = None
 
 
 class LabelStore(BatchStore):
@@ -52,16 +77,21 @@ class LabelStore(BatchStore):
 
     def record_labels(self, answers: Iterable[Answer], *, annotator: str, origin: str,
                       batch_id: str | None = None, flow_run_id: str | None = None,
-                      keep_batch_answers: bool = False, close_batch: str | None = None) -> LabelWrite:
+                      form_defaults: Mapping[str, str | None] | None = None,
+                      close_batch: str | None = None) -> LabelWrite:
         """Append answers to ``labels`` in one transaction; nothing is overwritten.
 
         * The same answer again from the same annotator in the same batch is a duplicate
           and is not written twice (re-importing a file is harmless).
         * A different answer from the same annotator is a correction: a new row, the
           latest of which is that annotator's answer.
-        * ``keep_batch_answers`` (the Resume form, whose fields default to the pre-labels):
-          items already answered in this batch, by anyone, keep that answer and the form's
-          value for them is not recorded.
+        * ``form_defaults`` (the Resume form: item_id -> the value its field was preset to
+          when the form was built, None for a field with no default): an item already
+          answered in this batch (by anyone, e.g. `alflow label` while the run waited)
+          whose form value is still that default keeps its stored answer, and the form's
+          value is not recorded. A value the reviewer changed is recorded like any answer
+          (a correction if this annotator had answered otherwise, else a new answer).
+        * Each row keeps the answer's ``prelabel_shown``.
         * ``close_batch``: also set the batch's status (e.g. 'labeled') in the same
           transaction, so a batch is never closed without its answers or vice versa.
         """
@@ -71,6 +101,8 @@ class LabelStore(BatchStore):
         result = LabelWrite()
         if close_batch is not None and batch_id is None:
             raise StoreError("close_batch needs a batch_id")
+        if form_defaults is not None and batch_id is None:
+            raise StoreError("form_defaults needs a batch_id")
         if not answers:
             if close_batch:
                 self.close_batch(batch_id, close_batch)
@@ -99,7 +131,8 @@ class LabelStore(BatchStore):
             rows = []
             for answer in answers:
                 own, in_batch = previous.loc[answer.item_id, ["own", "in_batch"]]
-                if keep_batch_answers and batch_id is not None and in_batch:
+                untouched = form_defaults is not None and answer.label == form_defaults.get(answer.item_id)
+                if untouched and in_batch:
                     if own == answer.label:
                         result.duplicates += 1
                     else:
@@ -113,17 +146,50 @@ class LabelStore(BatchStore):
                     result.corrections += 1
                 else:
                     result.new += 1
-                rows.append((answer.item_id, answer.label, annotator, origin, batch_id, flow_run_id, now))
+                shown = answer.prelabel_shown if isinstance(answer.prelabel_shown, str) and answer.prelabel_shown else None
+                if shown is not None:
+                    if answer.label == shown:
+                        result.accepted_prelabel += 1
+                    elif answer.label == SKIP:
+                        result.skipped_prelabel += 1
+                    else:
+                        result.changed_prelabel += 1
+                rows.append((answer.item_id, answer.label, annotator, origin, batch_id, flow_run_id, now, shown))
             if rows:
                 con.executemany(
-                    """INSERT INTO labels (item_id, label, annotator, origin, batch_id, flow_run_id, created_at)
-                    VALUES (?, ?, ?, ?, ?, ?, ?)""",
+                    """INSERT INTO labels (item_id, label, annotator, origin, batch_id, flow_run_id, created_at,
+                                           prelabel_shown)
+                    VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
                     rows,
                 )
             if close_batch:
                 self._close_batch(con, batch_id, close_batch)
             con.unregister("incoming")
         return result
+
+    def prelabel_agreement(self, batch_id: str) -> dict:
+        """How a batch's answers relate to the pre-labels shown with them.
+
+        Counts each annotator's latest answer per item in the batch: ``answers``; ``shown``
+        (a pre-label was shown); of those, ``kept`` (answered the pre-label), ``changed``
+        (another class) and ``skipped``; ``not_shown`` (cold start, simulated annotator,
+        `alflow resume --skip-rest`, a file without a prelabel column).
+        """
+        row = self.query_df(
+            """WITH latest AS (
+                SELECT label, prelabel_shown AS shown FROM labels WHERE batch_id = ?
+                QUALIFY row_number() OVER (PARTITION BY item_id, annotator ORDER BY label_id DESC) = 1
+            )
+            SELECT count(*) AS answers, count(shown) AS shown,
+                count(*) FILTER (WHERE label = shown) AS kept,
+                count(*) FILTER (WHERE label <> shown AND label <> ?) AS changed,
+                count(*) FILTER (WHERE shown IS NOT NULL AND label = ?) AS skipped
+            FROM latest""",
+            [batch_id, SKIP, SKIP],
+        ).iloc[0]
+        counts = {name: int(row[name]) for name in ("answers", "shown", "kept", "changed", "skipped")}
+        counts["not_shown"] = counts["answers"] - counts["shown"]
+        return counts
 
     def labels(self) -> pd.DataFrame:
         """Every label row, oldest first (the append-only history)."""

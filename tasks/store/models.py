@@ -28,16 +28,40 @@ class ModelStore(Database):
                  promoted, flow_run_id, utcnow(), json.dumps(labels) if labels is not None else None],
             )
 
-    def current_model(self) -> dict | None:
-        """The newest promoted model row, or None before the first one."""
-        frame = self.query_df(
-            "SELECT * FROM models WHERE promoted ORDER BY model_version DESC LIMIT 1"
-        )
-        if frame.empty:
-            return None
-        row = frame.iloc[0].to_dict()
-        row["metrics"] = json.loads(row["metrics"]) if row["metrics"] else None
+    @staticmethod
+    def _model_row(row: dict) -> dict:
+        for key in ("metrics", "labels"):
+            row[key] = json.loads(row[key]) if isinstance(row.get(key), str) else None
         return row
+
+    def current_model(self) -> dict | None:
+        """The newest promoted model row, or None before the first one.
+
+        ``path`` is the file name in ``models_dir``; ``labels`` the class list the model was
+        trained for (None for a model trained before schema v2). Whether its file is
+        usable is decided by :func:`alflow.tasks.train.load_current_model`.
+        """
+        rows = self.promoted_models(limit=1)
+        return rows[0] if rows else None
+
+    def promoted_models(self, limit: int | None = None) -> list[dict]:
+        """Every promoted model row, newest first."""
+        frame = self.query_df(
+            "SELECT * FROM models WHERE promoted ORDER BY model_version DESC"
+            + (f" LIMIT {int(limit)}" if limit is not None else "")
+        )
+        return [self._model_row(row) for row in frame.to_dict("records")]
+
+    def model_row(self, model_version: int) -> dict | None:
+        frame = self.query_df("SELECT * FROM models WHERE model_version = ?", [model_version])
+        return self._model_row(frame.iloc[0].to_dict()) if not frame.empty else None
+
+    def prediction_width(self, model_version: int) -> int | None:
+        """How many classes ``model_version``'s stored probabilities have (None: none stored)."""
+        value = self.scalar(
+            "SELECT len(proba) FROM predictions WHERE model_version = ? LIMIT 1", [model_version]
+        )
+        return int(value) if value is not None else None
 
     def record_cycle(self, flow_run_id: str | None, batch_id: str | None, model_version: int | None,
                      strategy: str, n_labels: int, metrics: dict | None, promoted: bool) -> int:
