@@ -2,8 +2,9 @@
 -- paths relative to models_dir (so that the project folder can move).
 
 -- The pre-label shown with the item when it was answered (NULL: none was shown, e.g. a
--- cold start, `export --blank` or the simulated annotator). label = prelabel_shown is an
--- answer that agreed with the model: the measure of automation bias.
+-- cold start, an imported file without a prelabel column, or the simulated annotator).
+-- label = prelabel_shown is an answer that agreed with the model: the measure of
+-- automation bias.
 ALTER TABLE labels ADD COLUMN prelabel_shown VARCHAR;
 
 -- The configured class list, in order, that the model's probabilities are aligned to
