@@ -1,25 +1,61 @@
 """Query strategies: plain functions over arrays, no Prefect, no DuckDB.
 
-A strategy has the modAL shape ``strategy(proba, k, rng) -> (indices, scores)``:
+Every strategy has one shape, modAL-like: ``strategy(pool, k, rng) -> (indices, scores)``:
 
-* ``proba``: array (n_items, n_classes) of class probabilities, rows summing to 1;
+* ``pool``: a :class:`Pool`, or a bare (n_items, n_classes) probability array (shorthand
+  for ``Pool(proba)``). A :class:`Pool` carries what the smarter strategies need beyond the
+  probabilities, each optional and computed only for the rows a strategy asks about, so
+  memory stays linear in the candidates:
+
+  - ``proba`` (n, c): class probabilities of the current model, rows summing to 1;
+  - ``features(rows) -> (len(rows), d)``: the model's own feature rows (TF-IDF, sparse or
+    dense) of those pool items, for diversity and near-duplicate checks;
+  - ``labeled_features`` (L, d): the same features of the items already labeled;
+  - ``labeled_counts`` (c,): labels per class so far, for class balancing;
+  - ``committee(rows) -> (m, len(rows), c)``: the probabilities of m committee members;
 * ``k``: how many items to pick (clipped to n_items);
-* ``rng``: a ``numpy.random.Generator`` (only random picks use it);
-* returns ``indices`` (k,) into the rows of ``proba``, most informative first, and
-  ``scores`` (k,) their informativeness (higher = more uncertain; NaN for random picks).
+* ``rng``: a ``numpy.random.Generator`` (random picks and k-means++ seeding use it);
+* returns ``indices`` (<= k,) into the pool rows, in pick order (most informative first)
+  and ``scores`` of the same length (higher = more informative; NaN for random picks).
 
-Strategies compose: :func:`with_exploration` turns any strategy into one that spends a share
-of the batch on random picks, so the model's blind spots get sampled too.
+Strategies compose: :func:`with_exploration` spends a share of the batch on random picks,
+:func:`without_near_duplicates` drops any pick too similar to another pick or to a labeled
+item, and :func:`get_strategy` builds the configured composition by name.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+from scipy import sparse
 
-Strategy = Callable[[np.ndarray, int, np.random.Generator], tuple[np.ndarray, np.ndarray]]
+
+@dataclass
+class Pool:
+    """What a strategy may look at; see the module docstring for shapes."""
+
+    proba: np.ndarray
+    features: Callable[[np.ndarray], object] | None = None
+    labeled_features: object | None = None
+    labeled_counts: np.ndarray | None = None
+    committee: Callable[[np.ndarray], np.ndarray] | None = None
+
+    def __post_init__(self):
+        self.proba = _check_proba(self.proba)
+
+    @property
+    def n(self) -> int:
+        return self.proba.shape[0]
+
+
+def as_pool(pool) -> Pool:
+    return pool if isinstance(pool, Pool) else Pool(pool)
+
+
+Strategy = Callable[[Pool, int, np.random.Generator], tuple[np.ndarray, np.ndarray]]
 
 
 def _check_proba(proba: np.ndarray) -> np.ndarray:
@@ -85,8 +121,8 @@ def uncertainty_sampling(measure: str) -> Strategy:
         raise ValueError(f"unknown uncertainty measure {measure!r}; choose from {sorted(MEASURES)}")
     score = MEASURES[measure]
 
-    def strategy(proba: np.ndarray, k: int, rng: np.random.Generator | None = None):
-        scores = score(proba)
+    def strategy(pool, k: int, rng: np.random.Generator | None = None):
+        scores = score(as_pool(pool).proba)
         picks = top_k(scores, k)
         return picks, scores[picks]
 
@@ -94,12 +130,153 @@ def uncertainty_sampling(measure: str) -> Strategy:
     return strategy
 
 
-def random_sampling(proba: np.ndarray, k: int, rng: np.random.Generator):
-    """The baseline: k items uniformly at random, without replacement."""
-    n = np.asarray(proba).shape[0]
+def random_sampling(pool, k: int, rng: np.random.Generator):
+    """The baseline: k items uniformly at random, without replacement (in index order)."""
+    n = pool.n if isinstance(pool, Pool) else np.asarray(pool).shape[0]
     k = max(0, min(int(k), n))
     picks = np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64)
     return picks, np.full(k, np.nan)
+
+
+def _candidates(pool: Pool, k: int, factor: int) -> np.ndarray:
+    """The ``k * factor`` items with the smallest margin: where the smarter strategies look."""
+    return top_k(MEASURES["margin"](pool.proba), k * factor)
+
+
+def _unit_rows(x):
+    from sklearn.preprocessing import normalize
+
+    return normalize(x, norm="l2", copy=True)
+
+
+def _dot_with_row(x, j: int) -> np.ndarray:
+    """x @ x[j] as a dense (n,) vector, for sparse or dense ``x``."""
+    if sparse.issparse(x):
+        return np.asarray((x @ x[j].T).todense()).ravel()
+    return x @ x[j]
+
+
+def badge(candidates: int = 10) -> Strategy:
+    """Diversity among the uncertain (BADGE, Ash et al. 2020, for a linear model).
+
+    Among the ``k * candidates`` smallest-margin items, picks k by k-means++ seeding on
+    gradient embeddings ``g_i = (p_i - onehot(argmax p_i)) ⊗ x_i``: the gradient of the
+    log-loss of a linear softmax model if the predicted class were the label. Its norm is
+    large where the model is unsure, and k-means++ spreads the picks over different
+    directions, so a batch is both uncertain and varied. ``x`` are the pool's feature rows
+    (``pool.features``), L2-normalised. ``g`` is never built: squared distances use
+    ``|g_i - g_j|² = |a_i|²|x_i|² + |a_j|²|x_j|² - 2 (a_i·a_j)(x_i·x_j)``, one pass over the
+    candidates per pick, so memory is O(candidates) and there is no N×N matrix.
+    Scores are each pick's squared distance to the nearer earlier pick (the first: its
+    gradient norm²). Without features it falls back to margin sampling.
+    """
+    if candidates < 1:
+        raise ValueError(f"candidates must be >= 1, got {candidates}")
+
+    def strategy(pool, k: int, rng: np.random.Generator):
+        pool = as_pool(pool)
+        if pool.features is None:
+            return uncertainty_sampling("margin")(pool, k, rng)
+        rows = _candidates(pool, k, candidates)
+        k = min(int(k), rows.size)
+        if k <= 0:
+            return np.empty(0, dtype=np.int64), np.empty(0)
+        x = _unit_rows(pool.features(rows))
+        p = pool.proba[rows]
+        a = p.copy()
+        a[np.arange(rows.size), p.argmax(axis=1)] -= 1.0
+        a_sq = np.einsum("ij,ij->i", a, a)  # |x_i| = 1, so |g_i|² = |a_i|²
+        picks = [int(np.argmax(a_sq))]
+        scores = [float(a_sq[picks[0]])]
+        nearest = np.full(rows.size, np.inf)
+        for _ in range(1, k):
+            j = picks[-1]
+            d = a_sq + a_sq[j] - 2.0 * (a @ a[j]) * _dot_with_row(x, j)
+            nearest = np.minimum(nearest, np.maximum(d, 0.0))
+            total = nearest.sum()
+            if not np.isfinite(total) or total <= 1e-12:
+                break  # every remaining candidate coincides with a pick
+            nxt = int(rng.choice(rows.size, p=nearest / total))
+            picks.append(nxt)
+            scores.append(float(nearest[nxt]))
+        return rows[np.asarray(picks, dtype=np.int64)], np.asarray(scores)
+
+    strategy.__name__ = "badge"
+    return strategy
+
+
+def class_balanced(pool, k: int, rng: np.random.Generator | None = None):
+    """Margin sampling that evens out the classes labeled so far.
+
+    Each of the k picks goes to the class with the fewest labels (``pool.labeled_counts``,
+    plus the picks already made for it): the most uncertain item (smallest margin) still
+    unpicked among those *predicted* as that class. On imbalanced data most of a batch
+    then comes from the rare classes' side of the boundary; on balanced data it is margin
+    sampling spread over the predicted classes. Without counts, all classes count as equal.
+    Scores are 1 - margin. No knobs; O(n log n).
+    """
+    pool = as_pool(pool)
+    n, c = pool.proba.shape
+    k = max(0, min(int(k), n))
+    counts = np.zeros(c) if pool.labeled_counts is None else np.asarray(pool.labeled_counts, dtype=float).copy()
+    if counts.shape != (c,):
+        raise ValueError(f"labeled_counts must have shape ({c},), got {counts.shape}")
+    uncertainty = MEASURES["margin"](pool.proba)
+    predicted = pool.proba.argmax(axis=1)
+    queues = []
+    for cls in range(c):
+        members = np.flatnonzero(predicted == cls)
+        queues.append(members[np.lexsort((members, -uncertainty[members]))])
+    heads = np.zeros(c, dtype=np.int64)
+    picks = []
+    while len(picks) < k:
+        open_ = [cls for cls in range(c) if heads[cls] < queues[cls].size]
+        if not open_:
+            break
+        cls = min(open_, key=lambda j: (counts[j], j))
+        picks.append(int(queues[cls][heads[cls]]))
+        heads[cls] += 1
+        counts[cls] += 1
+    picks_arr = np.asarray(picks, dtype=np.int64)
+    return picks_arr, uncertainty[picks_arr]
+
+
+def vote_entropy(committee_proba: np.ndarray) -> np.ndarray:
+    """(m, n, c) member probabilities -> (n,) entropy of the members' votes, in nats."""
+    committee_proba = np.asarray(committee_proba, dtype=float)
+    if committee_proba.ndim != 3:
+        raise ValueError(f"committee probabilities must be (members, n_items, n_classes), got {committee_proba.shape}")
+    m, n, c = committee_proba.shape
+    votes = committee_proba.argmax(axis=2)  # (m, n)
+    shares = np.zeros((n, c))
+    for member in votes:
+        shares[np.arange(n), member] += 1.0 / m
+    return entropy(shares) if c >= 2 else np.zeros(n)
+
+
+def committee(candidates: int = 10) -> Strategy:
+    """Query by committee: among the ``k * candidates`` smallest-margin items, the k on which
+    the members of ``pool.committee`` disagree most (vote entropy), ties broken by the
+    members' mean margin. Without a committee it falls back to margin sampling.
+    """
+    if candidates < 1:
+        raise ValueError(f"candidates must be >= 1, got {candidates}")
+
+    def strategy(pool, k: int, rng: np.random.Generator | None = None):
+        pool = as_pool(pool)
+        if pool.committee is None:
+            return uncertainty_sampling("margin")(pool, k, rng)
+        rows = _candidates(pool, k, candidates)
+        member_proba = np.asarray(pool.committee(rows))
+        disagreement = vote_entropy(member_proba)
+        consensus = 1.0 - margin(member_proba.mean(axis=0))
+        # Vote entropy takes few values with few members: the consensus margin orders ties.
+        scores = disagreement + 1e-3 * consensus
+        order = top_k(scores, k)
+        return rows[order], scores[order]
+
+    strategy.__name__ = "committee"
+    return strategy
 
 
 def with_exploration(strategy: Strategy, share: float) -> Strategy:
@@ -110,13 +287,15 @@ def with_exploration(strategy: Strategy, share: float) -> Strategy:
     if not 0.0 <= share <= 1.0:
         raise ValueError(f"exploration share must be in [0, 1], got {share}")
 
-    def composed(proba: np.ndarray, k: int, rng: np.random.Generator):
-        n = np.asarray(proba).shape[0]
+    def composed(pool, k: int, rng: np.random.Generator):
+        pool = as_pool(pool)
+        n = pool.n
         k = max(0, min(int(k), n))
         n_random = n_exploration(k, share)
-        picks, scores = strategy(proba, k - n_random, rng)
+        picks, scores = strategy(pool, k - n_random, rng)
         rest = np.setdiff1d(np.arange(n), picks, assume_unique=True)
-        extra = np.sort(rng.choice(rest, size=min(n_random, rest.size), replace=False))
+        extra = np.sort(rng.choice(rest, size=min(n_random + (k - n_random - len(picks)), rest.size),
+                                   replace=False))
         return (
             np.concatenate([picks, extra]).astype(np.int64),
             np.concatenate([scores, np.full(extra.size, np.nan)]),
@@ -131,12 +310,98 @@ def n_exploration(k: int, share: float) -> int:
     return int(math.floor(k * share + 0.5))
 
 
-def get_strategy(name: str, exploration: float = 0.0) -> Strategy:
-    """The configured strategy by name (``random`` or an uncertainty measure), composed."""
-    base = random_sampling if name == "random" else uncertainty_sampling(name)
-    if name == "random" or exploration == 0:
-        return base
-    return with_exploration(base, exploration)
+def near_duplicates(x, threshold: float, labeled=None) -> np.ndarray:
+    """Which rows of ``x`` (n, d) to drop, walking them in order: a row is dropped when its
+    cosine similarity to an earlier kept row, or to any row of ``labeled`` (L, d), is at
+    least ``threshold``. Returns a boolean mask (n,). Cost O(n·(kept + L)) similarity
+    entries, computed one row against the kept ones at a time (no n×n matrix).
+    """
+    x = _unit_rows(x)
+    n = x.shape[0]
+    drop = np.zeros(n, dtype=bool)
+    if labeled is not None and labeled.shape[0]:
+        labeled = _unit_rows(labeled)
+        for start in range(0, n, 1024):  # bounded blocks of (block, L) similarities
+            sims = x[start:start + 1024] @ labeled.T
+            sims = sims.toarray() if sparse.issparse(sims) else np.asarray(sims)
+            drop[start:start + 1024] = sims.max(axis=1) >= threshold - 1e-9
+    kept: list[int] = []
+    for i in range(n):
+        if drop[i]:
+            continue
+        if kept:
+            sims = x[kept] @ x[i].T
+            sims = sims.toarray() if sparse.issparse(sims) else np.asarray(sims)
+            if sims.max() >= threshold - 1e-9:
+                drop[i] = True
+                continue
+        kept.append(i)
+    return drop
+
+
+def without_near_duplicates(strategy: Strategy, threshold: float) -> Strategy:
+    """``strategy``, minus every pick whose features have cosine similarity >= ``threshold``
+    with an earlier pick of the batch or with a labeled item (``pool.labeled_features``):
+    a reviewer never sees the same message twice. Asks ``strategy`` for more picks
+    (doubling) until k survive or the pool is spent. A no-op without ``pool.features``.
+    """
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"near-duplicate threshold must be in (0, 1], got {threshold}")
+
+    def composed(pool, k: int, rng: np.random.Generator):
+        pool = as_pool(pool)
+        k = max(0, min(int(k), pool.n))
+        if pool.features is None or k == 0:
+            return strategy(pool, k, rng)
+        ask = k
+        while True:
+            seed_state = rng.bit_generator.state
+            picks, scores = strategy(pool, ask, rng)
+            keep = ~near_duplicates(pool.features(picks), threshold, pool.labeled_features)
+            if keep.sum() >= k or ask >= pool.n or len(picks) < ask:
+                # The first k survivors in pick order; random (NaN-score) picks keep the
+                # share of the batch they had in what the strategy returned, and come last.
+                kept = np.flatnonzero(keep)
+                is_random = np.isnan(scores)
+                want_random = n_exploration(k, is_random.sum() / max(1, len(picks)))
+                ranked, randoms = kept[~is_random[kept]], kept[is_random[kept]]
+                take_ranked = min(ranked.size, k - min(want_random, randoms.size))
+                take_random = min(randoms.size, k - take_ranked)
+                chosen = np.concatenate([ranked[:take_ranked], randoms[:take_random]])
+                return picks[chosen], scores[chosen]
+            rng.bit_generator.state = seed_state  # the larger ask replays the same draws
+            ask = min(pool.n, ask * 2)
+
+    composed.__name__ = getattr(strategy, "__name__", "strategy")
+    return composed
+
+
+# The strategy names of ``query.strategy``; `config.settings.STRATEGIES` lists the same.
+NAMES = ("least_confidence", "margin", "entropy", "random", "badge", "class_balanced", "committee")
+
+
+def get_strategy(name: str, exploration: float = 0.0, near_duplicate: float | None = None,
+                 candidates: int = 10) -> Strategy:
+    """The configured strategy by name, composed: exploration share, then near-duplicates.
+
+    ``name``: one of :data:`NAMES`; ``near_duplicate``: cosine threshold (None: off);
+    ``candidates``: how many times k smallest-margin items badge and committee look at.
+    """
+    if name == "random":
+        base = random_sampling
+    elif name == "badge":
+        base = badge(candidates)
+    elif name == "class_balanced":
+        base = class_balanced
+    elif name == "committee":
+        base = committee(candidates)
+    else:
+        base = uncertainty_sampling(name)
+    if name != "random" and exploration > 0:
+        base = with_exploration(base, exploration)
+    if near_duplicate is not None:
+        base = without_near_duplicates(base, near_duplicate)
+    return base
 
 
 # -- cold start -----------------------------------------------------------------------------

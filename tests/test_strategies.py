@@ -319,3 +319,164 @@ def test_coverage_dense_features_and_edge_sizes():
     assert st.coverage(points, 200, np.random.default_rng(1))[0].tolist() == list(range(60))
     none, none_scores = st.coverage(points, 0, np.random.default_rng(1))
     assert none.size == 0 and none_scores.size == 0
+
+
+# -- the Pool shape: features, labeled counts, committees ----------------------------------
+def test_a_bare_array_is_a_pool_of_probabilities():
+    pool = st.Pool(PROBA)
+    for name in ("margin", "entropy", "least_confidence"):
+        a, sa = st.uncertainty_sampling(name)(pool, 3, np.random.default_rng(0))
+        b, sb = st.uncertainty_sampling(name)(PROBA, 3, np.random.default_rng(0))
+        assert a.tolist() == b.tolist()
+        np.testing.assert_allclose(sa, sb)
+
+
+def one_hot_rows(*dims: int, d: int = 6) -> np.ndarray:
+    x = np.zeros((len(dims), d))
+    x[np.arange(len(dims)), dims] = 1.0
+    return x
+
+
+def test_badge_spreads_the_batch_over_directions():
+    # Items 0 and 1 are the same text and the most uncertain; 2 points elsewhere.
+    # k-means++ takes the largest gradient first (0), never its twin (distance 0), then 2.
+    proba = np.array([[0.5, 0.5], [0.5, 0.5], [0.6, 0.4]])
+    x = one_hot_rows(0, 0, 1)
+    pool = st.Pool(proba, features=lambda rows: x[rows])
+    for seed in range(10):
+        picks, scores = st.badge(candidates=2)(pool, 2, np.random.default_rng(seed))
+        assert picks.tolist() == [0, 2]
+        np.testing.assert_allclose(scores, [0.5, 0.5 + 0.32])  # |a_0|²; |a_0|² + |a_2|² (orthogonal)
+    # Asked for more than there are distinct items: stops short of the twin.
+    picks, _ = st.badge(candidates=2)(pool, 3, np.random.default_rng(0))
+    assert picks.tolist() == [0, 2]
+
+
+def test_badge_only_looks_at_the_uncertain_candidates():
+    proba = ranked_proba(100)  # row 0 most uncertain
+    x = np.eye(100)
+    picks, _ = st.badge(candidates=3)(st.Pool(proba, features=lambda rows: x[rows]), 5, np.random.default_rng(1))
+    assert len(set(picks.tolist())) == 5 and max(picks) < 15  # within the 5 * 3 smallest margins
+
+
+def test_badge_without_features_is_margin():
+    picks, _ = st.badge()(ranked_proba(30), 4, np.random.default_rng(0))
+    assert picks.tolist() == [0, 1, 2, 3]
+
+
+def test_badge_at_200k_candidates_in_bounded_memory():
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    n, c, d = 200_000, 4, 16
+    logits = rng.normal(size=(n, c))
+    proba = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    pool = st.Pool(proba, features=lambda rows: x[rows])
+    tracemalloc.start()
+    picks, _ = st.badge(candidates=10_000)(pool, 20, np.random.default_rng(1))  # all 200k are candidates
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert len(set(picks.tolist())) == 20
+    # A few vectors of length n (features, gradients, distances): tens of MB. One n×n
+    # matrix would be 320 GB, one n×k float matrix per pick still far below this bound.
+    assert peak < 120 * 2**20, peak / 2**20
+
+
+def test_class_balanced_fills_the_rarest_class_first():
+    # Items 0-3 predicted class 0, 4-6 class 1; uncertainty rises with the index in each.
+    proba = np.array([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.6, 0.4],
+                      [0.2, 0.8], [0.4, 0.6], [0.45, 0.55]])
+    pool = st.Pool(proba, labeled_counts=np.array([5, 2]))
+    picks, scores = st.class_balanced(pool, 5, np.random.default_rng(0))
+    # Class 1 has 3 fewer labels: its three predicted items first (most uncertain first),
+    # then the classes are even and take turns (class 0 first on ties).
+    assert picks.tolist() == [6, 5, 4, 3, 2]
+    np.testing.assert_allclose(scores, 1 - st.margin(proba[picks]))
+
+
+def test_class_balanced_skips_a_class_with_no_predicted_items():
+    proba = np.array([[0.9, 0.1, 0.0], [0.6, 0.4, 0.0], [0.3, 0.7, 0.0]])
+    picks, _ = st.class_balanced(st.Pool(proba, labeled_counts=np.array([1, 1, 0])), 3, np.random.default_rng(0))
+    assert sorted(picks.tolist()) == [0, 1, 2]
+    with pytest.raises(ValueError, match="labeled_counts"):
+        st.class_balanced(st.Pool(proba, labeled_counts=np.array([1, 1])), 2, np.random.default_rng(0))
+
+
+def test_vote_entropy_values():
+    # 4 members, 2 items: unanimous, and split 2-2.
+    members = np.array([
+        [[0.9, 0.1], [0.9, 0.1]],
+        [[0.8, 0.2], [0.7, 0.3]],
+        [[0.6, 0.4], [0.2, 0.8]],
+        [[0.7, 0.3], [0.1, 0.9]],
+    ])
+    np.testing.assert_allclose(st.vote_entropy(members), [0.0, math.log(2)], atol=1e-12)
+
+
+def test_committee_picks_where_members_disagree():
+    proba = ranked_proba(6)  # the single model finds row 0 most uncertain
+    votes = {2: [0, 1, 0, 1], 4: [0, 0, 0, 1]}  # members split on row 2, a little on row 4
+
+    def committee(rows):
+        out = np.zeros((4, len(rows), 2))
+        for j, row in enumerate(rows):
+            for m, cls in enumerate(votes.get(int(row), [0, 0, 0, 0])):
+                out[m, j, cls] = 0.8
+                out[m, j, 1 - cls] = 0.2
+        return out
+
+    picks, scores = st.committee(candidates=3)(st.Pool(proba, committee=committee), 2, np.random.default_rng(0))
+    assert picks.tolist() == [2, 4]
+    assert scores[0] > scores[1] > 0
+
+
+# -- near-duplicates ---------------------------------------------------------------------
+def test_near_duplicates_never_in_one_batch_nor_already_labeled():
+    texts = [
+        "win a free cruise now call 0800 123",      # 0
+        "win a free cruise now call 0800 123!",     # 1: the same message
+        "are we still on for lunch tomorrow",        # 2
+        "meeting moved to 3pm see you there",        # 3: the same as a labeled item
+        "your parcel is waiting, pay the fee",       # 4
+        "win a free cruise now call 0800 123",       # 5: the same as 0
+        "can you pick up milk on the way home",      # 6
+    ]
+    labeled = ["meeting moved to 3pm see you there"]
+    vec = TfidfVectorizer().fit(texts + labeled)
+    x = vec.transform(texts)
+    proba = ranked_proba(len(texts))  # margin order: 0, 1, 2, ...
+    pool = st.Pool(proba, features=lambda rows: x[rows], labeled_features=vec.transform(labeled))
+    for name in ("margin", "random", "badge", "entropy"):
+        strategy = st.get_strategy(name, 0.0, near_duplicate=0.9, candidates=10)
+        for seed in range(5):
+            picks, _ = strategy(pool, 4, np.random.default_rng(seed))
+            chosen = set(picks.tolist())
+            assert len(chosen) == len(picks) == 4, (name, seed)
+            assert len(chosen & {0, 1, 5}) <= 1, (name, seed, picks)
+            assert 3 not in chosen, (name, seed, picks)
+    picks, _ = st.get_strategy("margin", 0.0, near_duplicate=0.9)(pool, 4, np.random.default_rng(0))
+    assert picks.tolist() == [0, 2, 4, 6]
+    # Asked for everything: only the distinct, never-labeled messages come back.
+    picks, _ = st.get_strategy("margin", 0.0, near_duplicate=0.9)(pool, 7, np.random.default_rng(0))
+    assert picks.tolist() == [0, 2, 4, 6]
+
+
+def test_near_duplicates_keep_the_exploration_share():
+    x = np.eye(200)
+    x[1] = x[0]  # one duplicate pair among the most uncertain
+    pool = st.Pool(ranked_proba(200), features=lambda rows: x[rows])
+    strategy = st.get_strategy("margin", 0.2, near_duplicate=0.9)
+    picks, scores = strategy(pool, 10, np.random.default_rng(3))
+    assert len(set(picks.tolist())) == 10 and 1 not in picks.tolist()
+    assert picks[:8].tolist() == [0, 2, 3, 4, 5, 6, 7, 8]
+    assert np.isnan(scores[8:]).all() and not np.isnan(scores[:8]).any()
+
+
+def test_get_strategy_knows_every_configurable_name():
+    from alflow.config import STRATEGIES
+
+    assert set(STRATEGIES) == set(st.NAMES)
+    for name in st.NAMES:
+        picks, _ = st.get_strategy(name, 0.1, 0.9)(ranked_proba(40), 5, np.random.default_rng(0))
+        assert len(set(picks.tolist())) == 5
