@@ -2,35 +2,75 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import pandas as pd
 from prefect import task
 from prefect.cache_policies import NONE
+from prefect.states import Failed
 
 from alflow.config import Settings
 from alflow.connectors import SourceError, build_connector, to_row
-from alflow.tasks.progress import track
+from alflow.tasks.progress import _logger, track
 from alflow.tasks.retrying import is_transient
 from alflow.tasks.store import Store, utcnow
 
 WRITE_CHUNK = 5000  # records per transaction: bounded memory, and a re-run resumes cheaply
+ITEM_COLUMNS = ["item_id", "source", "external_id", "url", "title", "text", "gold_label", "meta"]
+# Source settings that change how a source is read, not what it returns: changing them
+# keeps the source's cursor (any other change starts its next fetch afresh).
+HOW_NOT_WHAT = frozenset({"name", "timeout_seconds", "retries", "retry_wait_seconds", "max_retry_wait_seconds",
+                          "page_delay_seconds", "user_agent", "api_key_env", "api_key_secret"})
 
 
 @dataclass
 class IngestReport:
+    """What one source's ingest did. ``bad`` records failed (by reason in ``bad_reasons``);
+    ``skipped`` were left out by the source's cursor (delivered by an earlier fetch);
+    ``error`` is why the whole source stopped, None when it was read to its end."""
+
     source: str
     read: int = 0
     new: int = 0
     duplicate: int = 0
     bad: int = 0
     bad_reasons: dict[str, int] = field(default_factory=dict)
+    skipped: int = 0
+    error: str | None = None
+
+    def reasons(self) -> str:
+        return ", ".join(f"{n} {why}" for why, n in sorted(self.bad_reasons.items()))
 
     def line(self) -> str:
-        reasons = ", ".join(f"{n} {why}" for why, n in sorted(self.bad_reasons.items()))
-        bad = f", {self.bad} rejected ({reasons})" if self.bad else ""
-        return f"{self.source}: {self.read} read, {self.new} new, {self.duplicate} duplicates{bad}"
+        """``NAME: X read, Y new, Z duplicates, W failed (reasons)``; for a source that
+        stopped, its error (with what it had stored before, if anything)."""
+        counts = f"{self.read} read, {self.new} new, {self.duplicate} duplicates"
+        if self.error is not None:
+            stored = f" ({counts} before it stopped)" if self.new or self.duplicate else ""
+            return f"{self.error}{stored}"
+        failed = f", {self.bad} failed" + (f" ({self.reasons()})" if self.bad else "")
+        skipped = f", {self.skipped} seen before (skipped)" if self.skipped else ""
+        return f"{self.source}: {counts}{failed}{skipped}"
+
+
+class SourceFailed(SourceError):
+    """A source stopped; ``report`` says what it had read and stored before."""
+
+    def __init__(self, message: str, report: IngestReport | None = None):
+        super().__init__(message)
+        self.report = report
+
+    def __reduce__(self):
+        return type(self), (str(self), self.report)
+
+
+def settings_key(source) -> str:
+    """A hash of the settings that choose what ``source`` returns (see ``HOW_NOT_WHAT``)."""
+    chosen = source.model_dump(mode="json", exclude=set(HOW_NOT_WHAT))
+    return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def unknown_gold_message(source: str, labels: list[str], unknown: Counter, hint: str) -> str:
@@ -43,48 +83,80 @@ def unknown_gold_message(source: str, labels: list[str], unknown: Counter, hint:
 
 
 def ingest_source(settings: Settings, source_name: str, ingest_id: str,
-                  flow_run_id: str | None = None) -> IngestReport:
+                  flow_run_id: str | None = None, full: bool = False) -> IngestReport:
     """Fetch one source and upsert its records, ``WRITE_CHUNK`` per transaction.
 
-    Re-running is safe: items already stored (same content hash) count as duplicates.
+    Re-running is safe: items already stored (same content hash, from any source) count as
+    duplicates. A source that fetches incrementally is given the cursor its last complete
+    fetch left (unless ``full``, or its settings changed since), and the new cursor is
+    stored in the transaction of the last chunk, so it never runs ahead of the items.
+
     Gold labels go through the source's ``label_map``; each chunk is checked before it is
     written, and a gold label outside ``labels`` stops the writes: the rest of the source
-    is only read, to count every such value, then :class:`SourceError` names them (a
-    stored item is never rewritten, so a bad gold label must not be stored at all).
+    is only read, to count every such value, then the error names them (a stored item is
+    never rewritten, so a bad gold label must not be stored at all).
+
+    Raises :class:`SourceFailed` (a :class:`SourceError`) when the source stops, with the
+    report of what was read and stored before.
     """
     source = next((s for s in settings.sources if s.name == source_name), None)
     if source is None:
         raise ValueError(f"no source named {source_name!r} in the config")
     store = Store(settings.database, settings.store.lock_timeout_seconds)
-    connector = build_connector(source)
     report = IngestReport(source=source.name)
+    connector = None
+    try:
+        connector = build_connector(source)
+        _ingest(store, settings, source, connector, report, ingest_id, flow_run_id, full)
+    except SourceError as exc:
+        if connector is not None:
+            report.read = connector.report.read
+            report.bad, report.bad_reasons = connector.report.n_bad, dict(connector.report.bad)
+        report.error = str(exc).splitlines()[0] if str(exc) else f"source {source.name}: {type(exc).__name__}"
+        raise SourceFailed(report.error, report) from None
+    return report
+
+
+def _ingest(store: Store, settings: Settings, source, connector, report: IngestReport, ingest_id: str,
+            flow_run_id: str | None, full: bool) -> None:
     started = utcnow()
     rows: list[dict] = []
     classes = set(settings.labels)
     label_map = source.label_map
     unknown: Counter = Counter()
+    incremental = hasattr(connector, "next_cursor")
+    key = settings_key(source)
+    cursor = None
+    if incremental and not full:
+        stored = store.source_cursor(source.name)
+        if stored is not None and stored.settings == key:
+            cursor = stored.value
+        elif stored is not None:
+            _logger().info(f"source {source.name}: its settings changed since the last fetch; "
+                           "fetching everything again (deduplicated)")
+
+    def checked() -> bool:
+        unknown.update(row["gold_label"] for row in rows
+                       if row["gold_label"] is not None and row["gold_label"] not in classes)
+        return not unknown
 
     def flush() -> None:
-        bad = Counter(row["gold_label"] for row in rows
-                      if row["gold_label"] is not None and row["gold_label"] not in classes)
-        unknown.update(bad)
-        if not unknown:
-            new, duplicate = store.upsert_items(pd.DataFrame(rows), ingest_id)
+        if checked():
+            new, duplicate = store.upsert_items(pd.DataFrame(rows, columns=ITEM_COLUMNS), ingest_id)
             report.new += new
             report.duplicate += duplicate
         rows.clear()
 
     with track(f"ingest {source.name}", connector.expected_total()) as advance:
-        for record in connector.fetch(progress=advance):
+        records = connector.fetch(progress=advance, cursor=cursor) if incremental else connector.fetch(progress=advance)
+        for record in records:
             row = to_row(record, source.name)
             if row["gold_label"] is not None:
                 row["gold_label"] = label_map.get(row["gold_label"], row["gold_label"])
             rows.append(row)
             if len(rows) >= WRITE_CHUNK:
                 flush()
-        if rows:
-            flush()
-    if unknown:
+    if not checked():
         raise SourceError(unknown_gold_message(
             f"source {source.name}", settings.labels, unknown,
             "fix label_column or map them with label_map",
@@ -92,8 +164,14 @@ def ingest_source(settings: Settings, source_name: str, ingest_id: str,
     report.read = connector.report.read
     report.bad = connector.report.n_bad
     report.bad_reasons = dict(connector.report.bad)
-    store.record_ingest(ingest_id, source.name, flow_run_id, started, asdict(report), report.bad_reasons)
-    return report
+    report.skipped = getattr(connector, "skipped_by_cursor", 0)
+    counts = {"read": report.read, "new": report.new, "duplicate": report.duplicate, "bad": report.bad}
+    new, duplicate = store.finish_ingest(
+        pd.DataFrame(rows, columns=ITEM_COLUMNS), ingest_id, source.name, flow_run_id, started, counts,
+        report.bad_reasons, cursor=connector.next_cursor if incremental else None, settings_key=key,
+    )
+    report.new += new
+    report.duplicate += duplicate
 
 
 # Connectors that call services retry inside (backoff, Retry-After); a task-level retry
@@ -102,9 +180,44 @@ def ingest_source(settings: Settings, source_name: str, ingest_id: str,
       retry_condition_fn=is_transient,
       task_run_name="ingest-{source_name}")
 def ingest_source_task(settings: Settings, source_name: str, ingest_id: str,
-                       flow_run_id: str | None = None) -> IngestReport:
+                       flow_run_id: str | None = None, full: bool = False) -> IngestReport:
+    """A source that stops ends its task Failed with its one-line reason (no traceback: the
+    cause is the source, not the code), carrying the :class:`SourceFailed` with its report."""
     from prefect.logging import get_run_logger
 
-    report = ingest_source(settings, source_name, ingest_id, flow_run_id)
+    try:
+        report = ingest_source(settings, source_name, ingest_id, flow_run_id, full)
+    except SourceFailed as exc:
+        return Failed(message=exc.report.line() if exc.report else str(exc), data=exc)
     get_run_logger().info(report.line())
     return report
+
+
+def ingest_rows(reports: list[IngestReport]) -> list[dict]:
+    """The reports as table rows for the UI (each text cell escaped: the UI renders Markdown)."""
+    from alflow.tasks.report import markdown_text
+
+    return [
+        {
+            "source": markdown_text(r.source),
+            "status": "failed" if r.error is not None else "ok",
+            "read": r.read,
+            "new": r.new,
+            "duplicates": r.duplicate,
+            "failed": r.bad,
+            "reasons": markdown_text(r.reasons()),
+            "seen before": r.skipped,
+            "error": markdown_text(r.error or ""),
+        }
+        for r in reports
+    ]
+
+
+def publish_ingest(reports: list[IngestReport]) -> None:
+    """Table artifact: one row per source, as the `alflow ingest` lines say it."""
+    from prefect.artifacts import create_table_artifact
+
+    failed = [r.source for r in reports if r.error is not None]
+    summary = f"{len(failed)} failed: {', '.join(failed)}" if failed else "all read"
+    create_table_artifact(key="ingest-report", table=ingest_rows(reports),
+                          description=f"Ingest of {len(reports)} sources ({summary}).")

@@ -11,6 +11,7 @@ import json
 from datetime import datetime
 from typing import Iterator, Sequence
 
+import duckdb
 import numpy as np
 import pandas as pd
 
@@ -57,31 +58,44 @@ class PoolStore(Database):
         """
         if items.empty:
             return 0, 0
+        with self.transaction() as con:
+            return self._insert_items(con, items, ingest_run)
+
+    @staticmethod
+    def _insert_items(con: duckdb.DuckDBPyConnection, items: pd.DataFrame, ingest_run: str) -> tuple[int, int]:
+        """:meth:`upsert_items` inside the caller's transaction."""
+        if items.empty:
+            return 0, 0
         unique = items.drop_duplicates("item_id")
         in_batch_dups = len(items) - len(unique)
         frame = unique.assign(fetched_at=utcnow(), ingest_run=ingest_run)
-        with self.transaction() as con:
-            con.register("incoming", frame)
-            new = con.execute(
-                "SELECT count(*) FROM incoming WHERE item_id NOT IN (SELECT item_id FROM items)"
-            ).fetchone()[0]
-            con.execute(
-                """INSERT INTO items BY NAME
-                SELECT item_id, source, external_id, url, title, text, gold_label,
-                       meta::JSON AS meta, fetched_at, ingest_run
-                FROM incoming ON CONFLICT DO NOTHING"""
-            )
-            con.unregister("incoming")
+        con.register("incoming", frame)
+        new = con.execute(
+            "SELECT count(*) FROM incoming WHERE item_id NOT IN (SELECT item_id FROM items)"
+        ).fetchone()[0]
+        con.execute(
+            """INSERT INTO items BY NAME
+            SELECT item_id, source, external_id, url, title, text, gold_label,
+                   meta::JSON AS meta, fetched_at, ingest_run
+            FROM incoming ON CONFLICT DO NOTHING"""
+        )
+        con.unregister("incoming")
         return int(new), int(len(unique) - new + in_batch_dups)
 
     def record_ingest(self, ingest_id: str, source: str, flow_run_id: str | None,
                       started_at: datetime, counts: dict, bad_reasons: dict) -> None:
         with self.transaction() as con:
-            con.execute(
-                "INSERT OR REPLACE INTO ingests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [ingest_id, source, flow_run_id, started_at, utcnow(), counts["read"],
-                 counts["new"], counts["duplicate"], counts["bad"], json.dumps(bad_reasons)],
-            )
+            self._insert_ingest(con, ingest_id, source, flow_run_id, started_at, counts, bad_reasons)
+
+    @staticmethod
+    def _insert_ingest(con: duckdb.DuckDBPyConnection, ingest_id: str, source: str, flow_run_id: str | None,
+                       started_at: datetime, counts: dict, bad_reasons: dict) -> None:
+        """:meth:`record_ingest` inside the caller's transaction."""
+        con.execute(
+            "INSERT OR REPLACE INTO ingests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [ingest_id, source, flow_run_id, started_at, utcnow(), counts["read"],
+             counts["new"], counts["duplicate"], counts["bad"], json.dumps(bad_reasons)],
+        )
 
     def items(self, item_ids: Sequence[str]) -> pd.DataFrame:
         """The stored items with these ids, in the given order (missing ids are absent)."""
