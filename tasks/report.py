@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import base64
 import math
+import os
 import string
+from pathlib import Path
 
 import pandas as pd
 
 _MARKDOWN_ESCAPES = str.maketrans({c: "\\" + c for c in string.punctuation})
+
+# The keyed artifact every cycle adds a version to: the UI's Artifacts page shows the latest.
+LEARNING_CURVE_KEY = "alflow-learning-curve"
+# The same picture as a file, beside the database, rewritten every cycle.
+LEARNING_CURVE_PNG = "learning-curve.png"
 
 
 def markdown_text(text) -> str:
@@ -93,9 +101,11 @@ def agreement_line(agreement: dict) -> str:
 
 
 def cycle_markdown(counts: dict, cycles: pd.DataFrame, train: dict | None, batch_id: str | None,
-                   label_summary: str, metric: str, agreement: dict | None = None) -> str:
+                   label_summary: str, metric: str, agreement: dict | None = None,
+                   curve_url: str | None = None) -> str:
     """The run summary: pool, labels, the batch (and how often its answers changed the
-    pre-label), this cycle's metrics vs the previous, learning curve."""
+    pre-label), this cycle's metrics vs the previous, learning curve (the picture at
+    ``curve_url``, when given, above the table)."""
     lines = ["# Active-learning cycle", ""]
     lines.append(f"- pool: **{counts['pool']}** items waiting of {counts['items']} stored"
                  + (f" ({counts['holdout']} held out for evaluation)" if counts.get("holdout") else ""))
@@ -118,13 +128,82 @@ def cycle_markdown(counts: dict, cycles: pd.DataFrame, train: dict | None, batch
             if previous is not None and pd.notna(previous[name]) and pd.notna(now):
                 delta = f" ({now - previous[name]:+.3f} vs cycle {int(previous['cycle'])})"
             lines.append(f"- {name}: **{_fmt(now)}**{delta}")
-        lines += ["", f"## Learning curve ({metric})", "", "| cycle | labels | accuracy | macro F1 | model | promoted |",
-                  "|---:|---:|---:|---:|---:|:---:|"]
-        for row in cycles.itertuples(index=False):
-            model = f"v{int(row.model_version)}" if pd.notna(row.model_version) else "–"
-            lines.append(f"| {row.cycle} | {row.n_labels} | {_fmt(row.accuracy)} | {_fmt(row.macro_f1)} | "
-                         f"{model} | {'yes' if row.promoted else 'no'} |")
+        lines += ["", f"## Learning curve ({metric})", ""]
+        if curve_url:
+            lines += [curve_image(curve_url), ""]
+        lines += curve_table(cycles)
     return "\n".join(lines)
+
+
+def curve_table(cycles: pd.DataFrame) -> list[str]:
+    """The learning curve as Markdown table lines, one row per cycle."""
+    lines = ["| cycle | labels | accuracy | macro F1 | model | promoted |", "|---:|---:|---:|---:|---:|:---:|"]
+    for row in cycles.itertuples(index=False):
+        model = f"v{int(row.model_version)}" if pd.notna(row.model_version) else "–"
+        lines.append(f"| {row.cycle} | {row.n_labels} | {_fmt(row.accuracy)} | {_fmt(row.macro_f1)} | "
+                     f"{model} | {'yes' if row.promoted else 'no'} |")
+    return lines
+
+
+def data_url(png: bytes) -> str:
+    """``png`` inline, as a ``data:`` URL: the Prefect UI shows it offline, with no file
+    server and nothing fetched from elsewhere."""
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def curve_image(url: str) -> str:
+    return f"![Learning curve: accuracy and macro F1 against labels]({url})"
+
+
+def curve_caption(cycles: pd.DataFrame) -> str:
+    """One line on the latest cycle: labels, both metrics, its model."""
+    last = cycles.iloc[-1]
+    model = (f"model v{int(last['model_version'])} ({'promoted' if last['promoted'] else 'not promoted'})"
+             if pd.notna(last["model_version"]) else "no model")
+    return (f"**cycle {int(last['cycle'])}**: {int(last['n_labels'])} labels · accuracy {_fmt(last['accuracy'])} · "
+            f"macro F1 {_fmt(last['macro_f1'])} · {model}")
+
+
+def learning_curve_markdown(cycles: pd.DataFrame, png_path: Path | None = None) -> str:
+    """The keyed learning-curve artifact's body: the numbers behind the picture (which is
+    in its description) and where the PNG file is."""
+    lines = ["# Learning curve", "", curve_caption(cycles), "", *curve_table(cycles)]
+    if png_path is not None:
+        lines += ["", f"PNG: {markdown_text(png_path)}"]
+    return "\n".join(lines)
+
+
+def write_file_atomically(path: Path, data: bytes) -> None:
+    """Whoever has ``path`` open sees the old picture or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial.write_bytes(data)
+    os.replace(partial, path)
+
+
+def publish_learning_curve(cycles: pd.DataFrame, metric: str | None, database: Path) -> str | None:
+    """Draw the learning curve, write it beside ``database`` (:data:`LEARNING_CURVE_PNG`)
+    and add a version of the keyed artifact :data:`LEARNING_CURVE_KEY`. Returns the
+    picture as a ``data:`` URL for the cycle summary, or None when no cycle is recorded.
+
+    The picture is in the artifact's *description*, on its first line: the UI shows the
+    first line of a description (as Markdown, images included) on the cards of the
+    Artifacts page and of a run's Artifacts tab, and all of it on top of the key's page,
+    while a body shows only on the artifact's own page.
+    """
+    from prefect.artifacts import create_markdown_artifact
+
+    from alflow.tasks.plots import learning_curve_png
+
+    if not len(cycles):
+        return None
+    png = learning_curve_png(cycles, metric)
+    path = Path(database).parent / LEARNING_CURVE_PNG
+    write_file_atomically(path, png)
+    url = data_url(png)
+    create_markdown_artifact(key=LEARNING_CURVE_KEY, markdown=learning_curve_markdown(cycles, path),
+                             description=f"{curve_caption(cycles)} {curve_image(url)}")
+    return url
 
 
 def publish_cycle(markdown: str) -> None:
