@@ -30,7 +30,8 @@ ENV_PREFIX = "ALFLOW_"
 # Environment variables with this prefix that are not settings keys.
 ENV_NOT_SETTINGS = {"ALFLOW_CONFIG", "ALFLOW_SKIP_BROWSER_TESTS", "ALFLOW_NO_PROGRESS"}
 SKIP = "skip"
-STRATEGIES = ("least_confidence", "margin", "entropy", "random")
+# The names of query.strategy (alflow.tasks.strategies.NAMES lists the same).
+STRATEGIES = ("least_confidence", "margin", "entropy", "random", "badge", "class_balanced", "committee")
 
 
 class ConfigError(ValueError):
@@ -85,9 +86,15 @@ class ModelSettings(_Section):
 class QuerySettings(_Section):
     """Which items to ask the human about."""
 
-    strategy: Literal["least_confidence", "margin", "entropy", "random"] = "margin"
+    strategy: Literal["least_confidence", "margin", "entropy", "random", "badge", "class_balanced",
+                      "committee"] = "margin"
     batch_size: int = Field(20, ge=1, le=500)
     exploration: float = Field(0.1, ge=0.0, le=1.0)
+    # A pick whose TF-IDF cosine similarity to another pick or a labeled item is at least
+    # this is dropped (a reviewer never sees the same message twice); None turns it off.
+    near_duplicate: float | None = Field(0.9, gt=0.0, le=1.0)
+    # badge and committee look at the batch_size * candidates smallest-margin items.
+    candidates: int = Field(10, ge=1, le=1000)
     cold_start: Literal["coverage", "random"] = "coverage"
     chunk_size: int = Field(5000, ge=100)
     # Coverage picks cluster this many pool items at most (a seeded sample beyond it).
@@ -98,6 +105,9 @@ class ReviewSettings(_Section):
     """The pause for human review."""
 
     timeout_hours: float = Field(168.0, gt=0)
+    # A cycle that finds this many batches waiting for review asks nothing new: it ingests,
+    # pre-labels and ends (a team that labels in bursts can queue more).
+    max_open_batches: int = Field(1, ge=1, le=100)
     poll_interval_seconds: int = Field(5, ge=1, le=600)
     text_chars: int = Field(600, ge=40)
     annotator: str = Field("annotator", min_length=1, max_length=64, pattern=r"^[\w.@-]+$")
@@ -121,6 +131,43 @@ class StoppingSettings(_Section):
 
 class StoreSettings(_Section):
     lock_timeout_seconds: float = Field(30.0, ge=0)
+    # How long a cycle waits for another cycle working on the same database (the 'cycle'
+    # lock) before it gives up: at the start it then ends doing nothing, after the review
+    # it fails with the answers kept.
+    cycle_lock_timeout_seconds: float = Field(600.0, ge=0)
+
+
+class ScheduleSettings(_Section):
+    """When `alflow serve` runs the flows: cron strings, "" for no schedule."""
+
+    cycle: str = ""
+    ingest: str = ""
+    timezone: str = "UTC"
+
+    @field_validator("cycle", "ingest")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        value = value.strip()
+        if value:
+            from pydantic import ValidationError as Invalid
+            from prefect.client.schemas.schedules import CronSchedule
+
+            try:  # Prefect's own check: what it accepts, nothing else
+                CronSchedule(cron=value)
+            except Invalid:
+                raise ValueError(f"{value!r} is not a cron string like \"0 6 * * *\"") from None
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{value!r} is not a time zone name like \"Europe/Berlin\"") from None
+        return value
 
 
 class FilesSource(_Section):
@@ -161,6 +208,7 @@ class Settings(_Section):
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
     stopping: StoppingSettings = Field(default_factory=StoppingSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
+    schedules: ScheduleSettings = Field(default_factory=ScheduleSettings)
     sources: list[SourceSettings] = Field(default_factory=list)
     # Where the file came from; not a setting a user writes.
     config_path: Path | None = Field(None, exclude=True)
@@ -228,12 +276,21 @@ def import_object(dotted: str) -> Any:
 
 
 def _env_overrides(environ: dict[str, str]) -> dict[tuple[str, ...], tuple[Any, str]]:
-    """`ALFLOW_QUERY__BATCH_SIZE=50` -> {("query", "batch_size"): (50, "ALFLOW_QUERY__BATCH_SIZE")}."""
+    """`ALFLOW_QUERY__BATCH_SIZE=50` -> {("query", "batch_size"): (50, "ALFLOW_QUERY__BATCH_SIZE")}.
+
+    Settings are the names ``ALFLOW_<SECTION>__<KEY>`` and ``ALFLOW_<TOP-LEVEL KEY>``
+    (``ALFLOW_DATABASE``, ``ALFLOW_LABELS``, ...); any other ``ALFLOW_*`` name is ignored,
+    and an unknown section or key in a ``__`` name is an error naming the variable.
+    """
     overrides = {}
+    top_level = set(Settings.model_fields) - {"config_path"}
     for name, raw in environ.items():
         if not name.startswith(ENV_PREFIX) or name in ENV_NOT_SETTINGS:
             continue
-        path = tuple(part.lower() for part in name[len(ENV_PREFIX):].split("__"))
+        key = name[len(ENV_PREFIX):]
+        if "__" not in key and key.lower() not in top_level:
+            continue  # not a setting: deployments export names like ALFLOW_REPO for their own use
+        path = tuple(part.lower() for part in key.split("__"))
         if not all(path):
             raise ConfigError(f"{name}: malformed name; nested keys use '__', e.g. ALFLOW_QUERY__BATCH_SIZE")
         try:
@@ -268,7 +325,9 @@ def _format_error(exc: ValidationError, origins: dict[tuple[str, ...], str], def
     key = ".".join(loc) or "(top level)"
     origin = default_origin
     for path, env_name in origins.items():
-        if tuple(loc[: len(path)]) == path:
+        # the error is at or below the variable's key, or it is about a section the
+        # variable made up (ALFLOW_REPO__PATH: an unknown section 'repo')
+        if tuple(loc[: len(path)]) == path or (loc and path[: len(loc)] == loc):
             origin = env_name
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":

@@ -122,6 +122,12 @@ def run(
                 err_console.print(f"[bold red]error:[/] cycle {number} failed: {escape(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)}")
                 raise typer.Exit(1) from None
             _print_cycle(summary, settings.evaluation.metric)
+            if summary.get("message"):  # batches wait for review, or another cycle held the database
+                (err_console if summary.get("busy") else console).print(
+                    ("[bold red]error:[/] " if summary.get("busy") else "") + escape(summary["message"]))
+                if summary.get("busy"):
+                    raise typer.Exit(1)
+                break
             if summary.get("stop"):
                 console.print(f"Stopping: {summary['stop']}.")
                 break
@@ -140,70 +146,192 @@ def _print_cycle(summary: dict, metric: str) -> None:
     )
 
 
+@contextmanager
+def _run_logs_off_console():
+    """Keep a flow run's log lines (in the Prefect UI) off the terminal, where the command
+    prints its own summary of them."""
+    import logging
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    def not_run_log(record: logging.LogRecord) -> bool:
+        return not record.name.startswith(("prefect.flow_runs", "prefect.task_runs"))
+
+    loggers = [logging.getLogger(), *(logger for logger in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(logger, logging.Logger))]
+    handlers = {h for logger in loggers for h in logger.handlers if isinstance(h, PrefectConsoleHandler)}
+    for handler in handlers:
+        handler.addFilter(not_run_log)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(not_run_log)
+
+
 @app.command()
 @friendly
-def ingest(config: ConfigOption = None):
-    """Fetch every configured source into the store (deduplicated; safe to repeat)."""
-    from alflow.tasks.ingest import ingest_source
+def ingest(
+    config: ConfigOption = None,
+    source: Annotated[Optional[str], typer.Option("--source", "-s", help="Only this source (by its name).")] = None,
+    full: Annotated[bool, typer.Option("--full", help="Ignore what the sources delivered before: fetch "
+                                       "everything again (still deduplicated).")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")] = True,
+):
+    """Fetch the configured sources into the store, one line per source (deduplicated; safe to repeat).
+
+    Exits 1 if any source failed; the others' items are stored.
+    """
+    from alflow.flows.ingest import IngestFailed, source_names
+    from alflow.flows.ingest import ingest as ingest_flow
     from alflow.tasks.progress import enable_bars
 
     settings = _settings(config)
+    source_names(settings, source)  # an unknown name fails here, before anything starts
     _store(settings)
-    enable_bars(True)
-    import uuid
-
-    ingest_id = f"cli-{uuid.uuid4().hex[:8]}"
-    for source in settings.sources:
-        console.print(ingest_source(settings, source.name, ingest_id).line())
+    if not settings.sources:
+        console.print(f"No sources in {settings.config_path}: add a [[sources]] table.")
+        return
+    enable_bars(progress)
+    with _prefect_api(settings), _run_logs_off_console():
+        try:
+            reports, failed = ingest_flow(str(settings.config_path), source=source, full=full), None
+        except IngestFailed as exc:
+            reports, failed = exc.reports, exc
+    for report in reports:
+        if report.error is None:
+            console.print(escape(report.line()))
+        else:
+            err_console.print(f"[bold red]error:[/] {escape(report.line())}")
+    if failed is not None:
+        raise typer.Exit(1)
 
 
 # -- status ---------------------------------------------------------------------------------
+def status_report(settings, store, api_url: str | None) -> dict:
+    """Where the project stands, as one JSON-ready object: ``items``, ``pool``, ``labeled``,
+    ``skipped``, ``held_out``, ``models``, ``waiting`` (batches waiting for review:
+    ``{batch_id, flow_run_id, size, answered, url}``), ``cycles`` (the learning curve:
+    ``{cycle, n_labels, accuracy, macro_f1, model_version, promoted, strategy}``) and, when
+    a Prefect API answers at ``api_url`` and deployments run this config, ``schedules``
+    (:func:`alflow.flows.serve.served_schedules`). URLs are None without a reachable UI."""
+    import pandas as pd
+
+    from alflow.flows.cycle import waiting_batches
+
+    counts = store.counts(settings.holdout_fraction)
+    ui = None
+    if api_url:
+        from alflow.flows.prefect_server import ui_url_for
+
+        ui = ui_url_for(api_url)
+    report = {key: counts[name] for key, name in (("items", "items"), ("pool", "pool"), ("labeled", "labeled"),
+                                                  ("skipped", "skipped"), ("held_out", "holdout"),
+                                                  ("models", "models"))}
+    report["waiting"] = [w if ui else dict(w, url=None) for w in waiting_batches(store, None, ui_url=ui)]
+
+    def number(value):
+        return None if value is None or pd.isna(value) else value
+
+    report["cycles"] = [
+        {"cycle": int(row.cycle), "n_labels": int(row.n_labels), "accuracy": number(row.accuracy),
+         "macro_f1": number(row.macro_f1),
+         "model_version": None if number(row.model_version) is None else int(row.model_version),
+         "promoted": bool(row.promoted), "strategy": row.strategy}
+        for row in store.cycles().itertuples(index=False)
+    ]
+    if api_url:
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        from alflow.flows.serve import served_schedules
+
+        with temporary_settings(updates={PREFECT_API_URL: api_url}):
+            schedules = served_schedules(settings, ui)
+        if schedules:
+            report["schedules"] = schedules
+    return report
+
+
 @app.command()
 @friendly
-def status(config: ConfigOption = None):
-    """Pool size, labels, batches waiting for review (with their run URLs), latest metrics."""
+def status(
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object (for scripts and monitoring).")] = False,
+):
+    """Pool, labels, batches waiting for review (with their run URLs), cycles, schedules.
+
+    The schedules are those of the deployments (`alflow serve`, prefect.yaml) that run
+    this config, when the Prefect API answers.
+    """
+    import json
+
     settings = _settings(config)
     store = _store(settings)
-    holdout = settings.holdout_fraction
-    counts = store.counts(holdout)
+    report = status_report(settings, store, _api_url())
+    if as_json:
+        typer.echo(json.dumps(report, indent=2, default=str))
+        return
     console.print(
-        f"items: {counts['items']}  pool: {counts['pool']}  labeled: {counts['labeled']}  "
-        f"skipped: {counts['skipped']}  held out: {counts['holdout']}  models: {counts['models']}"
+        f"items: {report['items']}  pool: {report['pool']}  labeled: {report['labeled']}  "
+        f"skipped: {report['skipped']}  held out: {report['held_out']}  models: {report['models']}"
     )
-    from alflow.tasks.report import run_url
-
-    waiting = store.batches("open")
-    if waiting.empty:
+    if not report["waiting"]:
         console.print("batches waiting for review: none")
     else:
         console.print("batches waiting for review:")
-        ui = _ui_url()
-        for row in waiting.itertuples(index=False):
-            items = store.batch_items(row.batch_id)
-            answered = int(items["answer"].notna().sum())
-            console.print(f"  {row.batch_id}  {answered}/{len(items)} answered  {row.strategy}  "
-                          f"created {str(row.created_at)[:19]} UTC")
-            if isinstance(row.flow_run_id, str):
-                console.print(f"    {run_url(row.flow_run_id, ui) if ui else 'flow run ' + row.flow_run_id}")
-    cycles = store.cycles()
-    if cycles.empty:
+        for batch in report["waiting"]:
+            console.print(f"  {batch['batch_id']}  {batch['answered']}/{batch['size']} answered")
+            if batch["flow_run_id"]:
+                console.print(f"    {batch['url'] or 'flow run ' + batch['flow_run_id']}")
+    for schedule in report.get("schedules", []):
+        when = (f"{schedule['schedule']} ({schedule['timezone'] or 'UTC'}), "
+                + (f"next run {schedule['next_run'][:16]}" if schedule["active"] else "paused")
+                if schedule["schedule"] else "no schedule")
+        console.print(f"deployment {schedule['deployment']}: {when}")
+    if not report["cycles"]:
         console.print("cycles: none yet")
         return
     table = Table("cycle", "labels", "accuracy", "macro F1", "model", "promoted", title="latest cycles")
     table.add_column("strategy", overflow="fold")
-    for row in cycles.tail(5).itertuples(index=False):
-        fmt = lambda v: "–" if v is None or v != v else f"{v:.3f}"  # noqa: E731
-        table.add_row(str(row.cycle), str(row.n_labels), fmt(row.accuracy), fmt(row.macro_f1),
-                      f"v{int(row.model_version)}" if row.model_version == row.model_version and row.model_version is not None else "–",
-                      "yes" if row.promoted else "no", row.strategy)
+    fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
+    for row in report["cycles"][-5:]:
+        table.add_row(str(row["cycle"]), str(row["n_labels"]), fmt(row["accuracy"]), fmt(row["macro_f1"]),
+                      f"v{row['model_version']}" if row["model_version"] is not None else "–",
+                      "yes" if row["promoted"] else "no", row["strategy"])
     console.print(table)
 
 
-def _ui_url() -> str | None:
-    from alflow.flows.prefect_server import configured_api_url, healthy, ui_url_for
+def _api_url() -> str | None:
+    """The configured Prefect API (or the local default) if it answers, else None."""
+    from alflow.flows.prefect_server import configured_api_url, healthy
 
     api = configured_api_url() or "http://127.0.0.1:4200/api"
-    return ui_url_for(api) if healthy(api, timeout=1.0) else None
+    return api if healthy(api, timeout=1.0) else None
+
+
+# -- serve ----------------------------------------------------------------------------------
+@app.command()
+@friendly
+def serve(config: ConfigOption = None):
+    """Serve the cycle and ingest flows as deployments on the config's schedules.
+
+    Runs until Ctrl-C or SIGTERM; the schedules are paused then. A cycle waiting for review
+    holds no process: resuming it reschedules it here.
+    """
+    from alflow.flows.serve import build_deployments, register, serve_deployments
+
+    settings = _settings(config)
+    _store(settings)
+    with _prefect_api(settings) as info:
+        deployments = build_deployments(settings)
+        served = register(deployments, settings, info.ui_url)
+        console.print(f"Serving {len(served)} deployments of {settings.config_path}:")
+        for one in served:
+            console.print(f"  {escape(one.line())}")
+        console.print(f"Prefect UI: [link={info.ui_url}]{info.ui_url}[/link]  (Ctrl-C stops; the schedules are "
+                      "paused until the next `alflow serve`)")
+        serve_deployments(deployments)
+    console.print("Stopped serving; the schedules are paused.")
 
 
 # -- review: terminal, files, resume ---------------------------------------------------------
@@ -336,8 +464,12 @@ def _resume(settings, store, batch_id: str | None, annotator: str, skip_rest: bo
 
     with _prefect_api(settings):
         chosen = resume_batch(store, batch_id, annotator=annotator, skip_rest=skip_rest)
-    console.print(f"Resumed run {chosen['flow_run_id']} of batch {chosen['batch_id']}; it records the "
-                  "answers and retrains.")
+    if chosen.get("deployment_id"):  # suspended: rescheduled, the deployment's process goes on with it
+        console.print(f"Resumed run {chosen['flow_run_id']} of batch {chosen['batch_id']}; `alflow serve` or the "
+                      "work pool's worker picks it up, records the answers and retrains.")
+    else:
+        console.print(f"Resumed run {chosen['flow_run_id']} of batch {chosen['batch_id']}; it records the "
+                      "answers and retrains.")
 
 
 @app.command()
@@ -352,6 +484,49 @@ def resume(
     settings = _settings(config)
     store = _store(settings)
     _resume(settings, store, batch, annotator or settings.review.annotator, skip_rest)
+
+
+# -- simulate -------------------------------------------------------------------------------
+@app.command()
+@friendly
+def simulate(
+    data: Annotated[Path, typer.Option("--data", help="A labeled CSV file.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for curves.csv, summary.csv and curves.png.")],
+    text_col: Annotated[str, typer.Option("--text-col", help="The text column.")] = "text",
+    label_col: Annotated[str, typer.Option("--label-col", help="The gold label column.")] = "label",
+    split_col: Annotated[Optional[str], typer.Option("--split-col", help="Rows whose value is 'test' form the test set.")] = None,
+    test_split: Annotated[float, typer.Option("--test-split", help="Share held out as the test set (without --split-col).")] = 0.25,
+    strategies_: Annotated[str, typer.Option("--strategies", help="Comma-separated; 'default' is alflow.toml's query.strategy.")] = "random,margin,default",
+    batch: Annotated[int, typer.Option("--batch", help="Items per simulated batch.")] = 20,
+    cycles: Annotated[int, typer.Option("--cycles", help="Batches per run.")] = 25,
+    init: Annotated[int, typer.Option("--init", help="Cold-start labels.")] = 20,
+    seeds: Annotated[int, typer.Option("--seeds", help="Runs per strategy (seeds 0..n-1).")] = 5,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Take [model] and [query] from this file (default: the shipped alflow.toml).")] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")] = True,
+):
+    """Replay the loop on a labeled CSV with a simulated annotator: learning curves per strategy."""
+    import math
+
+    from alflow.flows.simulate import SimulationError, TARGET_SHARE
+    from alflow.flows.simulate import simulate as run_simulation
+    from alflow.tasks.progress import enable_bars
+
+    enable_bars(progress)
+    try:
+        result = run_simulation(data, out, text_col=text_col, label_col=label_col, split_col=split_col,
+                                test_split=test_split, strategies=strategies_.split(","), batch=batch,
+                                cycles=cycles, init=init, seeds=seeds, config=config)
+    except SimulationError as exc:
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(1) from None
+    table = Table("strategy", "aulc_mean", "aulc_std", "final_accuracy", "labels_to_95",
+                  title=f"full-pool accuracy {result.full_accuracy:.3f} "
+                        f"(labels_to_95: labels until {TARGET_SHARE:.0%} of it, median over seeds)")
+    for row in result.summary.itertuples(index=False):
+        to95 = "inf" if math.isinf(row.labels_to_95) else f"{row.labels_to_95:g}"
+        table.add_row(row.strategy, f"{row.aulc_mean:.3f}", f"{row.aulc_std:.3f}", f"{row.final_accuracy:.3f}", to95)
+    console.print(table)
+    console.print(f"Wrote {out / 'curves.csv'}, {out / 'summary.csv'} and {out / 'curves.png'}.")
 
 
 # -- setup ----------------------------------------------------------------------------------

@@ -1,10 +1,15 @@
 """One active-learning cycle, as a Prefect flow.
 
-    ingest -> load model -> pre-label pool -> query batch -> review (pause) -> record labels
-           -> retrain + evaluate -> record cycle + artifacts
+    ingest -> load model -> pre-label pool -> query batch -> review (suspend or pause)
+           -> record labels -> retrain + evaluate -> record cycle + artifacts
 
 Every step can be re-run: ingest and pre-label skip what is stored, the query returns the
 run's existing batch, retraining on unchanged labels returns the model already trained.
+A resumed suspended run replays from the top and goes straight to its batch's review.
+
+One cycle at a time per database: a cycle holds the store's ``cycle`` lock from ingest to
+query and from retrain to the report, never while it waits for review. A cycle that finds
+``review.max_open_batches`` batches waiting asks nothing new.
 """
 
 from __future__ import annotations
@@ -16,22 +21,25 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.exceptions import FlowPauseTimeout
-from prefect.flow_runs import pause_flow_run
-from prefect.runtime import flow_run
+from prefect.flow_runs import pause_flow_run, suspend_flow_run
+from prefect.runtime import deployment, flow_run
+from prefect.states import Completed, State
 
 from alflow.config import CONFIG_FILENAME, ConfigError, load_config
-from alflow.flows.ingest import ingest
+from alflow.flows.ingest import ingest_for_cycle
 from alflow.tasks.prelabel import prelabel_task
 from alflow.tasks.query import query_task
-from alflow.tasks.report import cycle_markdown, publish_batch, publish_cycle
+from alflow.tasks.report import cycle_markdown, publish_batch, publish_cycle, publish_learning_curve
 from alflow.tasks.review import (
+    REVIEW_PAUSE_KEY,
     answers_from_form,
     build_review_form,
     expire_stale_batches,
     form_defaults,
+    shown_form_defaults,
     simulated_answers,
 )
-from alflow.tasks.store import LabelWrite, Store
+from alflow.tasks.store import LabelWrite, LockHeldError, Store, describe_holder
 from alflow.tasks.train import load_model_task, retrain_task
 
 
@@ -45,6 +53,67 @@ def alflow_command() -> str:
         return str(installed.relative_to(Path.cwd()))
     except ValueError:
         return str(installed)
+
+
+# The store lock a cycle holds while it works on the database (not while it waits for review).
+CYCLE_LOCK = "cycle"
+
+
+def take_cycle_lock(store: Store, settings, run_id: str | None) -> None:
+    """Hold the cycle lock for this run (released by ``store.release_lock(CYCLE_LOCK, run_id)``),
+    waiting up to ``store.cycle_lock_timeout_seconds`` for another cycle; a holder whose
+    process is gone or whose flow run has ended is taken over. Raises LockHeldError."""
+    logger = get_run_logger()
+    wait = settings.store.cycle_lock_timeout_seconds
+    store.acquire_lock(
+        CYCLE_LOCK, run_id, wait, is_stale=_holder_run_ended,
+        on_wait=lambda holder: logger.info(f"another cycle is working on this database "
+                                           f"({describe_holder(holder)}); waiting up to {wait:g} s"),
+    )
+
+
+def _holder_run_ended(holder: dict) -> bool:
+    """True if the lock holder's flow run has ended (crashed, failed, ...) on this Prefect API."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    if not holder.get("flow_run_id"):
+        return False
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(UUID(holder["flow_run_id"])).state
+    except (ObjectNotFound, ValueError):
+        return False
+    return state is not None and state.is_final()
+
+
+def waiting_batches(store: Store, run_id: str | None, ui_url: str | None = None) -> list[dict]:
+    """The open batches of runs other than ``run_id``, oldest first:
+    ``{batch_id, flow_run_id, size, answered, url}`` (the run's page in the UI at ``ui_url``,
+    default the configured one)."""
+    from alflow.tasks.report import run_url
+
+    waiting = []
+    for batch in store.batches("open").to_dict("records"):
+        if run_id is not None and batch["flow_run_id"] == run_id:
+            continue
+        items = store.batch_items(batch["batch_id"])
+        flow_run_id = batch["flow_run_id"] if isinstance(batch["flow_run_id"], str) else None
+        waiting.append({"batch_id": batch["batch_id"], "flow_run_id": flow_run_id, "size": len(items),
+                        "answered": int(items["answer"].notna().sum()),
+                        "url": run_url(flow_run_id, ui_url) if flow_run_id else None})
+    return waiting
+
+
+def waiting_message(waiting: list[dict], limit: int) -> str:
+    """'batch 3f2a… (4/20 answered) at <its run's URL> is still waiting for review, so ...'."""
+    listed = "; ".join(f"batch {w['batch_id']} ({w['answered']}/{w['size']} answered) at "
+                       f"{w['url'] or 'flow run ' + str(w['flow_run_id'])}" for w in waiting)
+    verb = "is" if len(waiting) == 1 else "are"
+    return (f"{listed} {verb} still waiting for review, so this cycle asks nothing new "
+            f"(review.max_open_batches = {limit}); the pool is ingested and pre-labeled")
 
 
 def review_instructions(batch_id: str, n: int, url: str | None, config_path: str) -> str:
@@ -61,21 +130,55 @@ def review_instructions(batch_id: str, n: int, url: str | None, config_path: str
 
 
 @flow(name="active-learning-cycle")
-def active_learning_cycle(config_path: str = "alflow.toml", auto: bool = False,
+def active_learning_cycle(config_path: str | None = None, auto: bool = False,
                           ingest_sources: bool = True) -> dict:
-    """Run one cycle; pauses for human review unless ``auto`` (simulated annotator).
+    """Run one cycle; stops for human review unless ``auto`` (simulated annotator).
 
+    ``config_path``: the config file (default: $ALFLOW_CONFIG, else ./alflow.toml).
     Returns a summary: cycle number, batch, labels, metrics and ``stop`` (why the loop
-    should stop, or None).
+    should stop, or None). A cycle that asks nothing because a batch still waits for
+    review, or because another cycle kept the database busy, ends Completed with a
+    ``message`` saying so (in the summary and the run's state).
     """
-    logger = get_run_logger()
     settings = load_config(config_path)
     store = Store(settings.database, settings.store.lock_timeout_seconds)
     store.migrate()
     run_id = flow_run.get_id()
+    config_path = str(settings.config_path)
+    try:
+        # A suspended run, once resumed, replays from the top: its batch is recorded, so
+        # ingest, pre-label and query are not done again.
+        batch = store.batch_for_run(run_id) if run_id else None
+        if batch is None:
+            selected = select_batch(store, settings, run_id, config_path, auto, ingest_sources)
+            if not isinstance(selected, str):
+                return selected  # nothing asked: a summary, or a Completed state with its message
+            batch_id = selected
+        else:
+            batch_id = batch["batch_id"]
+            get_run_logger().info(f"resumed: batch {batch_id} was queried before the review; recording it")
+        return review_and_retrain(store, settings, run_id, config_path, auto, batch_id, replay=batch is not None)
+    finally:
+        store.release_lock(CYCLE_LOCK, run_id)
+
+
+def select_batch(store: Store, settings, run_id: str | None, config_path: str, auto: bool,
+                 ingest_sources: bool) -> str | dict | State:
+    """Ingest, pre-label and query, holding the cycle lock: the new batch's id; or the
+    summary when there is nothing to ask; or a Completed state with a message when batches
+    still wait for review (``review.max_open_batches``) or another cycle kept the lock."""
+    logger = get_run_logger()
+    try:
+        take_cycle_lock(store, settings, run_id)
+    except LockHeldError as exc:
+        message = (f"another cycle kept this database busy for {settings.store.cycle_lock_timeout_seconds:g} s "
+                   f"({exc}); this run asked nothing, the next one tries again")
+        logger.warning(message)
+        return Completed(message=message,
+                         data={"cycle": None, "batch_id": None, "stop": None, "busy": True, "message": message})
 
     if ingest_sources and settings.sources:
-        ingest(config_path)
+        ingest_for_cycle(config_path)  # some sources failing: logged, the cycle goes on
     check_gold_labels(store, settings, auto)
     expire_stale_batches(store, run_id)
 
@@ -89,6 +192,13 @@ def active_learning_cycle(config_path: str = "alflow.toml", auto: bool = False,
         logger.info("no model yet: cold start, the batch is chosen for coverage")
 
     counts = store.counts(holdout)
+    waiting = [] if auto else waiting_batches(store, run_id)
+    if len(waiting) >= settings.review.max_open_batches:
+        message = waiting_message(waiting, settings.review.max_open_batches)
+        logger.info(message)
+        return Completed(message=message,
+                         data={"cycle": None, "batch_id": None, "stop": None, "counts": counts,
+                               "waiting": [w["batch_id"] for w in waiting], "message": message})
     budget_left = None
     if settings.stopping.budget is not None:
         budget_left = settings.stopping.budget - counts["labeled"] - counts["skipped"]
@@ -97,21 +207,38 @@ def active_learning_cycle(config_path: str = "alflow.toml", auto: bool = False,
         stop = "budget spent" if budget_left is not None and budget_left <= 0 else "pool exhausted"
         logger.info(f"nothing to ask: {stop}")
         return {"cycle": None, "batch_id": None, "stop": stop, "counts": counts}
+    return batch_id
 
+
+def review_and_retrain(store: Store, settings, run_id: str | None, config_path: str, auto: bool,
+                       batch_id: str, replay: bool = False) -> dict:
+    """Review the batch (simulated, or stopping for a human without the cycle lock), record
+    the answers, then retrain, evaluate and report holding the lock again."""
+    logger = get_run_logger()
+    holdout = settings.holdout_fraction
     if auto:
         written = simulated_review(store, settings, batch_id, run_id)
     else:
-        written = human_review(store, settings, batch_id, run_id, config_path)
+        store.release_lock(CYCLE_LOCK, run_id)  # the review may take days: other cycles may run
+        written = human_review(store, settings, batch_id, run_id, config_path, replay=replay)
     label_summary = written.summary()
     logger.info(f"batch {batch_id}: {label_summary}")
 
+    try:
+        take_cycle_lock(store, settings, run_id)
+    except LockHeldError as exc:
+        raise LockHeldError(f"cannot retrain: {exc} for more than {settings.store.cycle_lock_timeout_seconds:g} s; "
+                            f"the answers to batch {batch_id} are recorded and train the next cycle",
+                            exc.holder) from None
     train = retrain_task(settings, run_id)
     cycle = store.record_cycle(run_id, batch_id, train.model_version, _strategy(store, batch_id),
                                train.n_labels, train.metrics, train.promoted)
     counts = store.counts(holdout)
     metric = settings.evaluation.metric
-    publish_cycle(cycle_markdown(counts, store.cycles(), asdict(train) if train.model_version else None,
-                                 batch_id, label_summary, metric, store.prelabel_agreement(batch_id)))
+    cycles = store.cycles()
+    curve = publish_learning_curve(cycles, metric, settings.database)
+    publish_cycle(cycle_markdown(counts, cycles, asdict(train) if train.model_version else None,
+                                 batch_id, label_summary, metric, store.prelabel_agreement(batch_id), curve))
     stop = _stop_reason(settings, counts, train.metrics)
     if stop:
         logger.info(f"stopping rule: {stop}")
@@ -128,25 +255,36 @@ def simulated_review(store: Store, settings, batch_id: str, run_id: str) -> Labe
                                flow_run_id=run_id, close_batch="labeled")
 
 
-def human_review(store: Store, settings, batch_id: str, run_id: str, config_path: str) -> LabelWrite:
-    """Pause for the Resume form (or `alflow label` / `import` + `resume`), then record it.
+def human_review(store: Store, settings, batch_id: str, run_id: str, config_path: str,
+                 replay: bool = False) -> LabelWrite:
+    """Stop for the Resume form (or `alflow label` / `import` + `resume`), then record it.
+
+    A deployed run *suspends*: its process exits, and resuming reschedules the run, which
+    replays (``replay``) up to here and gets the submitted input at once. A run without a
+    deployment (`alflow run`) cannot be rescheduled, so it *pauses*: its process waits.
 
     An item answered while the run waited keeps that answer when its form value is still
     the field's default (untouched); a value the reviewer changed is recorded as the form
     annotator's answer (a correction if they had answered otherwise). Each row keeps the
-    pre-label its field showed.
+    pre-label its field showed. A replay judges against the form the run showed (saved
+    with the suspension), not against answers stored since.
     """
     logger = get_run_logger()
     batch = store.batch_items(batch_id)
-    url = publish_batch(batch_id, batch, run_id)
-    logger.info(review_instructions(batch_id, len(batch), url, config_path))
-    form = build_review_form(batch, settings.labels, settings.review.text_chars, settings.review.annotator)
+    suspend = deployment.get_id() is not None
+    shown = shown_form_defaults(run_id, suspended=suspend) if replay else None
+    if not replay:
+        url = publish_batch(batch_id, batch, run_id)
+        logger.info(review_instructions(batch_id, len(batch), url, config_path))
+    form = build_review_form(batch, settings.labels, settings.review.text_chars, settings.review.annotator,
+                             shown=shown)
+    timeout = int(settings.review.timeout_hours * 3600)
     try:
-        response = pause_flow_run(
-            wait_for_input=form,
-            timeout=int(settings.review.timeout_hours * 3600),
-            poll_interval=settings.review.poll_interval_seconds,
-        )
+        if suspend:
+            response = suspend_flow_run(wait_for_input=form, timeout=timeout, key=REVIEW_PAUSE_KEY)
+        else:
+            response = pause_flow_run(wait_for_input=form, timeout=timeout, key=REVIEW_PAUSE_KEY,
+                                      poll_interval=settings.review.poll_interval_seconds)
     except FlowPauseTimeout:
         store.close_batch(batch_id, "expired")
         logger.error(f"batch {batch_id} was not reviewed in time; answers already stored are kept")

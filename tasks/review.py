@@ -63,7 +63,8 @@ def _ui_schema(schema: dict) -> None:
     schema["required"] = list(schema.get("properties", {}))
 
 
-def build_review_form(batch: pd.DataFrame, classes: list[str], text_chars: int, annotator: str):
+def build_review_form(batch: pd.DataFrame, classes: list[str], text_chars: int, annotator: str,
+                      shown: dict[str, str | None] | None = None):
     """A ``RunInput`` subclass for one batch (rows of :meth:`Store.batch_items`).
 
     One field per item, in rank order: its heading as the title, its text (trimmed to
@@ -75,6 +76,10 @@ def build_review_form(batch: pd.DataFrame, classes: list[str], text_chars: int, 
     goes through :func:`~alflow.tasks.report.markdown_text` and the title does not.
     A hidden ``stored_answers`` flag (not in the UI's schema) is set by `alflow resume`:
     its values are the answers already stored, not a reviewer's.
+
+    ``shown`` (field -> default, None for none; see :func:`shown_form_defaults`) rebuilds
+    the form a run showed when it stopped for review: a replayed run must judge what was
+    untouched against those defaults, not against answers stored since.
     """
     from prefect.input import RunInput
 
@@ -88,6 +93,8 @@ def build_review_form(batch: pd.DataFrame, classes: list[str], text_chars: int, 
     for row in batch.itertuples(index=False):
         text = document(row.title, row.text, sep=" — ")
         default = row.answer if isinstance(row.answer, str) else row.prelabel
+        if shown is not None:
+            default = shown.get(field_name(row.rank))
         fields[field_name(row.rank)] = (
             choices,
             Field(default if isinstance(default, str) else ..., title=item_heading(row),
@@ -99,6 +106,24 @@ def build_review_form(batch: pd.DataFrame, classes: list[str], text_chars: int, 
               min_length=1, max_length=64),
     )
     return create_model("ReviewBatch", __base__=ReviewForm, **fields)
+
+
+# The key of the one stop for review in a cycle run: a replayed run (resumed after a
+# suspension) calls suspend_flow_run with it again and gets the submitted input back.
+REVIEW_PAUSE_KEY = "review"
+
+
+def shown_form_defaults(flow_run_id: str, suspended: bool) -> dict[str, str | None] | None:
+    """The defaults (field -> value, None for a required field) of the form the run saved
+    when it stopped for review, as the UI showed them; None if it saved none."""
+    from prefect.input import keyset_from_base_key
+    from prefect.input.actions import read_flow_run_input
+
+    keyset = keyset_from_base_key(f"{'suspended' if suspended else 'paused'}-{REVIEW_PAUSE_KEY}")
+    schema = read_flow_run_input(keyset["schema"], flow_run_id=UUID(flow_run_id))
+    if not isinstance(schema, dict):
+        return None
+    return {name: spec.get("default") for name, spec in schema.get("properties", {}).items()}
 
 
 def _prelabel(row) -> str | None:
@@ -288,7 +313,8 @@ def resume_batch(store: Store, batch_id: str | None, *, annotator: str, skip_res
     Every item must be answered first, or ``skip_rest`` answers the rest ``skip``
     (recorded as this annotator's answers, with no pre-label shown: nobody saw those
     items). The run gets the stored answers flagged ``stored_answers``, so it records
-    none of them again. Returns the batch row.
+    none of them again. Returns the batch row, with the run's ``deployment_id`` (None for
+    a run without a deployment, which goes on in the process that paused it).
     """
     from prefect.client.orchestration import get_client
     from prefect.exceptions import FlowPauseTimeout
@@ -302,6 +328,7 @@ def resume_batch(store: Store, batch_id: str | None, *, annotator: str, skip_res
         raise ReviewError(f"batch {batch_id} has no flow run to resume")
     with get_client(sync_client=True) as client:
         why = _expire_if_abandoned(store, client, batch)
+        run = _read_run(client, batch["flow_run_id"])
     if why:
         raise ReviewError(f"batch {batch_id} cannot be resumed: {why}; its stored answers are kept "
                           "and train the next cycle (`alflow run`)")
@@ -331,7 +358,8 @@ def resume_batch(store: Store, batch_id: str | None, *, annotator: str, skip_res
             f"run {batch['flow_run_id']} of batch {batch_id} timed out; its stored answers will "
             "train the next cycle"
         ) from None
-    return batch
+    # A suspended (deployed) run is rescheduled: its deployment's process replays it.
+    return dict(batch, deployment_id=str(run.deployment_id) if run and run.deployment_id else None)
 
 
 def simulated_answers(store: Store, batch: pd.DataFrame, classes: list[str]) -> list[Answer]:
@@ -340,13 +368,13 @@ def simulated_answers(store: Store, batch: pd.DataFrame, classes: list[str]) -> 
     return [Answer(i, gold[i] if gold.get(i) in classes else SKIP) for i in batch["item_id"]]
 
 
-def _run_state(client, flow_run_id: str | None):
+def _read_run(client, flow_run_id: str | None):
     from prefect.exceptions import ObjectNotFound
 
     if not isinstance(flow_run_id, str):
         return None
     try:
-        return client.read_flow_run(UUID(flow_run_id)).state
+        return client.read_flow_run(UUID(flow_run_id))
     except ObjectNotFound:  # the run lives on another Prefect server
         return None
 
@@ -354,22 +382,44 @@ def _run_state(client, flow_run_id: str | None):
 def _expire_if_abandoned(store: Store, client, batch: dict) -> str | None:
     """Close an open batch nobody waits for any more; returns why, or None if it is alive.
 
-    Abandoned: its flow run has ended (crashed, timed out, cancelled), or the process that
-    paused for it is gone (killed while paused: the run itself still says Paused, so it is
-    marked Crashed here). Stored answers stay; unanswered items return to the pool.
+    Alive: its run waits in a pause whose process still runs, or is *suspended* (a deployed
+    run: its process exits by design and resuming reschedules it), or is scheduled or
+    running again. Abandoned: its run has ended (crashed, failed, cancelled), its review
+    time is up (the run is marked Failed here if the server has not done it yet), or the
+    process that waited in a blocking pause is gone (killed: the run still says Paused, so
+    it is marked Crashed here), or a run without a deployment (nothing can replay it) is
+    running with its process gone. Stored answers stay; unanswered items return to the pool.
     """
-    from prefect.states import Crashed
+    from datetime import datetime, timezone
 
-    state = _run_state(client, batch.get("flow_run_id"))
-    if state is not None and state.is_final():
+    from prefect.states import Crashed, Failed
+
+    run = _read_run(client, batch.get("flow_run_id"))
+    state = run.state if run is not None else None
+    gone = owner_gone(batch.get("owner"))
+    gone_why = f"the process that waited for it ({batch.get('owner')}) is gone"
+    mark = None
+    if state is None:
+        if not gone:
+            return None
+        why = gone_why
+    elif state.is_final():
         why = f"its run ended {state.type.value.lower()}"
-    elif owner_gone(batch.get("owner")):
-        why = f"the process that waited for it ({batch['owner']}) is gone"
-        if state is not None:
-            client.set_flow_run_state(UUID(batch["flow_run_id"]), Crashed(message=f"batch {batch['batch_id']}: {why}"),
-                                      force=True)
+    elif state.is_paused():
+        deadline = state.state_details.pause_timeout
+        if deadline is not None and deadline < datetime.now(timezone.utc):
+            why, mark = f"its review timed out at {str(deadline)[:19]} UTC", Failed
+        elif state.state_details.pause_reschedule or not gone:
+            return None
+        else:
+            why, mark = gone_why, Crashed
+    elif run.deployment_id is None and gone and not (state.is_scheduled() or state.is_pending()):
+        why, mark = gone_why, Crashed
     else:
         return None
+    if mark is not None:
+        client.set_flow_run_state(UUID(batch["flow_run_id"]), mark(message=f"batch {batch['batch_id']}: {why}"),
+                                  force=True)
     store.close_batch(batch["batch_id"], "expired")
     return why
 

@@ -9,6 +9,9 @@ run from the Prefect UI of a real `prefect server` on 127.0.0.1 and the answer l
               typed (no image, no javascript: link, no stray backslash); change item #1
               to the other class -> Submit
     alflow run exits 0           labels (origin 'ui', the pre-label shown), batch 'labeled'
+    alflow serve                 cycle 3 as a deployed run (5 more messages): it *suspends*,
+              its process exits; chromium resumes it from the UI (one label changed) ->
+              the run replays and records the form's answers exactly once
 
 Needs Debian's chromium (``apt-get install chromium``; Playwright's own browser download is
 never used). ``ALFLOW_SKIP_BROWSER_TESTS=1`` skips the test instead.
@@ -23,6 +26,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -30,7 +34,7 @@ import pytest
 from conftest import SMS_CSV, chromium_path, write_config
 
 from alflow.tasks.review import item_heading, trim
-from alflow.tasks.store import Store
+from alflow.tasks.store import Store, owner_gone
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -47,6 +51,16 @@ NASTY_TEXTS = [
     "# heading\nsecond line &amp; third &lt;b&gt; &#65;",
     "back\\slash \\* and ~~strike~~ <b>bold</b> www.example.com <!-- note -->",
     "1. first\n- item\n\n    > quote ![img](x.png) __dunder__",
+]
+
+
+# Cycle 3's review batch (plain messages, no gold label).
+PLAIN_TEXTS = [
+    "Are we still on for lunch tomorrow at the usual place?",
+    "URGENT! You have won a 1 week FREE membership, call 09061701461 now to claim",
+    "Sorry, I'll call you later, in a meeting right now",
+    "Congratulations, your mobile number has been selected for a 2000 pound prize. Text CLAIM to 81010",
+    "Can you pick up some milk on the way home",
 ]
 
 
@@ -126,6 +140,33 @@ class Processes:
             self.stop(process)
 
 
+@contextmanager
+def real_prefect_server(directory: Path):
+    """A real `prefect server` on a free port with its own PREFECT_HOME under ``directory``,
+    stopped on exit with every process started through the yielded :class:`Processes`.
+
+    Yields (UI url, API url, the environment for clients of this server, processes).
+    """
+    port = free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "ALFLOW_"))}
+    base.update(PREFECT_HOME=str(directory / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+                PREFECT_LOGGING_LEVEL="INFO", PYTHONPATH=str(REPO))
+    # Without PREFECT_SERVER_UI_API_URL the UI of a server off port 4200 calls :4200.
+    server_env = dict(base, PREFECT_SERVER_UI_API_URL=api_url, PREFECT_UI_API_URL=api_url)
+    client_env = dict(base, PREFECT_API_URL=api_url)
+    prefect_cli = Path(sys.executable).with_name("prefect")
+    command = [str(prefect_cli)] if prefect_cli.exists() else [sys.executable, "-m", "prefect"]
+    command += ["server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    processes = Processes(directory, client_env)
+    try:
+        server, log = processes.start("prefect-server", command, env=server_env)
+        wait_healthy(api_url, server, log)
+        yield f"http://127.0.0.1:{port}", api_url, client_env, processes
+    finally:
+        processes.stop_all()
+
+
 def alflow_command(config: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "alflow.flows.cli", "run", "--config", str(config), "--no-progress", *extra]
 
@@ -164,6 +205,76 @@ def wait_paused_run(api_url: str, run: subprocess.Popen, log: Path, timeout: flo
             return runs[0]["id"]
         time.sleep(0.5)
     pytest.fail(f"no run of {FLOW_NAME} paused within {timeout:.0f} s:\n{tail(log)}", pytrace=False)
+
+
+def start_served_cycle(api_url: str, config: Path, served: subprocess.Popen, log: Path,
+                       timeout: float = 120.0) -> str:
+    """Once `alflow serve` has registered the cycle deployment of ``config``, start a run of
+    it (as the UI's Run button does); returns the flow run id."""
+    from alflow.config import load_config
+    from alflow.flows.serve import project_name
+
+    name = f"{FLOW_NAME}/{project_name(load_config(config, environ={}))}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if served.poll() is not None:
+            pytest.fail(f"`alflow serve` exited with code {served.returncode}:\n{tail(log)}", pytrace=False)
+        response = httpx.get(f"{api_url}/deployments/name/{name}", timeout=5.0)
+        if response.status_code == 200:
+            created = httpx.post(f"{api_url}/deployments/{response.json()['id']}/create_flow_run", json={},
+                                 timeout=10.0)
+            created.raise_for_status()
+            return created.json()["id"]
+        time.sleep(0.5)
+    pytest.fail(f"`alflow serve` registered no deployment {name} within {timeout:.0f} s:\n{tail(log)}", pytrace=False)
+
+
+def run_states(api_url: str, flow_run_id: str) -> list[str]:
+    """The names of a flow run's states, oldest first."""
+    response = httpx.get(f"{api_url}/flow_run_states/", params={"flow_run_id": flow_run_id}, timeout=5.0)
+    response.raise_for_status()
+    return [s["name"] for s in sorted(response.json(), key=lambda s: s["timestamp"])]
+
+
+def wait_suspended_batch(api_url: str, store: Store, flow_run_id: str, served: subprocess.Popen, log: Path,
+                         timeout: float = 120.0) -> dict:
+    """The batch of a served cycle run once the run is Suspended."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if served.poll() is not None:
+            pytest.fail(f"`alflow serve` exited with code {served.returncode}:\n{tail(log)}", pytrace=False)
+        state = httpx.get(f"{api_url}/flow_runs/{flow_run_id}", timeout=5.0).json()["state"]
+        if state and state["name"] == "Suspended":
+            batch = store.batch_for_run(flow_run_id)
+            assert batch is not None and batch["status"] == "open", batch
+            return batch
+        if state and state["type"] in ("FAILED", "CRASHED", "COMPLETED", "CANCELLED"):
+            pytest.fail(f"the served cycle ended {state['name']} instead of suspending:\n{tail(log, 40)}",
+                        pytrace=False)
+        time.sleep(0.5)
+    pytest.fail(f"the served cycle did not suspend within {timeout:.0f} s:\n{tail(log, 40)}", pytrace=False)
+
+
+def wait_run_final(api_url: str, flow_run_id: str, served: subprocess.Popen, log: Path,
+                   timeout: float = 120.0) -> list[str]:
+    """A flow run's state names once it has ended (bounded)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = httpx.get(f"{api_url}/flow_runs/{flow_run_id}", timeout=5.0).json()["state"]
+        if state and state["type"] in ("FAILED", "CRASHED", "COMPLETED", "CANCELLED"):
+            return run_states(api_url, flow_run_id)
+        time.sleep(0.5)
+    pytest.fail(f"flow run {flow_run_id} did not end within {timeout:.0f} s:\n{tail(log, 40)}", pytrace=False)
+
+
+def wait_gone(owner: str, timeout: float = 30.0) -> bool:
+    """True once the process ``owner`` (host:pid) has ended (bounded)."""
+    deadline = time.monotonic() + timeout
+    while not owner_gone(owner):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 def wait_exit(process: subprocess.Popen, log: Path, timeout: float, what: str) -> int:
@@ -229,7 +340,7 @@ def check_table_artifact(page, artifact_url: str, batch) -> None:
 
 def resume_in_browser(sync_playwright, chromium: str, run_url: str, batch, changed_rank: int,
                       new_label: str, shots: Path, artifact_url: str | None = None,
-                      text_chars: int = 600) -> None:
+                      text_chars: int = 600, state_name: str = "Paused") -> None:
     from playwright.sync_api import expect
 
     with sync_playwright() as playwright:
@@ -250,7 +361,7 @@ def resume_in_browser(sync_playwright, chromium: str, run_url: str, batch, chang
                 if page.get_by_text("Can't connect to Server API").count():
                     raise AssertionError("the UI cannot reach the API (PREFECT_SERVER_UI_API_URL?)") from None
                 raise
-            expect(page.get_by_text("Paused", exact=True).first).to_be_visible()
+            expect(page.get_by_text(state_name, exact=True).first).to_be_visible()
             resume.click()
 
             dialog = page.get_by_role("dialog").filter(has_text="Resume Flow Run")
@@ -280,7 +391,7 @@ def resume_in_browser(sync_playwright, chromium: str, run_url: str, batch, chang
             select = target.locator("button.p-select-button__control")
             choose(page, select, new_label)
             expect(select).to_have_text(new_label)
-            page.screenshot(path=str(shots / "resume-form.png"), full_page=True)
+            page.screenshot(path=str(shots / f"resume-form-{state_name.lower()}.png"), full_page=True)
             assert not alerts, f"item text ran script: {alerts}"
 
             with page.expect_response(lambda r: r.request.method == "POST"
@@ -302,7 +413,7 @@ def resume_in_browser(sync_playwright, chromium: str, run_url: str, batch, chang
 
 
 # -- the test ---------------------------------------------------------------------------------
-@pytest.mark.timeout(480)
+@pytest.mark.timeout(600)
 def test_resume_in_the_prefect_ui_records_the_changed_label(tmp_path: Path):
     chromium, sync_playwright = require_browser()
 
@@ -314,22 +425,7 @@ def test_resume_in_the_prefect_ui_records_the_changed_label(tmp_path: Path):
     config = write_config(tmp_path, labels=CLASSES, source_path=corpus, batch_size=BATCH_SIZE)
     store = Store(tmp_path / "state" / "alflow.duckdb", lock_timeout=60)
 
-    port = free_port()
-    api_url = f"http://127.0.0.1:{port}/api"
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "ALFLOW_"))}
-    base.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-                PREFECT_LOGGING_LEVEL="INFO", PYTHONPATH=str(REPO))
-    server_env = dict(base, PREFECT_SERVER_UI_API_URL=api_url, PREFECT_UI_API_URL=api_url)
-    client_env = dict(base, PREFECT_API_URL=api_url)
-    prefect_cli = Path(sys.executable).with_name("prefect")
-    server_command = [str(prefect_cli)] if prefect_cli.exists() else [sys.executable, "-m", "prefect"]
-    server_command += ["server", "start", "--host", "127.0.0.1", "--port", str(port)]
-
-    processes = Processes(tmp_path, client_env)
-    try:
-        server, server_log = processes.start("prefect-server", server_command, env=server_env)
-        wait_healthy(api_url, server, server_log)
-
+    with real_prefect_server(tmp_path) as (ui_url, api_url, client_env, processes):
         # Cycle 1, simulated answers for the whole pool (both classes): model v1.
         first, first_log = processes.start("run-auto", alflow_command(config, "--auto"),
                                            env=dict(client_env, ALFLOW_QUERY__BATCH_SIZE="500"))
@@ -359,14 +455,40 @@ def test_resume_in_the_prefect_ui_records_the_changed_label(tmp_path: Path):
         artifacts = httpx.post(f"{api_url}/artifacts/filter", timeout=10.0, json={
             "artifacts": {"key": {"any_": ["review-batch"]}, "flow_run_id": {"any_": [run_id]}}}).json()
         assert len(artifacts) == 1, artifacts
-        resume_in_browser(sync_playwright, chromium, f"http://127.0.0.1:{port}/runs/flow-run/{run_id}",
+        resume_in_browser(sync_playwright, chromium, f"{ui_url}/runs/flow-run/{run_id}",
                           batch, int(changed["rank"]), new_label, tmp_path,
-                          artifact_url=f"http://127.0.0.1:{port}/artifacts/artifact/{artifacts[0]['id']}")
+                          artifact_url=f"{ui_url}/artifacts/artifact/{artifacts[0]['id']}")
 
         code = wait_exit(second, second_log, 120, "`alflow run`, resumed,")
         assert code == 0, f"`alflow run` exited with {code} after the resume:\n{tail(second_log)}"
-    finally:
-        processes.stop_all()
+
+        # Cycle 3 is a deployed run of `alflow serve`: it suspends (no process waits) and
+        # the Resume form's submission replays it from the top.
+        with open(corpus, "a", newline="", encoding="utf-8") as handle:
+            csv.writer(handle).writerows([text, ""] for text in PLAIN_TEXTS)
+        served, served_log = processes.start("serve", [sys.executable, "-m", "alflow.flows.cli", "serve", "--config",
+                                                       str(config)], env=dict(client_env, PREFECT_RUNNER_POLL_FREQUENCY="1"))
+        suspended_id = start_served_cycle(api_url, config, served, served_log)
+        suspended_batch = wait_suspended_batch(api_url, store, suspended_id, served, served_log)
+        assert wait_gone(suspended_batch["owner"]), f"the suspended run's process {suspended_batch['owner']} still runs"
+        batch3 = store.batch_items(suspended_batch["batch_id"])
+        assert len(batch3) == BATCH_SIZE and batch3["prelabel"].isin(CLASSES).all(), batch3
+        changed3 = batch3.iloc[0]
+        new_label3 = next(c for c in CLASSES if c != changed3["prelabel"])
+        resume_in_browser(sync_playwright, chromium, f"{ui_url}/runs/flow-run/{suspended_id}",
+                          batch3, 1, new_label3, tmp_path, state_name="Suspended")
+        states = wait_run_final(api_url, suspended_id, served, served_log)
+
+    assert states[-1] == "Completed", f"the resumed run ended {states[-1]}:\n{tail(served_log, 40)}"
+    assert "Suspended" in states and "Resuming" in states, states  # it was rescheduled and replayed
+    labels3 = store.query_df("SELECT * FROM labels WHERE batch_id = ? ORDER BY label_id",
+                             [suspended_batch["batch_id"]])
+    assert len(labels3) == BATCH_SIZE and labels3["item_id"].is_unique, labels3  # once, despite the replay
+    assert set(labels3["origin"]) == {"ui"} and set(labels3["flow_run_id"]) == {suspended_id}
+    got3 = dict(zip(labels3["item_id"], labels3["label"]))
+    assert got3 == {**dict(zip(batch3["item_id"], batch3["prelabel"])), changed3["item_id"]: new_label3}
+    assert store.batch(suspended_batch["batch_id"])["status"] == "labeled"
+    assert (store.cycles()["flow_run_id"] == suspended_id).sum() == 1
 
     labels = store.query_df("SELECT * FROM labels WHERE batch_id = ? ORDER BY label_id", [batch_id])
     assert len(labels) == BATCH_SIZE, labels

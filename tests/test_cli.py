@@ -47,13 +47,13 @@ def test_env_override_error_names_the_variable(tmp_path, monkeypatch):
     assert "ALFLOW_QUERY__STRATEGY" in line and "query.strategy" in line
 
 
-def test_missing_source_file_is_one_line(tmp_path):
+def test_missing_source_file_is_one_line(tmp_path, prefect_api):
     config = write_config(tmp_path, labels=["ham", "spam"], source_path=tmp_path / "nope.csv")
     line = one_line_error(runner.invoke(app, ["ingest", "--config", str(config)]))
     assert "source corpus" in line and "nope.csv" in line and "does not exist" in line
 
 
-def test_ingest_twice_counts_duplicates(tmp_path):
+def test_ingest_twice_counts_duplicates(tmp_path, prefect_api):
     config = write_config(tmp_path, labels=["ham", "spam"], source_path=SMS_CSV)
     first = runner.invoke(app, ["ingest", "--config", str(config)])
     assert first.exit_code == 0, first.output
@@ -66,11 +66,13 @@ def test_ingest_twice_counts_duplicates(tmp_path):
 def _open_batch(config: Path) -> tuple[Store, str]:
     """A batch recorded by the query step, without a flow run (for file-checking tests)."""
     from alflow.config import load_config
+    from alflow.tasks.ingest import ingest_source
     from alflow.tasks.query import query_batch
 
     settings = load_config(config)
     store = Store(settings.database)
-    runner.invoke(app, ["ingest", "--config", str(config)])
+    store.migrate()
+    ingest_source(settings, "corpus", "ingest-1")  # the plain step: `alflow ingest` needs a Prefect API
     return store, query_batch(store, settings, None, flow_run_id=None)
 
 
@@ -128,6 +130,24 @@ def test_status_lists_waiting_batches_and_counts(tmp_path):
     assert result.exit_code == 0, result.output
     assert "items: 5160" in result.output and "labeled: 0" in result.output
     assert batch_id in result.output and "cycles: none yet" in result.output
+
+
+def test_status_json_has_the_named_keys(tmp_path):
+    """`alflow status --json`: one object with exactly the documented keys (no schedules
+    without a Prefect API), a waiting batch and the learning curve as plain values."""
+    import json
+
+    config = write_config(tmp_path, labels=["ham", "spam"], source_path=SMS_CSV)
+    store, batch_id = _open_batch(config)
+    store.record_cycle(None, None, None, "cold-start:coverage", 0, None, False)
+    result = runner.invoke(app, ["status", "--config", str(config), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert set(report) == {"items", "pool", "labeled", "skipped", "held_out", "models", "waiting", "cycles"}
+    assert (report["items"], report["pool"], report["held_out"], report["labeled"]) == (5160, 4128, 1012, 0)
+    assert report["waiting"] == [{"batch_id": batch_id, "flow_run_id": None, "size": 20, "answered": 0, "url": None}]
+    assert report["cycles"] == [{"cycle": 1, "n_labels": 0, "accuracy": None, "macro_f1": None, "model_version": None,
+                                 "promoted": False, "strategy": "cold-start:coverage"}]
 
 
 def test_init_writes_a_config_that_loads(tmp_path):
@@ -206,7 +226,7 @@ def test_server_start_and_stop(tmp_path):
     assert "Stopped the Prefect server" in stopped.stdout
 
 
-def test_ingest_of_gold_labels_outside_labels_is_one_line_and_stores_nothing(tmp_path):
+def test_ingest_of_gold_labels_outside_labels_is_one_line_and_stores_nothing(tmp_path, prefect_api):
     """`0`/`1` labels against ham/spam: one line with the values and their counts, nothing
     stored; the same file with label_map ingests."""
     source = tmp_path / "binary.csv"

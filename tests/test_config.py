@@ -142,6 +142,41 @@ def test_env_into_a_non_section(sms_config: Path):
     assert "ALFLOW_SEED__X" in message and "seed" in message
 
 
+def test_env_vars_that_name_no_setting_are_ignored(sms_config: Path):
+    """A deployment exports ALFLOW_REPO for its pull step (and a user may have any other
+    ALFLOW_X): only ALFLOW_<SECTION>__<KEY> and the top-level keys are settings."""
+    settings = load_config(sms_config, environ={"ALFLOW_REPO": "/srv/alflow", "ALFLOW_HOME": "x",
+                                                "ALFLOW_DATABASE": "other.duckdb"})
+    assert settings.database == sms_config.parent.resolve() / "other.duckdb"  # a top-level key: a setting
+    assert settings == load_config(sms_config, environ={"ALFLOW_DATABASE": "other.duckdb"})
+
+
+def test_unknown_env_section_is_one_line_naming_it(sms_config: Path):
+    message = config_error(sms_config, {"ALFLOW_REPO__PATH": "/srv/alflow", "ALFLOW_REPO": "/srv/alflow"})
+    assert message == "ALFLOW_REPO__PATH: repo: unknown key"
+
+
+def test_schedules_from_the_file_and_the_environment(tmp_path: Path):
+    path = write_config(tmp_path, labels=["ham", "spam"], source_path=SMS_CSV,
+                        extra='\n[schedules]\ncycle = "0 6 * * *"\ningest = "0 * * * *"\ntimezone = "Europe/Berlin"\n')
+    settings = load_config(path, environ={})
+    assert (settings.schedules.cycle, settings.schedules.ingest, settings.schedules.timezone) == \
+        ("0 6 * * *", "0 * * * *", "Europe/Berlin")
+    settings = load_config(path, environ={"ALFLOW_SCHEDULES__CYCLE": "* * * * *", "ALFLOW_SCHEDULES__INGEST": ""})
+    assert (settings.schedules.cycle, settings.schedules.ingest) == ("* * * * *", "")
+    assert load_config(write_config(tmp_path, labels=["a", "b"], source_path=SMS_CSV), environ={}).schedules.cycle == ""
+    assert config_error(path, {"ALFLOW_SCHEDULES__CYCLE": "61 * * * *"}) == \
+        "ALFLOW_SCHEDULES__CYCLE: schedules.cycle: '61 * * * *' is not a cron string like \"0 6 * * *\""
+    assert config_error(path, {"ALFLOW_SCHEDULES__TIMEZONE": "Mars/Olympus"}).startswith(
+        "ALFLOW_SCHEDULES__TIMEZONE: schedules.timezone: 'Mars/Olympus' is not a time zone")
+
+
+def test_max_open_batches(sms_config: Path):
+    assert load_config(sms_config, environ={}).review.max_open_batches == 1
+    assert load_config(sms_config, environ={"ALFLOW_REVIEW__MAX_OPEN_BATCHES": "3"}).review.max_open_batches == 3
+    assert "review.max_open_batches" in config_error(sms_config, {"ALFLOW_REVIEW__MAX_OPEN_BATCHES": "0"})
+
+
 # -- errors in the file ------------------------------------------------------------------
 def test_unknown_key_in_file(tmp_path: Path):
     path = minimal(tmp_path, """

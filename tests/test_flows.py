@@ -475,3 +475,149 @@ def test_holdout_check_of_stored_gold_labels_without_auto(tmp_path):
         check_gold_labels(store, load_config(config), auto=False)
     cv = load_config(config, environ={"ALFLOW_EVALUATION__METHOD": "cv"})
     check_gold_labels(store, cv, auto=False)  # neither --auto nor holdout: gold labels unused
+
+
+# -- one cycle at a time; waits that pin nothing -----------------------------------------------
+def small_config(tmp_path: Path, small_csv: Path) -> Path:
+    from conftest import write_config
+
+    return write_config(tmp_path, labels=["ham", "spam"], source_path=small_csv, batch_size=5)
+
+
+def test_a_cycle_finding_a_batch_waiting_asks_nothing_new(tmp_path, small_csv, monkeypatch):
+    """Batch A waits for review: the next cycle (a flow call, then `alflow run`) ends
+    Completed naming A and its URL, opening no batch; with review.max_open_batches = 2 a
+    second batch is queued. Both are then resumed."""
+    config = small_config(tmp_path, small_csv)
+    store = store_for(config)
+    first = FlowThread(active_learning_cycle, str(config))
+    waiting = wait_until_paused(store)
+
+    state = active_learning_cycle(str(config), ingest_sources=False, return_state=True)
+    assert state.is_completed()
+    assert f"batch {waiting['batch_id']} (0/5 answered)" in state.message
+    assert f"/runs/flow-run/{waiting['flow_run_id']}" in state.message
+    assert "review.max_open_batches = 1" in state.message
+    assert state.result()["waiting"] == [waiting["batch_id"]] and state.result()["cycle"] is None
+    result = runner.invoke(app, ["run", "--config", str(config), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert f"batch {waiting['batch_id']}" in result.output and "still waiting for review" in result.output
+    assert table_count(store, "batches") == 1
+
+    monkeypatch.setenv("ALFLOW_REVIEW__MAX_OPEN_BATCHES", "2")
+    second = FlowThread(active_learning_cycle, str(config), ingest_sources=False)
+    deadline = time.monotonic() + 60
+    while table_count(store, "batches") < 2 and time.monotonic() < deadline:
+        time.sleep(0.3)
+    batches = store.batches("open")
+    assert len(batches) == 2, batches
+    queued = batches[batches["batch_id"] != waiting["batch_id"]].iloc[0]
+    assert not set(store.batch_items(queued["batch_id"])["item_id"]) & \
+        set(store.batch_items(waiting["batch_id"])["item_id"])
+    wait_run_paused(queued["flow_run_id"])
+    for batch_id in (waiting["batch_id"], queued["batch_id"]):
+        result = runner.invoke(app, ["resume", "--config", str(config), "--batch", batch_id, "--skip-rest"])
+        assert result.exit_code == 0, result.output
+    for flow in (first.join(), second.join()):
+        assert flow.error is None, flow.error
+    assert sorted(store.cycles()["batch_id"]) == sorted([waiting["batch_id"], queued["batch_id"]])
+
+
+def wait_run_paused(flow_run_id: str, timeout: float = 60) -> None:
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while not client.read_flow_run(UUID(flow_run_id)).state.is_paused():
+            assert time.monotonic() < deadline, f"run {flow_run_id} did not pause"
+            time.sleep(0.3)
+
+
+def test_the_cycle_lock_keeps_one_cycle_at_a_time(tmp_path, small_csv, monkeypatch):
+    """A live holder of the store's cycle lock: a cycle waits store.cycle_lock_timeout_seconds,
+    then ends Completed having done nothing (`alflow run`: one error line, exit 1). A holder
+    whose process is gone, or whose flow run has ended, is taken over; the lock is free
+    after a cycle."""
+    import subprocess
+    import sys
+
+    from prefect import flow as prefect_flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Failed
+
+    from alflow.tasks.store import process_owner
+
+    config = small_config(tmp_path, small_csv)
+    store = store_for(config)
+    store.migrate()
+    assert store.try_lock("cycle", "other-run") is None  # held by this (live) process for another run
+    monkeypatch.setenv("ALFLOW_STORE__CYCLE_LOCK_TIMEOUT_SECONDS", "1")
+    state = active_learning_cycle(str(config), auto=True, return_state=True)
+    assert state.is_completed() and "another cycle kept this database busy for 1 s" in state.message
+    assert "run other-run" in state.message and process_owner() in state.message
+    assert table_count(store, "items") == 0 and table_count(store, "batches") == 0  # nothing was done
+    result = runner.invoke(app, ["run", "--config", str(config), "--auto", "--no-progress"])
+    assert result.exit_code == 1 and "another cycle kept this database busy" in run_error_line(result)
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    with store.transaction() as con:
+        con.execute("UPDATE locks SET owner = ? WHERE name = 'cycle'", [f"{process_owner().rpartition(':')[0]}:{dead.pid}"])
+    summary = active_learning_cycle(str(config), auto=True)
+    assert summary["cycle"] == 1 and store.lock_holder("cycle") is None
+
+    with get_client(sync_client=True) as client:  # a holder on another host whose run has failed
+        ended = client.create_flow_run(flow=prefect_flow(name="lock-holder")(lambda: None), state=Failed())
+    with store.transaction() as con:
+        con.execute("INSERT INTO locks VALUES ('cycle', 'elsewhere:1', ?, now())", [str(ended.id)])
+    summary = active_learning_cycle(str(config), auto=True, ingest_sources=False)
+    assert summary["cycle"] == 2 and store.lock_holder("cycle") is None
+
+
+def test_expiry_keeps_suspended_batches_and_ends_timed_out_ones(tmp_path, small_csv):
+    """A deployed run's process exits while it waits (suspended): its batch is not taken over.
+    When its review time is up (the server may not have failed the run yet), the batch is
+    expired, the run marked Failed, stored answers kept and the rest back in the pool."""
+    import subprocess
+    import sys
+    from datetime import datetime, timedelta, timezone
+
+    from prefect.client.orchestration import get_client
+    from prefect.states import Running, Suspended
+
+    from alflow.tasks.query import query_batch
+    from alflow.tasks.review import expire_stale_batches
+    from alflow.tasks.store import Answer, process_owner
+
+    config = small_config(tmp_path, small_csv)
+    settings = load_config(config)
+    store = store_for(config)
+    assert runner.invoke(app, ["ingest", "--config", str(config)]).exit_code == 0
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow_from_name("active-learning-cycle")
+        deployment_id = client.create_deployment(flow_id=flow_id, name=f"expiry-{tmp_path.name}",
+                                                 entrypoint="flows/cycle.py:active_learning_cycle")
+        run = client.create_flow_run_from_deployment(deployment_id)
+        client.set_flow_run_state(run.id, Running(), force=True)
+        client.set_flow_run_state(run.id, Suspended(timeout_seconds=3600, pause_key="review"), force=True)
+    batch_id = query_batch(store, settings, None, flow_run_id=str(run.id))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    with store.transaction() as con:  # the process that queried it has exited, as a suspended run's does
+        con.execute("UPDATE batches SET owner = ? WHERE batch_id = ?",
+                    [f"{process_owner().rpartition(':')[0]}:{dead.pid}", batch_id])
+    first = store.batch_items(batch_id)["item_id"].iloc[0]
+    store.record_labels([Answer(first, "ham")], annotator="ana", origin="cli", batch_id=batch_id)
+
+    assert expire_stale_batches(store) == []
+    assert store.batch(batch_id)["status"] == "open"
+
+    with get_client(sync_client=True) as client:
+        past = datetime.now(timezone.utc) - timedelta(seconds=5)
+        client.set_flow_run_state(run.id, Suspended(pause_expiration_time=past, pause_key="review"), force=True)
+        assert expire_stale_batches(store) == [batch_id]
+        assert client.read_flow_run(run.id).state.is_failed()
+    assert store.batch(batch_id)["status"] == "expired"
+    assert store.labels()["item_id"].tolist() == [first]
+    assert store.counts(settings.holdout_fraction)["pool"] == \
+        table_count(store, "items") - store.counts(settings.holdout_fraction)["holdout"] - 1

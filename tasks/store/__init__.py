@@ -5,15 +5,18 @@ One module per concern, each a part of :class:`Store`:
 * :mod:`~alflow.tasks.store.database`: connections, the lock retry, transactions, and the
   schema migrations (``migrations/NNNN_*.sql``);
 * :mod:`~alflow.tasks.store.pool`: items, the gold holdout, predictions, the pool;
+* :mod:`~alflow.tasks.store.cursors`: each source's cursor (what it has already delivered);
 * :mod:`~alflow.tasks.store.batches`: queried batches and their items;
 * :mod:`~alflow.tasks.store.labels`: the append-only answers and effective labels;
-* :mod:`~alflow.tasks.store.models`: model versions and cycles (the learning curve).
+* :mod:`~alflow.tasks.store.models`: model versions and cycles (the learning curve);
+* :mod:`~alflow.tasks.store.locks`: named locks across transactions (one cycle at a time).
 """
 
 from __future__ import annotations
 
 from alflow.config import SKIP
 from alflow.tasks.store.batches import BATCH_STATUSES, BatchStore, owner_gone, process_owner
+from alflow.tasks.store.cursors import CursorStore
 from alflow.tasks.store.database import (
     MIGRATIONS,
     SCHEMA_VERSION,
@@ -23,11 +26,12 @@ from alflow.tasks.store.database import (
     utcnow,
 )
 from alflow.tasks.store.labels import ORIGINS, Answer, LabelStore, LabelWrite
+from alflow.tasks.store.locks import LockHeldError, LockStore, describe_holder
 from alflow.tasks.store.models import ModelStore
 from alflow.tasks.store.pool import DOC_SQL, PoolStore, document, holdout_sql, title_adds
 
 
-class Store(PoolStore, LabelStore, ModelStore):
+class Store(CursorStore, PoolStore, LabelStore, ModelStore, LockStore):
     """The alflow database at ``path``. Cheap to create; holds no connection between calls.
 
     See :class:`~alflow.tasks.store.database.Database` for ``path`` and ``lock_timeout``.
@@ -65,11 +69,14 @@ __all__ = [
     "Database",
     "LabelStore",
     "LabelWrite",
+    "LockHeldError",
+    "LockStore",
     "ModelStore",
     "PoolStore",
     "Store",
     "StoreError",
     "StoreLockedError",
+    "describe_holder",
     "document",
     "holdout_sql",
     "owner_gone",
