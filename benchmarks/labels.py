@@ -40,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_DATASETS = HERE.parents[1] / "shared" / "datasets"
 # Batch and budget per data set, as the reference curves use them; the budget runs
 # past random's labels-to-95% so that random's count is measured, not "more than".
-PLANS = {"sms_spam": {"batch": 20, "cycles": 40}, "ag_news_7600": {"batch": 50, "cycles": 24}}
+PLANS = {"sms_spam": {"batch": 20, "cycles": 40}, "ag_news_7600": {"batch": 50, "cycles": 40}}
 FALLBACK_PLAN = {"batch": 20, "cycles": 40}
 STRATEGIES = ["random", "margin", "entropy", "least_confidence", "badge", "class_balanced", "committee"]
 MODAL = "modAL margin"

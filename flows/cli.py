@@ -190,7 +190,7 @@ def ingest(
     source_names(settings, source)  # an unknown name fails here, before anything starts
     _store(settings)
     if not settings.sources:
-        console.print(f"No sources in {settings.config_path}: add a [[sources]] table.")
+        console.print(escape(f"No sources in {settings.config_path}: add a [[sources]] table."))
         return
     enable_bars(progress)
     with _prefect_api(settings), _run_logs_off_console():
@@ -495,7 +495,7 @@ def simulate(
     text_col: Annotated[str, typer.Option("--text-col", help="The text column.")] = "text",
     label_col: Annotated[str, typer.Option("--label-col", help="The gold label column.")] = "label",
     split_col: Annotated[Optional[str], typer.Option("--split-col", help="Rows whose value is 'test' form the test set.")] = None,
-    test_split: Annotated[float, typer.Option("--test-split", help="Share held out as the test set (without --split-col).")] = 0.25,
+    test_split: Annotated[Optional[float], typer.Option("--test-split", help="Share held out as the test set (default 0.25; not with --split-col).")] = None,
     strategies_: Annotated[str, typer.Option("--strategies", help="Comma-separated; 'default' is alflow.toml's query.strategy.")] = "random,margin,default",
     batch: Annotated[int, typer.Option("--batch", help="Items per simulated batch.")] = 20,
     cycles: Annotated[int, typer.Option("--cycles", help="Batches per run.")] = 25,

@@ -188,8 +188,6 @@ def select_batch(store: Store, settings, run_id: str | None, config_path: str, a
     holdout = settings.holdout_fraction
     if current:
         prelabel_task(settings, current.model, model_version)
-    else:
-        logger.info("no model yet: cold start, the batch is chosen for coverage")
 
     counts = store.counts(holdout)
     waiting = [] if auto else waiting_batches(store, run_id)
@@ -199,6 +197,8 @@ def select_batch(store: Store, settings, run_id: str | None, config_path: str, a
         return Completed(message=message,
                          data={"cycle": None, "batch_id": None, "stop": None, "counts": counts,
                                "waiting": [w["batch_id"] for w in waiting], "message": message})
+    if not current:
+        logger.info(f"no model yet: cold start, the batch is chosen by {settings.query.cold_start}")
     budget_left = None
     if settings.stopping.budget is not None:
         budget_left = settings.stopping.budget - counts["labeled"] - counts["skipped"]

@@ -30,6 +30,7 @@ TARGET_SHARE = 0.95  # labels_to_95: labels until this share of the full-pool ac
 # The random split of --test-split is drawn once with this seed, so every seed and strategy
 # is scored on the same test set against one full-pool accuracy.
 SPLIT_SEED = 0
+TEST_SPLIT = 0.25  # the test share when neither --split-col nor --test-split is given
 
 
 class SimulationError(ValueError):
@@ -56,9 +57,12 @@ class SimulationResult:
 
 
 def load_dataset(path: str | Path, text_col: str = "text", label_col: str = "label",
-                 split_col: str | None = None, test_split: float = 0.25) -> Dataset:
+                 split_col: str | None = None, test_split: float | None = None) -> Dataset:
     """Read a CSV; the test set is the rows whose ``split_col`` is ``test``, or a stratified
-    ``test_split`` share drawn with :data:`SPLIT_SEED`. Rows without text or label are dropped."""
+    ``test_split`` share (default :data:`TEST_SPLIT`) drawn with :data:`SPLIT_SEED`, never
+    both. Rows without text or label are dropped."""
+    if split_col is not None and test_split is not None:
+        raise SimulationError(f"--split-col {split_col!r} and --test-split {test_split}: give one or the other")
     path = Path(path)
     if not path.is_file():
         raise SimulationError(f"--data {path}: file not found")
@@ -78,6 +82,7 @@ def load_dataset(path: str | Path, text_col: str = "text", label_col: str = "lab
         if not is_test.any() or is_test.all():
             raise SimulationError(f"--split-col {split_col!r}: need rows with split 'test' and rows without")
     else:
+        test_split = TEST_SPLIT if test_split is None else test_split
         if not 0.0 < test_split < 1.0:
             raise SimulationError(f"--test-split {test_split}: must be between 0 and 1")
         from sklearn.model_selection import train_test_split
@@ -264,7 +269,7 @@ def plot_curves(curves: pd.DataFrame, full_accuracy: float, path: str | Path, ti
 
 
 def simulate(data_path: str | Path, out_dir: str | Path, *, text_col: str = "text", label_col: str = "label",
-             split_col: str | None = None, test_split: float = 0.25,
+             split_col: str | None = None, test_split: float | None = None,
              strategies: Sequence[str] = ("random", "margin", "default"), batch: int = 20, cycles: int = 25,
              init: int = 20, seeds: int = 5, config: str | Path | None = None) -> SimulationResult:
     """Run every strategy for seeds 0..seeds-1 and write ``curves.csv``, ``summary.csv`` and
@@ -326,7 +331,7 @@ def simulate_flow_body(**kwargs) -> SimulationResult:
 
 @flow(name="simulate")
 def simulate_flow(data: str, out: str, text_col: str = "text", label_col: str = "label",
-                  split_col: str | None = None, test_split: float = 0.25,
+                  split_col: str | None = None, test_split: float | None = None,
                   strategies: list[str] = ["random", "margin", "default"],  # noqa: B006 - Prefect parameter
                   batch: int = 20, cycles: int = 25, init: int = 20, seeds: int = 5,
                   config: str | None = None) -> dict:

@@ -84,6 +84,17 @@ def require_browser() -> tuple[str, object]:
 
 
 # -- processes --------------------------------------------------------------------------------
+def api_call(method: str, url: str, **kwargs) -> httpx.Response:
+    """One call to a test server's Prefect API, retried while it answers 503: a loaded
+    server's SQLite database answers so while busy (Prefect's own client retries it too)."""
+    for attempt in range(8):
+        response = httpx.request(method, url, **kwargs)
+        if response.status_code != 503:
+            return response
+        time.sleep(0.5 * (attempt + 1))
+    return response
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -195,7 +206,7 @@ def wait_paused_run(api_url: str, run: subprocess.Popen, log: Path, timeout: flo
             pytest.fail(f"`alflow run` exited with code {run.returncode} instead of pausing:\n{tail(log)}",
                         pytrace=False)
         try:
-            response = httpx.post(f"{api_url}/flow_runs/filter", json=query, timeout=5.0)
+            response = api_call("POST", f"{api_url}/flow_runs/filter", json=query, timeout=5.0)
             response.raise_for_status()
             runs = response.json()
         except httpx.HTTPError:
@@ -219,9 +230,9 @@ def start_served_cycle(api_url: str, config: Path, served: subprocess.Popen, log
     while time.monotonic() < deadline:
         if served.poll() is not None:
             pytest.fail(f"`alflow serve` exited with code {served.returncode}:\n{tail(log)}", pytrace=False)
-        response = httpx.get(f"{api_url}/deployments/name/{name}", timeout=5.0)
+        response = api_call("GET", f"{api_url}/deployments/name/{name}", timeout=5.0)
         if response.status_code == 200:
-            created = httpx.post(f"{api_url}/deployments/{response.json()['id']}/create_flow_run", json={},
+            created = api_call("POST", f"{api_url}/deployments/{response.json()['id']}/create_flow_run", json={},
                                  timeout=10.0)
             created.raise_for_status()
             return created.json()["id"]
@@ -231,7 +242,7 @@ def start_served_cycle(api_url: str, config: Path, served: subprocess.Popen, log
 
 def run_states(api_url: str, flow_run_id: str) -> list[str]:
     """The names of a flow run's states, oldest first."""
-    response = httpx.get(f"{api_url}/flow_run_states/", params={"flow_run_id": flow_run_id}, timeout=5.0)
+    response = api_call("GET", f"{api_url}/flow_run_states/", params={"flow_run_id": flow_run_id}, timeout=5.0)
     response.raise_for_status()
     return [s["name"] for s in sorted(response.json(), key=lambda s: s["timestamp"])]
 
@@ -243,7 +254,7 @@ def wait_suspended_batch(api_url: str, store: Store, flow_run_id: str, served: s
     while time.monotonic() < deadline:
         if served.poll() is not None:
             pytest.fail(f"`alflow serve` exited with code {served.returncode}:\n{tail(log)}", pytrace=False)
-        state = httpx.get(f"{api_url}/flow_runs/{flow_run_id}", timeout=5.0).json()["state"]
+        state = api_call("GET", f"{api_url}/flow_runs/{flow_run_id}", timeout=5.0).json()["state"]
         if state and state["name"] == "Suspended":
             batch = store.batch_for_run(flow_run_id)
             assert batch is not None and batch["status"] == "open", batch
@@ -260,7 +271,7 @@ def wait_run_final(api_url: str, flow_run_id: str, served: subprocess.Popen, log
     """A flow run's state names once it has ended (bounded)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        state = httpx.get(f"{api_url}/flow_runs/{flow_run_id}", timeout=5.0).json()["state"]
+        state = api_call("GET", f"{api_url}/flow_runs/{flow_run_id}", timeout=5.0).json()["state"]
         if state and state["type"] in ("FAILED", "CRASHED", "COMPLETED", "CANCELLED"):
             return run_states(api_url, flow_run_id)
         time.sleep(0.5)
@@ -452,7 +463,7 @@ def test_resume_in_the_prefect_ui_records_the_changed_label(tmp_path: Path):
         assert changed["rank"] == 1
         new_label = next(c for c in CLASSES if c != changed["prelabel"])
 
-        artifacts = httpx.post(f"{api_url}/artifacts/filter", timeout=10.0, json={
+        artifacts = api_call("POST", f"{api_url}/artifacts/filter", timeout=10.0, json={
             "artifacts": {"key": {"any_": ["review-batch"]}, "flow_run_id": {"any_": [run_id]}}}).json()
         assert len(artifacts) == 1, artifacts
         resume_in_browser(sync_playwright, chromium, f"{ui_url}/runs/flow-run/{run_id}",

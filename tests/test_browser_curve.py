@@ -23,13 +23,13 @@ import base64
 import sys
 from pathlib import Path
 
-import httpx
 import pytest
 from conftest import SMS_CSV, write_config
 from test_browser import (
     CHROMIUM_ARGS,
     Processes,
     alflow_command,
+    api_call,
     require_browser,
     tail,
     wait_exit,
@@ -96,7 +96,7 @@ def test_the_learning_curve_shows_in_the_prefect_ui_offline(prefect_ui, tmp_path
     assert list(cycles["cycle"]) == [1, 2], cycles
     run_id = str(cycles["flow_run_id"].iloc[-1])
     picture = (store.path.parent / LEARNING_CURVE_PNG).read_bytes()
-    summary = httpx.post(f"{api_url}/artifacts/filter", timeout=10.0, json={
+    summary = api_call("POST", f"{api_url}/artifacts/filter", timeout=10.0, json={
         "artifacts": {"key": {"any_": ["cycle-summary"]}, "flow_run_id": {"any_": [run_id]}}}).json()
     assert len(summary) == 1, summary
 

@@ -405,3 +405,11 @@ def test_report_lines():
     stopped = IngestReport("big", read=7000, new=5000, error="source big: HTTP 503 from host")
     assert stopped.line() == "source big: HTTP 503 from host (7000 read, 5000 new, 0 duplicates before it stopped)"
     assert IngestReport("f", error="source f: x.csv does not exist").line() == "source f: x.csv does not exist"
+
+
+def test_no_sources_names_the_table_to_add(tmp_path, monkeypatch):
+    config = write_config(tmp_path, labels=["ham", "spam"], source_path=messages_csv(tmp_path))
+    monkeypatch.setenv("ALFLOW_SOURCES", "[]")
+    result = invoke("--config", str(config))
+    assert result.exit_code == 0, result.output
+    assert "add a [[sources]] table" in result.output  # not eaten as console markup

@@ -21,10 +21,9 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 from conftest import SMS_CSV, write_config
-from test_browser import REPO, Processes, free_port, tail, wait_gone, wait_healthy
+from test_browser import REPO, Processes, api_call, free_port, tail, wait_gone, wait_healthy
 from typer.testing import CliRunner
 
 from alflow.config import load_config
@@ -97,12 +96,12 @@ class Stack:
         self.prefect = [str(prefect)] if prefect.exists() else [sys.executable, "-m", "prefect"]
 
     def get(self, path: str, **params):
-        response = httpx.get(f"{self.api_url}{path}", params=params, timeout=10.0)
+        response = api_call("GET", f"{self.api_url}{path}", params=params, timeout=10.0)
         response.raise_for_status()
         return response.json()
 
     def post(self, path: str, body: dict):
-        response = httpx.post(f"{self.api_url}{path}", json=body, timeout=10.0)
+        response = api_call("POST", f"{self.api_url}{path}", json=body, timeout=10.0)
         response.raise_for_status()
         return response.json()
 

@@ -63,6 +63,7 @@ def test_simulate_writes_curves_summary_and_plot_deterministically(sample_csv, t
         (["--split-col", "fold"], "--split-col 'fold'"),
         (["--strategies", "margin,smartest"], "unknown strategy 'smartest'"),
         (["--test-split", "1.5"], "--test-split 1.5"),
+        (["--split-col", "split", "--test-split", "0.3"], "--split-col 'split' and --test-split 0.3"),
     ],
 )
 def test_simulate_bad_input_is_one_line(sample_csv, tmp_path, more, needle):
