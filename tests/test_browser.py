@@ -84,6 +84,15 @@ def require_browser() -> tuple[str, object]:
 
 
 # -- processes --------------------------------------------------------------------------------
+def note_screenshot(page, exc: BaseException, path: Path) -> None:
+    """Attach a screenshot of ``page`` to the error that is failing a browser test."""
+    try:
+        page.screenshot(path=str(path), full_page=True)
+        exc.add_note(f"screenshot of the page: {path}")
+    except Exception:  # noqa: BLE001 - the browser may be gone
+        pass
+
+
 def api_call(method: str, url: str, **kwargs) -> httpx.Response:
     """One call to a test server's Prefect API, retried while it answers 503: a loaded
     server's SQLite database answers so while busy (Prefect's own client retries it too)."""
@@ -411,13 +420,8 @@ def resume_in_browser(sync_playwright, chromium: str, run_url: str, batch, chang
             response = resumed.value
             assert response.ok, f"the resume request failed: {response.status} {response.text()[:500]}"
             expect(dialog).to_be_hidden()
-        except BaseException:
-            exc = sys.exc_info()[1]
-            try:
-                page.screenshot(path=str(shots / "failure.png"), full_page=True)
-                exc.add_note(f"screenshot of the page: {shots / 'failure.png'}")
-            except Exception:  # noqa: BLE001 - the browser may be gone
-                pass
+        except BaseException as exc:
+            note_screenshot(page, exc, shots / "failure.png")
             raise
         finally:
             browser.close()

@@ -20,7 +20,6 @@ body, so the keyed artifact carries its picture in the description.
 from __future__ import annotations
 
 import base64
-import sys
 from pathlib import Path
 
 import pytest
@@ -30,6 +29,7 @@ from test_browser import (
     Processes,
     alflow_command,
     api_call,
+    note_screenshot,
     require_browser,
     tail,
     wait_exit,
@@ -134,13 +134,8 @@ def test_the_learning_curve_shows_in_the_prefect_ui_offline(prefect_ui, tmp_path
             expect(header).to_contain_text("cycle 2:")
             page.screenshot(path=str(tmp_path / "artifact-key.png"), full_page=True)
             assert not outside, f"the UI fetched from outside 127.0.0.1: {outside}"
-        except BaseException:
-            exc = sys.exc_info()[1]
-            try:
-                page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
-                exc.add_note(f"screenshot of the page: {tmp_path / 'failure.png'}")
-            except Exception:  # noqa: BLE001 - the browser may be gone
-                pass
+        except BaseException as exc:
+            note_screenshot(page, exc, tmp_path / "failure.png")
             raise
         finally:
             browser.close()
