@@ -28,6 +28,7 @@ from alflow.flows.simulate import (
     _evaluate,
     full_pool_accuracy,
     load_dataset,
+    pool_features,
     read_settings,
     run_strategy,
     summarize,
@@ -42,7 +43,8 @@ DEFAULT_DATASETS = HERE.parents[1] / "shared" / "datasets"
 # past random's labels-to-95% so that random's count is measured, not "more than".
 PLANS = {"sms_spam": {"batch": 20, "cycles": 40}, "ag_news_7600": {"batch": 50, "cycles": 40}}
 FALLBACK_PLAN = {"batch": 20, "cycles": 40}
-STRATEGIES = ["random", "margin", "entropy", "least_confidence", "badge", "class_balanced", "committee"]
+STRATEGIES = ["random", "margin", "entropy", "least_confidence", "badge", "class_balanced", "committee",
+              "cluster_margin"]
 MODAL = "modAL margin"
 
 
@@ -72,7 +74,8 @@ def run_modal(data: Dataset, model_settings, query, *, init: int, batch: int, cy
         labels = data.pool_labels[seen].tolist()
         model = None
         if modeling.trainable(labels) is None:
-            model = modeling.fit(model_settings, data.pool_docs[seen].tolist(), labels)
+            model = modeling.fit(model_settings, data.pool_docs[seen].tolist(), labels,
+                                 features=pool_features(data, model_settings))
         rows.append({"strategy": MODAL, "seed": seed, "cycle": cycle, "n_labels": len(seen),
                      **_evaluate(model, data, data.pool_labels[seen])})
         unlabeled = np.flatnonzero(~labeled)
@@ -131,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--init", type=int, default=20)
+    parser.add_argument("--cycles", type=int, default=None, help="cycles per run instead of the data set's plan")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--config", type=Path, default=None, help="alflow.toml whose [model]/[query] to use")
     args = parser.parse_args(argv)
@@ -142,7 +146,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.only:
         files = [f for f in files if f.stem in args.only.split(",")]
     for path in files:
-        plan = PLANS.get(path.stem, FALLBACK_PLAN)
+        plan = dict(PLANS.get(path.stem, FALLBACK_PLAN))
+        if args.cycles:
+            plan["cycles"] = args.cycles
         data = load_dataset(path)
         full = full_pool_accuracy(data, model_settings)
         rows = []

@@ -31,7 +31,8 @@ ENV_PREFIX = "ALFLOW_"
 ENV_NOT_SETTINGS = {"ALFLOW_CONFIG", "ALFLOW_SKIP_BROWSER_TESTS", "ALFLOW_NO_PROGRESS"}
 SKIP = "skip"
 # The names of query.strategy (alflow.tasks.strategies.NAMES lists the same).
-STRATEGIES = ("least_confidence", "margin", "entropy", "random", "badge", "class_balanced", "committee")
+STRATEGIES = ("least_confidence", "margin", "entropy", "random", "badge", "class_balanced", "committee",
+              "cluster_margin")
 
 
 class ConfigError(ValueError):
@@ -61,6 +62,21 @@ class ModelSettings(_Section):
     vectorizer_params: dict[str, Any] = Field(
         default_factory=lambda: {"ngram_range": [1, 2], "sublinear_tf": True}
     )
+    # Where the TF-IDF vocabulary and IDF come from: "labeled" (the labeled items, refitted
+    # with every model) or "pool" (a seeded sample of up to vectorizer_sample pool items,
+    # unsupervised; the saved model carries it, so pre-label uses the same features).
+    vectorizer_fit: Literal["labeled", "pool"] = "labeled"
+    vectorizer_sample: int = Field(100_000, ge=100)
+    # With vectorizer_fit = "pool": this many LSA dimensions (TruncatedSVD of the pool's
+    # TF-IDF, rows L2-normalised) appended to the TF-IDF features; 0 = none.
+    svd_components: int = Field(0, ge=0, le=1000)
+
+    @field_validator("svd_components")
+    @classmethod
+    def _svd_needs_pool(cls, value: int, info: ValidationInfo) -> int:
+        if value and info.data.get("vectorizer_fit") == "labeled":
+            raise ValueError('needs vectorizer_fit = "pool" (LSA dimensions are fitted on the pool)')
+        return value
     classifier: str = Field("sklearn.linear_model.LogisticRegression", validate_default=True)
 
     @field_validator("classifier")
@@ -87,18 +103,27 @@ class QuerySettings(_Section):
     """Which items to ask the human about."""
 
     strategy: Literal["least_confidence", "margin", "entropy", "random", "badge", "class_balanced",
-                      "committee"] = "margin"
+                      "committee", "cluster_margin"] = "margin"
     batch_size: int = Field(20, ge=1, le=500)
     exploration: float = Field(0.1, ge=0.0, le=1.0)
     # A pick whose TF-IDF cosine similarity to another pick or a labeled item is at least
     # this is dropped (a reviewer never sees the same message twice); None turns it off.
     near_duplicate: float | None = Field(0.9, gt=0.0, le=1.0)
-    # badge and committee look at the batch_size * candidates smallest-margin items.
+    # badge, committee and cluster_margin look at the batch_size * candidates smallest-margin items.
     candidates: int = Field(10, ge=1, le=1000)
     cold_start: Literal["coverage", "random"] = "coverage"
-    chunk_size: int = Field(5000, ge=100)
+    # Pool items per pre-label task: large enough that Prefect's per-task cost (tens of ms)
+    # is lost in the scoring, small enough to stay a few tens of MB in flight.
+    chunk_size: int = Field(20000, ge=100)
     # Coverage picks cluster this many pool items at most (a seeded sample beyond it).
     coverage_sample: int = Field(20000, ge=100)
+    # The random control slice: this share of each batch (at least one item; 0 turns it
+    # off) is drawn uniformly from the pool. Its answers give the unbiased accuracy
+    # estimate; they train the model like every other answer.
+    control_share: float = Field(0.05, ge=0.0, le=0.5)
+    # At most this share of each batch re-asks items the last label check flagged as
+    # likely label errors (picked_by 'recheck', the model's suggestion as pre-label).
+    recheck_share: float = Field(0.1, ge=0.0, le=0.5)
 
 
 class ReviewSettings(_Section):
@@ -111,6 +136,13 @@ class ReviewSettings(_Section):
     poll_interval_seconds: int = Field(5, ge=1, le=600)
     text_chars: int = Field(600, ge=40)
     annotator: str = Field("annotator", min_length=1, max_length=64, pattern=r"^[\w.@-]+$")
+    # Independent answers (distinct annotators) asked for the overlap_share of each batch;
+    # the run stops for review again until they are in (1: one answer per item).
+    overlap: int = Field(1, ge=1, le=10)
+    overlap_share: float = Field(0.1, ge=0.0, le=1.0)
+    # An item whose answers tie, or whose share of answers disagreeing with the majority
+    # is above this, goes to adjudication at the top of the next batch.
+    adjudication_threshold: float = Field(0.5, ge=0.0, le=1.0)
 
 
 class EvaluationSettings(_Section):
@@ -123,10 +155,22 @@ class EvaluationSettings(_Section):
 
 
 class StoppingSettings(_Section):
-    """When the loop stops asking: labels spent or the metric reached."""
+    """When the loop stops asking. Every rule is reported each cycle; a rule with its
+    threshold set stops the loop (and a served schedule opens no more batches)."""
 
     budget: int | None = Field(None, ge=1)
+    # Minutes of labeling time (the seconds recorded with each answer), summed.
+    budget_minutes: float | None = Field(None, gt=0.0)
+    # On the control slice's accuracy once it has target_min_control answers; before
+    # that on evaluation.metric (holdout or CV). The report says which was used.
     target: float | None = Field(None, gt=0.0, le=1.0)
+    target_min_control: int = Field(30, ge=1)
+    # Stabilizing predictions: Cohen's kappa between successive models' predictions on a
+    # fixed stop set (stop_set_size items sampled once) at least stabilizing_kappa for
+    # stabilizing_cycles cycles in a row.
+    stabilizing_kappa: float | None = Field(None, gt=0.0, le=1.0)
+    stabilizing_cycles: int = Field(3, ge=1, le=50)
+    stop_set_size: int = Field(1000, ge=10)
 
 
 class StoreSettings(_Section):
@@ -135,6 +179,26 @@ class StoreSettings(_Section):
     # lock) before it gives up: at the start it then ends doing nothing, after the review
     # it fails with the answers kept.
     cycle_lock_timeout_seconds: float = Field(600.0, ge=0)
+
+
+class RunnerSettings(_Section):
+    """Where pre-label chunks are scored: Prefect's task runner. The flow stays the one
+    writer into DuckDB; workers only score and return arrays."""
+
+    type: Literal["threads", "dask"] = "threads"
+    # Threads, or the local Dask cluster's worker processes (ignored with dask_address).
+    workers: int = Field(2, ge=1, le=256)
+    # A running Dask scheduler (tcp://host:8786): its workers must have alflow installed.
+    # Empty: a LocalCluster of `workers` processes, started and stopped with each run.
+    dask_address: str = ""
+
+    @field_validator("dask_address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        value = value.strip()
+        if value and "://" not in value:
+            raise ValueError(f"{value!r} is not a scheduler address like \"tcp://10.0.0.5:8786\"")
+        return value
 
 
 class ScheduleSettings(_Section):
@@ -209,6 +273,7 @@ class Settings(_Section):
     stopping: StoppingSettings = Field(default_factory=StoppingSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
     schedules: ScheduleSettings = Field(default_factory=ScheduleSettings)
+    runner: RunnerSettings = Field(default_factory=RunnerSettings)
     sources: list[SourceSettings] = Field(default_factory=list)
     # Where the file came from; not a setting a user writes.
     config_path: Path | None = Field(None, exclude=True)

@@ -7,6 +7,7 @@ from alflow.connectors.base import (
     SourceError,
     content_hash,
     normalise_text,
+    to_columns,
     to_row,
 )
 
@@ -40,5 +41,6 @@ __all__ = [
     "build_connector",
     "content_hash",
     "normalise_text",
+    "to_columns",
     "to_row",
 ]

@@ -26,9 +26,9 @@ import re
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol, runtime_checkable
+from typing import Any, Callable, Iterator, Protocol, Sequence, runtime_checkable
 
-_SPACE = re.compile(r"\s+")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class SourceError(RuntimeError):
@@ -89,14 +89,23 @@ class Connector(Protocol):
 
 
 def normalise_text(text: str) -> str:
-    """NFC, whitespace collapsed, stripped: two copies differing only in spacing are one item."""
-    return _SPACE.sub(" ", unicodedata.normalize("NFC", text)).strip()
+    """NFC, whitespace collapsed, stripped: two copies differing only in spacing are one item.
+
+    Whitespace is what ``str.isspace`` says (as ``\\s`` in ``re``): ``split()`` with no
+    argument collapses exactly those runs and drops them at both ends.
+    """
+    if not text.isascii():  # ASCII is already NFC; most text is, and the check is cheap
+        text = unicodedata.normalize("NFC", text)
+    return " ".join(text.split())
+
+
+def _hash_normalised(text: str, title: str | None) -> str:
+    return hashlib.sha256(f"{title or ''}\x1f{text}".encode("utf-8")).hexdigest()
 
 
 def content_hash(text: str, title: str | None = None) -> str:
     """The item_id: sha256 hex of the normalised title and text."""
-    payload = normalise_text(title or "") + "\x1f" + normalise_text(text)
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+    return _hash_normalised(normalise_text(text), normalise_text(title or ""))
 
 
 def has_undecodable(value: str) -> bool:
@@ -105,20 +114,34 @@ def has_undecodable(value: str) -> bool:
     Any lone surrogate counts (a JSON ``"\\ud800"`` escape decodes to one): none can be
     encoded as UTF-8, so storing it would fail.
     """
-    return any("\ud800" <= ch <= "\udfff" for ch in value)
+    return not value.isascii() and _SURROGATE.search(value) is not None
+
+
+ITEM_COLUMNS = ("item_id", "source", "external_id", "url", "title", "text", "gold_label", "meta")
+
+
+def _meta_json(meta: dict[str, Any]) -> str:
+    return json.dumps(meta, default=str, ensure_ascii=False) if meta else "{}"
 
 
 def to_row(record: Record, source: str) -> dict[str, Any]:
     """A record as a row of the ``items`` table (without fetched_at / ingest_run)."""
-    text = normalise_text(record.text)
-    title = normalise_text(record.title) if record.title else None
+    return {column: values[0] for column, values in to_columns([record], source).items()}
+
+
+def to_columns(records: Sequence[Record], source: str) -> dict[str, list]:
+    """Records as columns of the ``items`` table (without fetched_at / ingest_run):
+    ``ITEM_COLUMNS``, each a list of len(records). A chunk of a large file is a few list
+    passes, not a dict per row."""
+    texts = [normalise_text(r.text) for r in records]
+    titles = [normalise_text(r.title) or None if r.title else None for r in records]
     return {
-        "item_id": content_hash(text, title),
-        "source": source,
-        "external_id": record.external_id,
-        "url": record.url,
-        "title": title or None,
-        "text": text,
-        "gold_label": record.gold_label,
-        "meta": json.dumps(record.meta, default=str, ensure_ascii=False),
+        "item_id": [_hash_normalised(text, title) for text, title in zip(texts, titles)],
+        "source": [source] * len(records),
+        "external_id": [r.external_id for r in records],
+        "url": [r.url for r in records],
+        "title": titles,
+        "text": texts,
+        "gold_label": [r.gold_label for r in records],
+        "meta": [_meta_json(r.meta) for r in records],
     }

@@ -9,20 +9,24 @@ never loses the rest of the file.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from alflow.config import FilesSource
 from alflow.connectors.base import FetchReport, Progress, Record, SourceError, has_undecodable
 
 _FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 _PARQUET_BATCH = 10_000
+_TICK = 1000  # rows per progress call
 
 
 def _cell(value: Any) -> str | None:
     """A table cell as text, or None when empty/missing."""
+    if type(value) is str:  # the common case first: this runs for every cell read
+        return value.strip() or None
     if value is None:
         return None
     if isinstance(value, float) and value != value:  # NaN
@@ -40,6 +44,8 @@ class FilesConnector:
         self.report = FetchReport()
         self.path = Path(settings.path)
         self.format = self._detect_format()
+        self._used = {settings.text_column, settings.title_column, settings.id_column, settings.url_column,
+                      settings.label_column}
 
     def _detect_format(self) -> str:
         if not self.path.exists():
@@ -66,6 +72,18 @@ class FilesConnector:
             return pq.ParquetFile(self.path).metadata.num_rows
         return None
 
+    def fingerprint(self) -> str:
+        """sha256 hex of what a fetch reads: the file's bytes, or each ``.txt`` file's path
+        and bytes in order. Equal fingerprints (under equal settings) mean equal records."""
+        digest = hashlib.sha256()
+        files = [(self.path, "")] if self.format != "txt" else \
+            [(file, file.relative_to(self.path).as_posix()) for file in self._txt_files()]
+        for file, name in files:
+            digest.update(f"{len(name)}:{name}:{file.stat().st_size}:".encode(errors="surrogateescape"))
+            with open(file, "rb") as handle:
+                hashlib.file_digest(handle, lambda: digest)
+        return digest.hexdigest()
+
     def fetch(self, progress: Progress | None = None) -> Iterator[Record]:
         reader = {
             "csv": self._csv_rows,
@@ -73,15 +91,22 @@ class FilesConnector:
             "parquet": self._parquet_rows,
             "txt": self._txt_rows,
         }[self.format]
-        for row in reader():
-            if progress:
-                progress(1)
-            if row is None:
-                continue
-            record = self._record(row)
-            if record is not None:
-                self.report.read += 1
-                yield record
+        unticked = 0  # rows read but not yet reported to ``progress`` (a call per row costs)
+        try:
+            for row in reader():
+                unticked += 1
+                if unticked == _TICK and progress:
+                    progress(unticked)
+                    unticked = 0
+                if row is None:
+                    continue
+                record = row if type(row) is Record else self._record(row)
+                if record is not None:
+                    self.report.read += 1
+                    yield record
+        finally:
+            if unticked and progress:
+                progress(unticked)
 
     # -- rows to records ----------------------------------------------------------------
     def _record(self, row: dict[str, Any]) -> Record | None:
@@ -92,31 +117,59 @@ class FilesConnector:
         text = _cell(row.get(s.text_column))
         if self.format == "txt":
             # A text file: its stem is the title, its path the id, its folder the class.
-            fields = {"title": row["_title"], "external_id": row["_path"], "url": None,
-                      "gold_label": row["_label"]}
+            title, external_id, url, gold_label = row["_title"], row["_path"], None, row["_label"]
         else:
-            fields = {
-                "title": _cell(row.get(s.title_column)) if s.title_column else None,
-                "external_id": _cell(row.get(s.id_column)) if s.id_column else None,
-                "url": _cell(row.get(s.url_column)) if s.url_column else None,
-                "gold_label": _cell(row.get(s.label_column)) if s.label_column else None,
-            }
+            title = _cell(row.get(s.title_column)) if s.title_column else None
+            external_id = _cell(row.get(s.id_column)) if s.id_column else None
+            url = _cell(row.get(s.url_column)) if s.url_column else None
+            gold_label = _cell(row.get(s.label_column)) if s.label_column else None
         if text is None:
             self.report.reject("empty text")
             return None
-        used = {s.text_column, s.title_column, s.id_column, s.url_column, s.label_column}
+        used = self._used
         meta = {
             str(k): (v if isinstance(v, (int, float, bool, str)) else str(v))
             for k, v in row.items()
             if k not in used and not str(k).startswith("_") and _cell(v) is not None
         }
-        # Extra columns go to meta, so their bytes must be storable too.
-        if (has_undecodable(text) or any(v and has_undecodable(v) for v in fields.values())
-                or any(has_undecodable(k) or (isinstance(v, str) and has_undecodable(v))
-                       for k, v in meta.items())):
+        # Extra columns go to meta, so their bytes must be storable too. A surrogate is one
+        # code point, so it is in the joined string exactly when it is in one of the parts.
+        stored = [text, title or "", external_id or "", url or "", gold_label or "", *meta]
+        stored.extend(v for v in meta.values() if isinstance(v, str))
+        if has_undecodable("".join(stored)):
             self.report.reject("undecodable bytes")
             return None
-        return Record(text=text, meta=meta, **fields)
+        return Record(text=text, title=title, url=url, external_id=external_id, gold_label=gold_label, meta=meta)
+
+    def _ascii_rule(self, header: list[str]) -> Callable[[list[str]], Record | None] | None:
+        """:meth:`_record` for a CSV row of ASCII cells, by column position: no byte of it can
+        be undecodable and ``strip`` means the same, so the record is the same without a dict
+        per row. None when a column name is not ASCII (every row then goes by ``_record``)."""
+        if not all(name.isascii() for name in header):
+            return None
+        s = self.settings
+        last = {name: i for i, name in enumerate(header)}  # a repeated name: its last cell, as in a dict
+        text_i = last[s.text_column]
+        title_i, id_i, url_i, label_i = (last[c] if c else None
+                                         for c in (s.title_column, s.id_column, s.url_column, s.label_column))
+        extras = [(name, i) for name, i in last.items() if name not in self._used and not name.startswith("_")]
+        reject = self.report.reject
+
+        def record(cells: list[str]) -> Record | None:
+            text = cells[text_i].strip()
+            if not text:
+                reject("empty text")
+                return None
+            return Record(
+                text=text,
+                title=None if title_i is None else cells[title_i].strip() or None,
+                url=None if url_i is None else cells[url_i].strip() or None,
+                external_id=None if id_i is None else cells[id_i].strip() or None,
+                gold_label=None if label_i is None else cells[label_i].strip() or None,
+                meta={name: cells[i] for name, i in extras if cells[i].strip()},
+            )
+
+        return record
 
     def _check_columns(self, columns: list[str]) -> None:
         s = self.settings
@@ -129,20 +182,30 @@ class FilesConnector:
                 )
 
     # -- readers ------------------------------------------------------------------------
-    def _csv_rows(self) -> Iterator[dict | None]:
+    def _csv_rows(self) -> Iterator[dict | Record | None]:
+        """Rows as dicts (``_record`` makes them records), or already records (ASCII rows,
+        :meth:`_ascii_rule`); None for a rejected row."""
         csv.field_size_limit(sys.maxsize)
         with open(self.path, newline="", encoding=self.settings.encoding, errors="surrogateescape") as handle:
-            reader = csv.DictReader(handle)
+            reader = csv.reader(handle)
             try:
-                if reader.fieldnames is None:
+                header = next(reader, None)  # csv.DictReader's rules, without its per-row cost
+                if header is None:
                     return  # an empty file
-                self._check_columns(list(reader.fieldnames))
-                for row in reader:
-                    if None in row:  # more cells than the header has columns
+                self._check_columns(header)
+                width = len(header)
+                ascii_record = self._ascii_rule(header)
+                for cells in reader:
+                    if len(cells) == width:
+                        if ascii_record is not None and "".join(cells).isascii():
+                            yield ascii_record(cells)
+                        else:
+                            yield dict(zip(header, cells))
+                    elif len(cells) > width:  # more cells than the header has columns
                         self.report.reject("malformed CSV row")
                         yield None
-                        continue
-                    yield row
+                    elif cells:  # fewer: the missing ones are None
+                        yield dict(zip(header, cells + [None] * (width - len(cells))))
             except csv.Error as exc:
                 raise SourceError(
                     f"source {self.name}: cannot parse {self.path.name} at line {reader.line_num}: {exc}"

@@ -214,10 +214,19 @@ def status_report(settings, store, api_url: str | None) -> dict:
     ``{batch_id, flow_run_id, size, answered, url}``), ``cycles`` (the learning curve:
     ``{cycle, n_labels, accuracy, macro_f1, model_version, promoted, strategy}``) and, when
     a Prefect API answers at ``api_url`` and deployments run this config, ``schedules``
-    (:func:`alflow.flows.serve.served_schedules`). URLs are None without a reachable UI."""
+    (:func:`alflow.flows.serve.served_schedules`). URLs are None without a reachable UI.
+    Also ``control`` (the unbiased accuracy of the random control slice, with its Wilson
+    interval), ``label_flags`` and ``stopping`` (:func:`alflow.tasks.stopping.quality_status`);
+    each cycle carries its ``control_accuracy`` [``control_low``, ``control_high``] and
+    ``stop_kappa``. ``agreement``: inter-annotator agreement
+    (:func:`alflow.tasks.agreement.agreement_report`: ``kappa``, ``alpha``, ``per_annotator``,
+    ``prelabel``, ``batches``, ``adjudication_pending``). Each cycle's ``timings``: seconds
+    in each step, ``overhead`` and ``wall`` (:mod:`alflow.tasks.timings`; None for a cycle
+    recorded before they were)."""
     import pandas as pd
 
     from alflow.flows.cycle import waiting_batches
+    from alflow.tasks.stopping import quality_status
 
     counts = store.counts(settings.holdout_fraction)
     ui = None
@@ -240,6 +249,17 @@ def status_report(settings, store, api_url: str | None) -> dict:
          "promoted": bool(row.promoted), "strategy": row.strategy}
         for row in store.cycles().itertuples(index=False)
     ]
+    timings = store.cycle_timings()
+    for row in report["cycles"]:
+        row["timings"] = timings.get(row["cycle"])
+    measured = store.cycle_quality().set_index("cycle")
+    for row in report["cycles"]:
+        for key in ("control_accuracy", "control_low", "control_high", "stop_kappa"):
+            row[key] = number(measured[key].get(row["cycle"])) if key in measured else None
+    report.update(quality_status(store, settings, counts))
+    from alflow.tasks.agreement import agreement_report
+
+    report["agreement"] = agreement_report(store, adjudication_threshold=settings.review.adjudication_threshold)
     if api_url:
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -288,6 +308,14 @@ def status(
                 + (f"next run {schedule['next_run'][:16]}" if schedule["active"] else "paused")
                 if schedule["schedule"] else "no schedule")
         console.print(f"deployment {schedule['deployment']}: {when}")
+    _print_quality(report)
+    from alflow.tasks.agreement import agreement_line
+
+    console.print(escape(agreement_line(report["agreement"])))
+    for name, figures in report["agreement"]["per_annotator"].items():
+        if figures["compared"]:
+            console.print(escape(f"  {name}: agrees with the consensus on {figures['agreement']:.0%} of "
+                                 f"{figures['compared']} shared items"))
     if not report["cycles"]:
         console.print("cycles: none yet")
         return
@@ -299,6 +327,36 @@ def status(
                       f"v{row['model_version']}" if row["model_version"] is not None else "–",
                       "yes" if row["promoted"] else "no", row["strategy"])
     console.print(table)
+    timed = [row for row in report["cycles"] if row.get("timings")]
+    if timed:
+        from alflow.tasks.timings import timings_line
+
+        console.print(f"time in cycle {timed[-1]['cycle']}: {timings_line(timed[-1]['timings'])}")
+
+
+def _print_quality(report: dict) -> None:
+    """The control-slice estimate, the open label flags and the stopping rules."""
+    from alflow.tasks.control import estimate_line
+
+    console.print(f"unbiased accuracy (random control slice): {estimate_line(report['control'])}")
+    flags = report["label_flags"]
+    if flags["model_version"] is None:
+        console.print("label check: not run yet")
+    else:
+        console.print(f"label check: {flags['count']} likely label errors flagged after model v{flags['model_version']}"
+                      f", {len(flags['open'])} waiting for re-review" + (":" if flags["open"] else ""))
+        for flag in flags["open"]:
+            console.print(escape(f"  {flag['item_id']}  labeled {flag['given_label']}, model suggests "
+                                 f"{flag['suggested_label']} (self-confidence {flag['score']:.3f})"))
+    fired = report["stopping"]["fired"]
+    if fired:
+        served = " (served schedules keep running and open none)" if report.get("schedules") else ""
+        console.print(escape(f"stopped: {fired}; no new batch is opened{served}"))
+    else:
+        console.print("stopping: no rule fired")
+    for rule in report["stopping"]["rules"]:
+        state = "fired" if rule["fired"] else ("on" if rule["configured"] else "reported only")
+        console.print(escape(f"  {rule['rule']} ({state}): {rule['detail']}"))
 
 
 def _api_url() -> str | None:
@@ -336,16 +394,22 @@ def serve(config: ConfigOption = None):
 
 # -- review: terminal, files, resume ---------------------------------------------------------
 def label_session(store, settings, batch_id: str, annotator: str, getchar: Callable[[], str], out: Console) -> tuple[int, bool]:
-    """Ask about each unanswered item of a batch, one key per answer; each answer is saved
-    at once. Returns (answers given, True if every item is now answered)."""
+    """Ask ``annotator`` about each item of a batch they have not answered and that still
+    needs an answer (with review.overlap, items others answered too), one key per answer;
+    each answer is saved at once with the seconds it took. Adjudication items show every
+    answer given and who gave it. Returns (answers given, True if the batch is complete)."""
+    import time
+
     from alflow.config import SKIP
-    from alflow.tasks.review import item_heading, record_answer
+    from alflow.tasks.review import ADJUDICATION, given_text, item_heading, record_answer
     from alflow.tasks.store import title_adds
 
     classes = settings.labels
     keys = "  ".join(f"[bold]{i}[/] {c}" for i, c in enumerate(classes, start=1))
     items = store.batch_items(batch_id)
-    queue = [r for r in items.itertuples(index=False) if not isinstance(r.answer, str)]
+    asked = set(store.batch_needs(batch_id, annotator)["item_id"])
+    queue = [r for r in items.itertuples(index=False) if r.item_id in asked]
+    given = store.answers_given([r.item_id for r in queue if r.picked_by == ADJUDICATION])
     out.print(f"Batch {batch_id}: {len(queue)} of {len(items)} items to answer.  Keys: [bold]Enter[/] accept pre-label  "
               f"{keys}  [bold]s[/] skip  [bold]b[/] back  [bold]q[/] quit (answers are saved as you go)")
     pending: list[str] = []
@@ -363,18 +427,21 @@ def label_session(store, settings, batch_id: str, annotator: str, getchar: Calla
                 pending.extend(chunk.replace("\r\n", "\r"))
         return pending.pop(0)
 
-    given, position = 0, 0
+    answered, position = 0, 0
     while position < len(queue):
         row = queue[position]
         title = item_heading(row)
         body = escape(row.text)
         if title_adds(row.title, row.text):
             body = f"[bold]{escape(row.title)}[/]\n{body}"
+        if row.item_id in given:
+            body = f"[bold]answers disagree, yours decides:[/] {escape(given_text(given[row.item_id]))}\n{body}"
         out.print(Panel(body, title=f"{position + 1}/{len(queue)}  {escape(title)}", title_align="left"))
+        shown_at = time.monotonic()
         key = next_key()
         if key in ("q", "Q", "\x03", "\x04"):
-            out.print(f"Stopped; {given} answers saved.")
-            return given, False
+            out.print(f"Stopped; {answered} answers saved.")
+            return answered, False
         if key in ("b", "B"):
             position = max(0, position - 1)
             continue
@@ -387,13 +454,14 @@ def label_session(store, settings, batch_id: str, annotator: str, getchar: Calla
         else:
             out.print("[yellow]Enter accepts the pre-label; a number picks a class; s skips; b goes back; q quits.[/]")
             continue
-        record_answer(store, settings, batch_id, row.item_id, label, annotator, origin="cli",
-                      prelabel_shown=row.prelabel if isinstance(row.prelabel, str) else None)
+        record_answer(store, settings, batch_id, row.item_id, label, annotator,
+                      origin=ADJUDICATION if row.picked_by == ADJUDICATION else "cli",
+                      prelabel_shown=row.prelabel if isinstance(row.prelabel, str) else None,
+                      seconds=round(time.monotonic() - shown_at, 3))
         out.print(f"  -> {label}")
-        given += 1
+        answered += 1
         position += 1
-    remaining = store.batch_items(batch_id)["answer"].isna().sum()
-    return given, remaining == 0
+    return answered, store.batch_needs(batch_id).empty
 
 
 @app.command()
@@ -416,24 +484,35 @@ def label(
         _resume(settings, store, chosen["batch_id"], who, skip_rest=False)
     elif complete:
         console.print("All items answered. Run `alflow resume` to continue the paused run.")
+    elif not store.batch_needs(chosen["batch_id"], who).shape[0] and store.batch_needs(chosen["batch_id"]).shape[0]:
+        short = store.batch_needs(chosen["batch_id"])
+        console.print(f"You ({who}) have answered every item you can; {len(short)} items still need an "
+                      f"independent answer from another annotator (review.overlap = {int(short['overlap'].max())}): "
+                      "`alflow label --annotator NAME`.")
 
 
 @app.command("export")
 @friendly
 def export_(
-    path: Annotated[Path, typer.Argument(help="Where to write: a .csv or .jsonl file.")],
+    path: Annotated[Path, typer.Argument(help="Where to write: a .csv, .jsonl or .json (Label Studio tasks) file.")],
     config: ConfigOption = None,
     batch: BatchOption = None,
-    fmt: Annotated[Optional[str], typer.Option("--format", "-f", help="csv or jsonl (default: from the name).")] = None,
+    fmt: Annotated[Optional[str], typer.Option("--format", "-f", help="csv, jsonl or label-studio (default: from the name).")] = None,
     blank: Annotated[bool, typer.Option("--blank", help="Leave the label column empty instead of the pre-label.")] = False,
 ):
     """Write a waiting batch to CSV/JSONL for labeling in a spreadsheet or another tool."""
-    from alflow.tasks.review import export_batch, pick_batch
+    from alflow.tasks.review import export_batch, file_format, label_studio_config, pick_batch
 
     settings = _settings(config)
     store = _store(settings)
     chosen = pick_batch(store, batch)
     n = export_batch(store, chosen["batch_id"], path, fmt, prefill=not blank)
+    if file_format(path, fmt) == "label-studio":
+        console.print(f"Wrote {n} Label Studio tasks of batch {chosen['batch_id']} to {path} (with the pre-labels as "
+                      f"predictions and the answers so far as annotations). Labeling config:\n"
+                      f"{escape(label_studio_config(settings.labels))}\nThen export the project as JSON, "
+                      f"`alflow import FILE.json` and `alflow resume`.")
+        return
     console.print(f"Wrote {n} items of batch {chosen['batch_id']} to {path}. Edit the label column "
                   f"({', '.join(settings.labels)} or skip), then `alflow import {path}` and `alflow resume`.")
 
@@ -441,13 +520,13 @@ def export_(
 @app.command("import")
 @friendly
 def import_(
-    path: Annotated[Path, typer.Argument(help="A .csv or .jsonl file with item_id and label columns.")],
+    path: Annotated[Path, typer.Argument(help="A .csv or .jsonl file with item_id and label columns (and optionally annotator, seconds), or Label Studio JSON tasks (.json).")],
     config: ConfigOption = None,
     batch: BatchOption = None,
     annotator: AnnotatorOption = None,
-    fmt: Annotated[Optional[str], typer.Option("--format", "-f", help="csv or jsonl (default: from the name).")] = None,
+    fmt: Annotated[Optional[str], typer.Option("--format", "-f", help="csv, jsonl or label-studio (default: from the name).")] = None,
 ):
-    """Store answers from a CSV/JSONL file (all rows checked first; nothing half-written)."""
+    """Store answers from a CSV/JSONL file or Label Studio JSON (all rows checked first; nothing half-written)."""
     from alflow.tasks.review import import_answers
 
     settings = _settings(config)
@@ -502,6 +581,8 @@ def simulate(
     init: Annotated[int, typer.Option("--init", help="Cold-start labels.")] = 20,
     seeds: Annotated[int, typer.Option("--seeds", help="Runs per strategy (seeds 0..n-1).")] = 5,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Take [model] and [query] from this file (default: the shipped alflow.toml).")] = None,
+    noise: Annotated[float, typer.Option("--noise", help="Flip this share of the simulated answers and report "
+                                         "how well the label check finds them (vs random re-review).")] = 0.0,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")] = True,
 ):
     """Replay the loop on a labeled CSV with a simulated annotator: learning curves per strategy."""
@@ -515,7 +596,7 @@ def simulate(
     try:
         result = run_simulation(data, out, text_col=text_col, label_col=label_col, split_col=split_col,
                                 test_split=test_split, strategies=strategies_.split(","), batch=batch,
-                                cycles=cycles, init=init, seeds=seeds, config=config)
+                                cycles=cycles, init=init, seeds=seeds, config=config, noise=noise)
     except SimulationError as exc:
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
         raise typer.Exit(1) from None
@@ -526,6 +607,15 @@ def simulate(
         to95 = "inf" if math.isinf(row.labels_to_95) else f"{row.labels_to_95:g}"
         table.add_row(row.strategy, f"{row.aulc_mean:.3f}", f"{row.aulc_std:.3f}", f"{row.final_accuracy:.3f}", to95)
     console.print(table)
+    if "flag_precision" in result.summary:
+        from alflow.flows.simulate import label_check_caption
+
+        checks = Table("strategy", "flipped", "flags", "precision", "recall", "random precision", "random recall",
+                       title=label_check_caption(result.summary))
+        for row in result.summary.itertuples(index=False):
+            checks.add_row(row.strategy, f"{row.flipped:.1f}", f"{row.flags:.1f}", f"{row.flag_precision:.3f}",
+                           f"{row.flag_recall:.3f}", f"{row.random_precision:.3f}", f"{row.random_recall:.3f}")
+        console.print(checks)
     console.print(f"Wrote {out / 'curves.csv'}, {out / 'summary.csv'} and {out / 'curves.png'}.")
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+from itertools import count
 from dataclasses import asdict
 from pathlib import Path
 
@@ -27,19 +28,24 @@ from prefect.states import Completed, State
 
 from alflow.config import CONFIG_FILENAME, ConfigError, load_config
 from alflow.flows.ingest import ingest_for_cycle
+from alflow.tasks.agreement import agreement_report
 from alflow.tasks.prelabel import prelabel_task
 from alflow.tasks.query import query_task
 from alflow.tasks.report import cycle_markdown, publish_batch, publish_cycle, publish_learning_curve
 from alflow.tasks.review import (
-    REVIEW_PAUSE_KEY,
-    answers_from_form,
+    ADJUDICATION,
     build_review_form,
     expire_stale_batches,
-    form_defaults,
+    record_review_form,
+    review_key,
+    review_round_items,
+    review_wait_seconds,
     shown_form_defaults,
     simulated_answers,
 )
+from alflow.tasks.stopping import any_configured, assess_cycle_task, current_rules, fired_rule
 from alflow.tasks.store import LabelWrite, LockHeldError, Store, describe_holder
+from alflow.tasks.timings import CycleClock
 from alflow.tasks.train import load_model_task, retrain_task
 
 
@@ -102,7 +108,8 @@ def waiting_batches(store: Store, run_id: str | None, ui_url: str | None = None)
         items = store.batch_items(batch["batch_id"])
         flow_run_id = batch["flow_run_id"] if isinstance(batch["flow_run_id"], str) else None
         waiting.append({"batch_id": batch["batch_id"], "flow_run_id": flow_run_id, "size": len(items),
-                        "answered": int(items["answer"].notna().sum()),
+                        # answered as needed: with review.overlap, by enough annotators
+                        "answered": int(len(items) - len(store.batch_needs(batch["batch_id"]))),
                         "url": run_url(flow_run_id, ui_url) if flow_run_id else None})
     return waiting
 
@@ -140,6 +147,7 @@ def active_learning_cycle(config_path: str | None = None, auto: bool = False,
     review, or because another cycle kept the database busy, ends Completed with a
     ``message`` saying so (in the summary and the run's state).
     """
+    clock = CycleClock()
     settings = load_config(config_path)
     store = Store(settings.database, settings.store.lock_timeout_seconds)
     store.migrate()
@@ -150,24 +158,31 @@ def active_learning_cycle(config_path: str | None = None, auto: bool = False,
         # ingest, pre-label and query are not done again.
         batch = store.batch_for_run(run_id) if run_id else None
         if batch is None:
-            selected = select_batch(store, settings, run_id, config_path, auto, ingest_sources)
+            selected = select_batch(store, settings, run_id, config_path, auto, ingest_sources, clock)
             if not isinstance(selected, str):
                 return selected  # nothing asked: a summary, or a Completed state with its message
             batch_id = selected
         else:
             batch_id = batch["batch_id"]
             get_run_logger().info(f"resumed: batch {batch_id} was queried before the review; recording it")
-        return review_and_retrain(store, settings, run_id, config_path, auto, batch_id, replay=batch is not None)
+            before = store.batch_timings(batch_id)  # the steps the first process took
+            if before is not None:
+                clock = CycleClock(before)
+                clock.resumed_review()
+        return review_and_retrain(store, settings, run_id, config_path, auto, batch_id, replay=batch is not None,
+                                  clock=clock)
     finally:
         store.release_lock(CYCLE_LOCK, run_id)
 
 
 def select_batch(store: Store, settings, run_id: str | None, config_path: str, auto: bool,
-                 ingest_sources: bool) -> str | dict | State:
+                 ingest_sources: bool, clock: CycleClock | None = None) -> str | dict | State:
     """Ingest, pre-label and query, holding the cycle lock: the new batch's id; or the
     summary when there is nothing to ask; or a Completed state with a message when batches
-    still wait for review (``review.max_open_batches``) or another cycle kept the lock."""
+    still wait for review (``review.max_open_batches``) or another cycle kept the lock.
+    ``clock`` times the steps."""
     logger = get_run_logger()
+    clock = clock or CycleClock()
     try:
         take_cycle_lock(store, settings, run_id)
     except LockHeldError as exc:
@@ -178,16 +193,18 @@ def select_batch(store: Store, settings, run_id: str | None, config_path: str, a
                          data={"cycle": None, "batch_id": None, "stop": None, "busy": True, "message": message})
 
     if ingest_sources and settings.sources:
-        ingest_for_cycle(config_path)  # some sources failing: logged, the cycle goes on
+        with clock.step("ingest"):
+            ingest_for_cycle(config_path)  # some sources failing: logged, the cycle goes on
     check_gold_labels(store, settings, auto)
     expire_stale_batches(store, run_id)
 
     # the newest promoted model that loads and fits labels + classifier; retrained if need be
-    current = load_model_task(settings, run_id)
-    model_version = current.version if current else None
+    with clock.step("prelabel"):
+        current = load_model_task(settings, run_id)
+        model_version = current.version if current else None
+        if current:
+            prelabel_task(settings, current.model, model_version)
     holdout = settings.holdout_fraction
-    if current:
-        prelabel_task(settings, current.model, model_version)
 
     counts = store.counts(holdout)
     waiting = [] if auto else waiting_batches(store, run_id)
@@ -199,10 +216,18 @@ def select_batch(store: Store, settings, run_id: str | None, config_path: str, a
                                "waiting": [w["batch_id"] for w in waiting], "message": message})
     if not current:
         logger.info(f"no model yet: cold start, the batch is chosen by {settings.query.cold_start}")
+    stop = fired_rule(current_rules(store, settings, counts)) if any_configured(settings) else None
+    if stop:  # a served schedule keeps running cycles: each says why it opens no batch
+        message = f"stopping rule fired: {stop}; no batch is opened (change [stopping] to go on)"
+        logger.info(message)
+        return Completed(message=message, data={"cycle": None, "batch_id": None, "stop": stop, "counts": counts,
+                                                "message": message})
     budget_left = None
     if settings.stopping.budget is not None:
         budget_left = settings.stopping.budget - counts["labeled"] - counts["skipped"]
-    batch_id = query_task(settings, model_version, run_id, budget_left)
+    with clock.step("query"):
+        batch_id = query_task(settings, model_version, run_id, budget_left)
+    clock.asked()
     if batch_id is None:
         stop = "budget spent" if budget_left is not None and budget_left <= 0 else "pool exhausted"
         logger.info(f"nothing to ask: {stop}")
@@ -211,16 +236,22 @@ def select_batch(store: Store, settings, run_id: str | None, config_path: str, a
 
 
 def review_and_retrain(store: Store, settings, run_id: str | None, config_path: str, auto: bool,
-                       batch_id: str, replay: bool = False) -> dict:
+                       batch_id: str, replay: bool = False, clock: CycleClock | None = None) -> dict:
     """Review the batch (simulated, or stopping for a human without the cycle lock), record
-    the answers, then retrain, evaluate and report holding the lock again."""
+    the answers, then retrain, evaluate and report holding the lock again. ``clock`` times
+    the steps; the breakdown is stored with the cycle (``cycle_timings``)."""
     logger = get_run_logger()
     holdout = settings.holdout_fraction
+    clock = clock or CycleClock()
     if auto:
-        written = simulated_review(store, settings, batch_id, run_id)
+        with clock.step("review_wait"):
+            written = simulated_review(store, settings, batch_id, run_id)
     else:
         store.release_lock(CYCLE_LOCK, run_id)  # the review may take days: other cycles may run
-        written = human_review(store, settings, batch_id, run_id, config_path, replay=replay)
+        if not replay:  # a suspended run goes on in another process: it reads these back
+            store.record_timings(batch_id, run_id, clock.timings)
+        with clock.step("review_wait"):
+            written = human_review(store, settings, batch_id, run_id, config_path, replay=replay)
     label_summary = written.summary()
     logger.info(f"batch {batch_id}: {label_summary}")
 
@@ -230,21 +261,32 @@ def review_and_retrain(store: Store, settings, run_id: str | None, config_path: 
         raise LockHeldError(f"cannot retrain: {exc} for more than {settings.store.cycle_lock_timeout_seconds:g} s; "
                             f"the answers to batch {batch_id} are recorded and train the next cycle",
                             exc.holder) from None
-    train = retrain_task(settings, run_id)
+    with clock.step("train"):
+        train = retrain_task(settings, run_id)
+    clock.add("train", -train.evaluate_seconds)
+    clock.add("evaluate", train.evaluate_seconds)
     cycle = store.record_cycle(run_id, batch_id, train.model_version, _strategy(store, batch_id),
                                train.n_labels, train.metrics, train.promoted)
     counts = store.counts(holdout)
+    with clock.step("evaluate"):  # the labels and the stopping rules, judged by the new model
+        quality = assess_cycle_task(settings, cycle, train.model_version, counts, train.metrics)
     metric = settings.evaluation.metric
+    annotators = dict(agreement_report(store, adjudication_threshold=settings.review.adjudication_threshold),
+                      batch=agreement_report(store, batch_id))
+    timings = clock.breakdown()  # to the cycle's record, before its summary artifacts are published
+    store.record_timings(batch_id, run_id, timings, cycle)
     cycles = store.cycles()
     curve = publish_learning_curve(cycles, metric, settings.database)
     publish_cycle(cycle_markdown(counts, cycles, asdict(train) if train.model_version else None,
-                                 batch_id, label_summary, metric, store.prelabel_agreement(batch_id), curve))
-    stop = _stop_reason(settings, counts, train.metrics)
+                                 batch_id, label_summary, metric, store.prelabel_agreement(batch_id), curve,
+                                 quality=quality, annotators=annotators, timings=timings.seconds))
+    stop = _stop_reason(counts, quality)
     if stop:
         logger.info(f"stopping rule: {stop}")
     return {"cycle": cycle, "batch_id": batch_id, "model_version": train.model_version,
             "promoted": train.promoted, "n_labels": train.n_labels, "metrics": train.metrics,
-            "labels_written": asdict(written), "stop": stop, "counts": counts}
+            "labels_written": asdict(written), "stop": stop, "counts": counts, "quality": quality,
+            "agreement": annotators, "timings": timings.seconds}
 
 
 def simulated_review(store: Store, settings, batch_id: str, run_id: str) -> LabelWrite:
@@ -268,33 +310,46 @@ def human_review(store: Store, settings, batch_id: str, run_id: str, config_path
     annotator's answer (a correction if they had answered otherwise). Each row keeps the
     pre-label its field showed. A replay judges against the form the run showed (saved
     with the suspension), not against answers stored since.
+
+    With review.overlap, the review goes in rounds: while items lack their independent
+    answers the run stops again (pause key review-2, review-3, ...) with a form of those
+    items for an annotator who has not answered them. Each answer's ``seconds`` is the
+    round's wait divided over its items.
     """
     logger = get_run_logger()
-    batch = store.batch_items(batch_id)
     suspend = deployment.get_id() is not None
-    shown = shown_form_defaults(run_id, suspended=suspend) if replay else None
     if not replay:
+        batch = store.batch_items(batch_id)
         url = publish_batch(batch_id, batch, run_id)
         logger.info(review_instructions(batch_id, len(batch), url, config_path))
-    form = build_review_form(batch, settings.labels, settings.review.text_chars, settings.review.annotator,
-                             shown=shown)
     timeout = int(settings.review.timeout_hours * 3600)
-    try:
-        if suspend:
-            response = suspend_flow_run(wait_for_input=form, timeout=timeout, key=REVIEW_PAUSE_KEY)
-        else:
-            response = pause_flow_run(wait_for_input=form, timeout=timeout, key=REVIEW_PAUSE_KEY,
-                                      poll_interval=settings.review.poll_interval_seconds)
-    except FlowPauseTimeout:
-        store.close_batch(batch_id, "expired")
-        logger.error(f"batch {batch_id} was not reviewed in time; answers already stored are kept")
-        raise
-    values = response.model_dump()
-    written = store.record_labels(
-        answers_from_form(values, batch), annotator=values["annotator"].strip(), origin="ui",
-        batch_id=batch_id, flow_run_id=run_id, form_defaults=form_defaults(form, values, batch),
-        close_batch="labeled",
-    )
+    written = LabelWrite()
+    for round_ in count(1):
+        key = review_key(round_)
+        shown = shown_form_defaults(run_id, suspended=suspend, key=key) if replay else None
+        batch = review_round_items(store, batch_id, round_, shown)
+        given = store.answers_given(batch.loc[batch["picked_by"] == ADJUDICATION, "item_id"].tolist())
+        form = build_review_form(batch, settings.labels, settings.review.text_chars,
+                                 settings.review.annotator if round_ == 1 else None, shown=shown, given=given,
+                                 independent=round_ > 1)
+        try:
+            if suspend:
+                response = suspend_flow_run(wait_for_input=form, timeout=timeout, key=key)
+            else:
+                response = pause_flow_run(wait_for_input=form, timeout=timeout, key=key,
+                                          poll_interval=settings.review.poll_interval_seconds)
+        except FlowPauseTimeout:
+            store.close_batch(batch_id, "expired")
+            logger.error(f"batch {batch_id} was not reviewed in time; answers already stored are kept")
+            raise
+        wait = review_wait_seconds(run_id, key)
+        written = written.add(record_review_form(store, form, response.model_dump(), batch, batch_id, run_id,
+                                                 round_, None if wait is None else wait / max(1, len(batch))))
+        if store.batch(batch_id)["status"] != "open":
+            break
+        short = store.batch_needs(batch_id)
+        logger.info(f"batch {batch_id}: {len(short)} items still need an independent answer from another "
+                    f"annotator (review.overlap = {settings.review.overlap}); waiting for review again")
     if written.corrections or written.kept:
         logger.info(f"batch {batch_id}: the form changed {written.corrections} answers given while the run "
                     f"waited (corrections); {written.kept} stored answers kept over untouched form defaults")
@@ -338,13 +393,11 @@ def _strategy(store: Store, batch_id: str) -> str:
     return store.batch(batch_id)["strategy"]
 
 
-def _stop_reason(settings, counts: dict, metrics: dict | None) -> str | None:
-    rules = settings.stopping
-    if rules.budget is not None and counts["labeled"] + counts["skipped"] >= rules.budget:
-        return f"budget of {rules.budget} labels spent"
-    metric = settings.evaluation.metric
-    if rules.target is not None and metrics and (metrics.get(metric) or 0) >= rules.target:
-        return f"{metric} {metrics[metric]:.3f} reached the target {rules.target}"
+def _stop_reason(counts: dict, quality: dict) -> str | None:
+    """The stopping rule that fired (alflow.tasks.stopping), with its numbers; else
+    'pool exhausted' when nothing is left to ask."""
+    if quality["stop"]:
+        return quality["stop"]
     if counts["pool"] == 0:
         return "pool exhausted"
     return None

@@ -25,6 +25,10 @@ from prefect import flow
 from alflow.config import ModelSettings, QuerySettings
 
 SUMMARY_COLUMNS = ["strategy", "aulc_mean", "aulc_std", "final_accuracy", "labels_to_95"]
+# With --noise: the label check on each run's final labeled set (means over seeds), beside
+# what re-reviewing as many labeled items picked at random would find.
+LABEL_CHECK_COLUMNS = ["noise", "flipped", "flags", "flag_precision", "flag_recall", "random_precision",
+                       "random_recall"]
 CURVE_COLUMNS = ["strategy", "seed", "cycle", "n_labels", "accuracy", "macro_f1"]
 TARGET_SHARE = 0.95  # labels_to_95: labels until this share of the full-pool accuracy
 # The random split of --test-split is drawn once with this seed, so every seed and strategy
@@ -152,17 +156,72 @@ def _evaluate(model, data: Dataset, labels_seen: np.ndarray) -> dict[str, float]
     return modeling.metrics(data.test_labels.tolist(), predicted.tolist())
 
 
+def noisy_answers(labels: np.ndarray, classes: Sequence[str], noise: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The simulated annotator's answers: ``labels`` (n,) with a seeded ``noise`` share
+    flipped to another class; returns (answers (n,), flipped (n,) bool)."""
+    rng = np.random.default_rng([seed, 7919])  # apart from the selection's [seed, cycle] streams
+    flipped = rng.random(len(labels)) < noise
+    answers = labels.copy()
+    for row in np.flatnonzero(flipped):
+        answers[row] = rng.choice([c for c in classes if c != labels[row]])
+    return answers, flipped
+
+
+def label_check_scores(data: Dataset, model_settings: ModelSettings, rows: np.ndarray, answers: np.ndarray,
+                       flipped: np.ndarray, seed: int, folds: int = 5) -> dict:
+    """The label check (:mod:`alflow.tasks.label_check`) on the labeled pool ``rows``
+    answered ``answers``: precision and recall of its flags against the ``flipped``
+    answers, and the expected ones of re-reviewing as many labeled items at random."""
+    from alflow.tasks.label_check import MIN_PER_CLASS, find_label_errors, out_of_fold_proba
+
+    given = answers[rows]
+    classes = [c for c in data.classes if (given == c).sum() >= MIN_PER_CLASS]
+    keep = np.isin(given, classes)
+    rows, given = rows[keep], given[keep]
+    wrong = flipped[rows]
+    flagged = np.empty(0, dtype=int)
+    if len(classes) >= 2:
+        proba = out_of_fold_proba(model_settings, data.pool_docs[rows].tolist(), given.tolist(), classes, folds, seed)
+        flagged = find_label_errors(given.tolist(), proba, classes)[0]
+    hits = int(wrong[flagged].sum())
+    n, n_wrong = len(rows), int(wrong.sum())
+    return {"flipped": n_wrong, "flags": len(flagged),
+            "flag_precision": hits / len(flagged) if len(flagged) else 0.0,
+            "flag_recall": hits / n_wrong if n_wrong else 0.0,
+            "random_precision": n_wrong / n if n else 0.0,
+            "random_recall": len(flagged) / n if n else 0.0}
+
+
+def pool_features(data: Dataset, model_settings: ModelSettings):
+    """With ``vectorizer_fit = "pool"``: the model's features fitted once on the whole pool
+    (no labels), as a real cycle fits them on its pool; cached on ``data``. Else None."""
+    from alflow.tasks import modeling
+
+    if model_settings.vectorizer_fit != "pool":
+        return None
+    cache = data.__dict__.setdefault("_features", {})
+    key = model_settings.model_dump_json()
+    if key not in cache:
+        cache[key] = modeling.fit_features(model_settings, data.pool_docs.tolist())
+    return cache[key]
+
+
 def run_strategy(data: Dataset, model_settings: ModelSettings, query: QuerySettings, *, init: int,
-                 batch: int, cycles: int, seed: int, advance=lambda n: None) -> list[dict]:
+                 batch: int, cycles: int, seed: int, advance=lambda n: None, noise: float = 0.0,
+                 checks: list | None = None) -> list[dict]:
     """One learning curve: ``cycles + 1`` rows (cycle 0 is the cold start of ``init`` labels).
 
     ``query.strategy`` picks each batch of ``batch`` items; the random generator of cycle
     c is ``default_rng([seed, c])``, as a real run seeds batch c with ``[seed, c]``.
+    ``noise``: the share of the simulated answers flipped (:func:`noisy_answers`); with
+    ``checks`` given, the label check of the final labeled set is appended to it
+    (:func:`label_check_scores`).
     """
     from alflow.tasks import modeling
     from alflow.tasks.query import build_pool, cold_start_select, select
 
     n = len(data.pool_docs)
+    answers, flipped = noisy_answers(data.pool_labels, data.classes, noise, seed)
     labeled = np.zeros(n, dtype=bool)
     order: list[int] = []  # pool rows in the order they were labeled
 
@@ -179,10 +238,11 @@ def run_strategy(data: Dataset, model_settings: ModelSettings, query: QuerySetti
     rows = []
     for cycle in range(cycles + 1):
         seen = np.asarray(order)
-        docs, labels = data.pool_docs[seen].tolist(), data.pool_labels[seen].tolist()
-        model = modeling.fit(model_settings, docs, labels) if modeling.trainable(labels) is None else None
+        docs, labels = data.pool_docs[seen].tolist(), answers[seen].tolist()
+        model = (modeling.fit(model_settings, docs, labels, features=pool_features(data, model_settings))
+                 if modeling.trainable(labels) is None else None)
         rows.append({"strategy": query.strategy, "seed": seed, "cycle": cycle, "n_labels": len(seen),
-                     **_evaluate(model, data, data.pool_labels[seen])})
+                     **_evaluate(model, data, answers[seen])})
         advance(1)
         unlabeled = np.flatnonzero(~labeled)
         if cycle == cycles or unlabeled.size == 0:
@@ -198,6 +258,9 @@ def run_strategy(data: Dataset, model_settings: ModelSettings, query: QuerySetti
         take(unlabeled[idx])
     if len(rows) < cycles + 1:
         advance(cycles + 1 - len(rows))
+    if checks is not None:
+        checks.append({"strategy": query.strategy, "seed": seed, "noise": noise,
+                       **label_check_scores(data, model_settings, np.asarray(order), answers, flipped, seed)})
     return rows
 
 
@@ -205,7 +268,8 @@ def full_pool_accuracy(data: Dataset, model_settings: ModelSettings) -> float:
     """Test accuracy of the configured model trained on every pool item's gold label."""
     from alflow.tasks import modeling
 
-    model = modeling.fit(model_settings, data.pool_docs.tolist(), data.pool_labels.tolist())
+    model = modeling.fit(model_settings, data.pool_docs.tolist(), data.pool_labels.tolist(),
+                         features=pool_features(data, model_settings))
     return _evaluate(model, data, data.pool_labels)["accuracy"]
 
 
@@ -271,14 +335,20 @@ def plot_curves(curves: pd.DataFrame, full_accuracy: float, path: str | Path, ti
 def simulate(data_path: str | Path, out_dir: str | Path, *, text_col: str = "text", label_col: str = "label",
              split_col: str | None = None, test_split: float | None = None,
              strategies: Sequence[str] = ("random", "margin", "default"), batch: int = 20, cycles: int = 25,
-             init: int = 20, seeds: int = 5, config: str | Path | None = None) -> SimulationResult:
+             init: int = 20, seeds: int = 5, config: str | Path | None = None,
+             noise: float = 0.0) -> SimulationResult:
     """Run every strategy for seeds 0..seeds-1 and write ``curves.csv``, ``summary.csv`` and
-    ``curves.png`` to ``out_dir``. Deterministic for given arguments."""
+    ``curves.png`` to ``out_dir``. Deterministic for given arguments.
+
+    ``noise`` > 0: that share of the simulated answers is flipped, and summary.csv gains
+    :data:`LABEL_CHECK_COLUMNS` (the label check's flags vs random re-review)."""
     from alflow.tasks.progress import track
 
     for flag, value, low in (("--batch", batch, 1), ("--cycles", cycles, 1), ("--init", init, 1), ("--seeds", seeds, 1)):
         if value < low:
             raise SimulationError(f"{flag} {value}: must be at least {low}")
+    if not 0.0 <= noise < 0.5:
+        raise SimulationError(f"--noise {noise}: must be at least 0 and below 0.5")
     model_settings, query = read_settings(config)
     names = resolve_strategies(strategies, query)
     data = load_dataset(data_path, text_col, label_col, split_col, test_split)
@@ -288,14 +358,18 @@ def simulate(data_path: str | Path, out_dir: str | Path, *, text_col: str = "tex
     out.mkdir(parents=True, exist_ok=True)
     full = full_pool_accuracy(data, model_settings)
     rows: list[dict] = []
+    checks: list[dict] | None = [] if noise > 0 else None
     for name in names:
         q = query.model_copy(update={"strategy": name})
         with track(f"simulate {name}", seeds * (cycles + 1)) as advance:
             for seed in range(seeds):
                 rows.extend(run_strategy(data, model_settings, q, init=init, batch=batch, cycles=cycles,
-                                         seed=seed, advance=advance))
+                                         seed=seed, advance=advance, noise=noise, checks=checks))
     curves = pd.DataFrame(rows, columns=CURVE_COLUMNS)
     summary = summarize(curves, full)
+    if checks is not None:
+        means = pd.DataFrame(checks).groupby("strategy", sort=False)[LABEL_CHECK_COLUMNS].mean()
+        summary = summary.join(means, on="strategy").assign(noise=noise)
     curves.to_csv(out / "curves.csv", index=False)
     summary.to_csv(out / "summary.csv", index=False)
     plot_curves(curves, full, out / "curves.png", title=f"{Path(data_path).name}: batch {batch}, {seeds} seeds")
@@ -310,7 +384,20 @@ def summary_markdown(result: SimulationResult) -> str:
     for row in result.summary.itertuples(index=False):
         lines.append(f"| {row.strategy} | {row.aulc_mean:.3f} | {row.aulc_std:.3f} | {row.final_accuracy:.3f} | "
                      f"{row.labels_to_95:g} |")
+    if "flag_precision" in result.summary:
+        lines += ["", label_check_caption(result.summary), "",
+                  "| strategy | flipped | flags | precision | recall | random precision | random recall |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for row in result.summary.itertuples(index=False):
+            lines.append(f"| {row.strategy} | {row.flipped:.1f} | {row.flags:.1f} | {row.flag_precision:.3f} | "
+                         f"{row.flag_recall:.3f} | {row.random_precision:.3f} | {row.random_recall:.3f} |")
     return "\n".join(lines)
+
+
+def label_check_caption(summary: pd.DataFrame) -> str:
+    """One line on the label check under --noise (means over seeds)."""
+    return (f"Label check with {summary['noise'].iloc[0]:.0%} of the answers flipped: flags on each run's final "
+            "labeled set vs re-reviewing as many labeled items at random (means over seeds)")
 
 
 def simulate_flow_body(**kwargs) -> SimulationResult:
@@ -334,11 +421,11 @@ def simulate_flow(data: str, out: str, text_col: str = "text", label_col: str = 
                   split_col: str | None = None, test_split: float | None = None,
                   strategies: list[str] = ["random", "margin", "default"],  # noqa: B006 - Prefect parameter
                   batch: int = 20, cycles: int = 25, init: int = 20, seeds: int = 5,
-                  config: str | None = None) -> dict:
+                  config: str | None = None, noise: float = 0.0) -> dict:
     """Replay the loop per strategy with a simulated annotator; curves and summary as
     files in ``out`` and as artifacts of this run."""
     result = simulate_flow_body(data_path=data, out_dir=out, text_col=text_col, label_col=label_col,
                                 split_col=split_col, test_split=test_split, strategies=strategies,
-                                batch=batch, cycles=cycles, init=init, seeds=seeds, config=config)
+                                batch=batch, cycles=cycles, init=init, seeds=seeds, config=config, noise=noise)
     return {"full_accuracy": result.full_accuracy, "out": str(result.out_dir),
             "summary": result.summary.replace({math.inf: "inf"}).to_dict("records")}

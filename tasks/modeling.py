@@ -44,11 +44,43 @@ def _vectorizer_params(params: dict) -> dict:
 
 
 def build_model(settings: ModelSettings) -> Pipeline:
-    """An unfitted ``Pipeline(tfidf, classifier)`` from the model settings."""
+    """An unfitted ``Pipeline(tfidf, [lsa,] classifier)`` from the model settings.
+
+    ``lsa`` (only with ``svd_components``) appends that many LSA dimensions to the TF-IDF
+    row: ``[tfidf | normalize(TruncatedSVD(tfidf))]``, sparse (n, vocabulary + components).
+    """
     classifier = import_object(settings.classifier)(**settings.classifier_params)
-    return Pipeline(
-        [("tfidf", TfidfVectorizer(**_vectorizer_params(settings.vectorizer_params))), ("clf", classifier)]
-    )
+    steps = [("tfidf", TfidfVectorizer(**_vectorizer_params(settings.vectorizer_params)))]
+    if settings.svd_components:
+        from sklearn.decomposition import TruncatedSVD
+        from sklearn.pipeline import FeatureUnion
+        from sklearn.preprocessing import FunctionTransformer, Normalizer
+
+        svd = Pipeline([("svd", TruncatedSVD(settings.svd_components, random_state=0)), ("norm", Normalizer())])
+        steps.append(("lsa", FeatureUnion([("words", FunctionTransformer(accept_sparse=True)), ("svd", svd)])))
+    return Pipeline(steps + [("clf", classifier)])
+
+
+def fit_features(settings: ModelSettings, docs: Sequence[str], seed: int = 0) -> Pipeline:
+    """The model's feature steps (``build_model(settings)[:-1]``) fitted on ``docs``, without
+    labels: TF-IDF (and LSA) of the corpus. Beyond ``vectorizer_sample`` docs, a sample
+    drawn with ``seed``. Returns a fitted Pipeline: docs -> (n, d) sparse rows."""
+    docs = list(docs)
+    if len(docs) > settings.vectorizer_sample:
+        rows = np.sort(np.random.default_rng(seed).choice(len(docs), settings.vectorizer_sample, replace=False))
+        docs = [docs[i] for i in rows]
+    if not docs:
+        raise ModelError("no documents to fit the vectorizer on")
+    features = build_model(settings)[:-1]
+    tfidf = features.named_steps["tfidf"].fit(docs)
+    if "lsa" in features.named_steps:
+        x = tfidf.transform(docs)
+        # TruncatedSVD needs fewer components than documents and terms (tiny pools, tests).
+        n = max(1, min(settings.svd_components, x.shape[0] - 1, x.shape[1] - 1))
+        lsa = features.named_steps["lsa"]
+        lsa.set_params(svd__svd__n_components=n)
+        lsa.fit(x)
+    return features
 
 
 def class_counts(labels: Sequence[str]) -> dict[str, int]:
@@ -64,14 +96,26 @@ def trainable(labels: Sequence[str]) -> str | None:
     return None
 
 
-def fit(settings: ModelSettings, docs: Sequence[str], labels: Sequence[str]) -> Pipeline:
-    """A fitted pipeline. ``docs``: n texts; ``labels``: n class names."""
+def fit(settings: ModelSettings, docs: Sequence[str], labels: Sequence[str],
+        pool_docs: Sequence[str] | None = None, features: Pipeline | None = None) -> Pipeline:
+    """A fitted pipeline. ``docs``: n texts; ``labels``: n class names.
+
+    With ``vectorizer_fit = "pool"`` the features are not fitted on ``docs`` alone:
+    ``features`` (already fitted by :func:`fit_features`, reused as is) or else fitted on
+    ``pool_docs`` + ``docs``; only the classifier learns from the labels.
+    """
     reason = trainable(labels)
     if reason:
         raise ModelError(reason)
-    model = build_model(settings)
-    model.fit(list(docs), list(labels))
-    return model
+    if settings.vectorizer_fit == "labeled":
+        model = build_model(settings)
+        model.fit(list(docs), list(labels))
+        return model
+    if features is None:
+        features = fit_features(settings, (list(pool_docs) if pool_docs is not None else []) + list(docs))
+    classifier = build_model(settings).steps[-1][1]
+    classifier.fit(features.transform(list(docs)), list(labels))
+    return Pipeline(list(features.steps) + [("clf", classifier)])
 
 
 def predict_proba(model, docs: Sequence[str], classes: Sequence[str]) -> np.ndarray:
@@ -109,8 +153,10 @@ def metrics(y_true: Sequence[str], y_pred: Sequence[str]) -> dict[str, float]:
 
 
 def evaluate_cv(settings: ModelSettings, docs: Sequence[str], labels: Sequence[str],
-                folds: int, seed: int) -> tuple[dict | None, np.ndarray | None, str | None]:
-    """Stratified k-fold estimates on the labeled set.
+                folds: int, seed: int, features: Pipeline | None = None) -> tuple[dict | None, np.ndarray | None, str | None]:
+    """Stratified k-fold estimates on the labeled set. With ``vectorizer_fit = "pool"``,
+    ``features`` (the model's pool-fitted features, unsupervised, so no label leaks) are
+    kept and only the classifier is refitted per fold.
 
     Returns (metrics, out_of_fold_predictions (n,), None), or (None, None, reason) when
     the labels are too few. The fold count drops to the smallest class's size.
@@ -121,7 +167,12 @@ def evaluate_cv(settings: ModelSettings, docs: Sequence[str], labels: Sequence[s
     if len(counts) < 2 or k < 2:
         return None, None, f"cross-validation needs 2 labels in each of 2 classes, have {counts}"
     splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
-    predicted = cross_val_predict(build_model(settings), list(docs), list(labels), cv=splitter)
+    if settings.vectorizer_fit == "pool":
+        features = features if features is not None else fit_features(settings, docs, seed)
+        predicted = cross_val_predict(build_model(settings).steps[-1][1], features.transform(list(docs)),
+                                      list(labels), cv=splitter)
+    else:
+        predicted = cross_val_predict(build_model(settings), list(docs), list(labels), cv=splitter)
     result = metrics(labels, predicted)
     result.update({"method": "cv", "folds": k, "n_eval": len(labels)})
     return result, predicted, None
@@ -174,8 +225,7 @@ def trusted_types(settings: ModelSettings, classes: Sequence[str]) -> frozenset[
     key = json.dumps([settings.model_dump(mode="json"), list(classes)], sort_keys=True, default=str)
     if key not in _TRUSTED:
         try:
-            model = build_model(settings)
-            model.fit(*_probe_corpus(classes))
+            model = fit(settings, *_probe_corpus(classes))
             found = set(sio.get_untrusted_types(data=sio.dumps(model)))
         except Exception:  # noqa: BLE001 - a classifier the probe cannot fit
             model = build_model(settings)

@@ -17,7 +17,9 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 
 from alflow.config import ModelSettings, QuerySettings, Settings
 from alflow.tasks import strategies
+from alflow.tasks.control import compose_batch
 from alflow.tasks.retrying import is_transient
+from alflow.tasks.review import plan_review
 from alflow.tasks.store import Store
 from alflow.tasks.store.batches import PoolChangedError
 
@@ -25,8 +27,13 @@ from alflow.tasks.store.batches import PoolChangedError
 QUERY_ATTEMPTS = 3
 # Members of the bagged committee of the ``committee`` strategy.
 COMMITTEE_SIZE = 5
+# The query reads k * CANDIDATE_FACTOR of the most uncertain pool items out of DuckDB (and
+# as many sampled at random for exploration), never the whole pool: room for the
+# near-duplicate filter to drop a few doublings' worth before a batch falls short.
+CANDIDATE_FACTOR = 8
 # What ``picked_by`` says for a strategy's own (non-random) picks.
-PICKED_BY = {"badge": "diversity", "class_balanced": "class_balance", "committee": "committee"}
+PICKED_BY = {"badge": "diversity", "class_balanced": "class_balance", "committee": "committee",
+             "cluster_margin": "diversity"}
 
 
 def batch_rng(seed: int, store: Store) -> np.random.Generator:
@@ -58,9 +65,10 @@ def cold_start_select(docs: Sequence[str], k: int, rng: np.random.Generator,
 
 
 def _committee(model_settings: ModelSettings, docs: Sequence[str], labels: Sequence[str],
-               classes: Sequence[str], rng: np.random.Generator) -> list:
+               classes: Sequence[str], rng: np.random.Generator, features=None) -> list:
     """COMMITTEE_SIZE models fitted on bootstrap samples of the labels, drawn per class so
-    every member sees every class that has labels."""
+    every member sees every class that has labels. ``features``: the current model's
+    fitted feature steps, shared by the members when they are pool-fitted."""
     from alflow.tasks import modeling
 
     labels = np.asarray(labels, dtype=object)
@@ -69,7 +77,8 @@ def _committee(model_settings: ModelSettings, docs: Sequence[str], labels: Seque
     members = []
     for _ in range(COMMITTEE_SIZE):
         rows = np.concatenate([rng.choice(idx, size=idx.size, replace=True) for idx in by_class])
-        members.append(modeling.fit(model_settings, [docs[i] for i in rows], labels[rows].tolist()))
+        members.append(modeling.fit(model_settings, [docs[i] for i in rows], labels[rows].tolist(),
+                                    features=features))
     return members
 
 
@@ -79,16 +88,22 @@ def build_pool(q: QuerySettings, proba: np.ndarray, model, docs_of: Callable[[np
     """The :class:`~alflow.tasks.strategies.Pool` the configured strategy needs.
 
     ``proba`` (n, c): the current model's probabilities for the n pool items, columns in
-    ``classes`` order; ``model``: that fitted pipeline (its vectorizer gives the features);
+    ``classes`` order; ``model``: that fitted pipeline (its TF-IDF step gives the features,
+    its LSA step, if any, the embedding cluster_margin clusters on);
     ``docs_of(rows)``: the texts of those pool rows (only candidates are ever read);
     ``labeled_docs`` / ``labeled_labels``: the labels so far. Features and committee are
     computed lazily, for the rows a strategy asks about.
     """
     from alflow.tasks import modeling
 
-    needs_features = q.near_duplicate is not None or q.strategy == "badge"
-    vectorize = model[:-1].transform if needs_features else None
+    needs_features = q.near_duplicate is not None or q.strategy in ("badge", "cluster_margin")
+    # TF-IDF rows: near-duplicates are about the words (not the LSA topic dimensions).
+    vectorize = model.named_steps["tfidf"].transform if needs_features else None
     features = (lambda rows: vectorize(docs_of(np.asarray(rows)))) if needs_features else None
+    embedding = None
+    if q.strategy == "cluster_margin" and "lsa" in model.named_steps:
+        lsa = model.named_steps["lsa"].named_transformers["svd"]
+        embedding = lambda rows: lsa.transform(vectorize(docs_of(np.asarray(rows))))  # noqa: E731
     labeled_features = None
     if q.near_duplicate is not None and len(labeled_docs):
         labeled_features = vectorize(list(labeled_docs))
@@ -99,12 +114,13 @@ def build_pool(q: QuerySettings, proba: np.ndarray, model, docs_of: Callable[[np
 
         def committee(rows):
             if not members:
-                members.extend(_committee(model_settings, labeled_docs, labeled_labels, classes, rng))
+                members.extend(_committee(model_settings, labeled_docs, labeled_labels, classes, rng,
+                                          model[:-1]))
             docs = docs_of(np.asarray(rows))
             return np.stack([modeling.predict_proba(m, docs, classes) for m in members])
 
     return strategies.Pool(proba, features=features, labeled_features=labeled_features,
-                           labeled_counts=counts, committee=committee)
+                           labeled_counts=counts, committee=committee, embedding=embedding)
 
 
 def select(q: QuerySettings, pool: strategies.Pool, k: int,
@@ -145,29 +161,76 @@ def _load_model(store: Store, settings: Settings, model_version: int):
     return modeling.load_model(model_file(settings, row), modeling.trusted_types(settings.model, settings.labels))
 
 
+def candidate_plan(q: QuerySettings, k: int) -> tuple[str | None, bool, int]:
+    """Where the configured strategy looks, read from the store instead of the whole pool:
+    (stored measure to rank by or None for none, ranked per predicted label?, how many).
+
+    Uncertainty strategies need the top k; badge, committee and cluster_margin the
+    ``k * candidates`` smallest margins; class_balanced the smallest margins of each predicted label; random
+    only a uniform sample. The factors leave room for the near-duplicate filter's doublings.
+    """
+    if q.strategy == "random":
+        return None, False, k * CANDIDATE_FACTOR
+    if q.strategy in ("badge", "committee", "cluster_margin"):
+        return "margin", False, k * max(CANDIDATE_FACTOR, 2 * q.candidates)
+    if q.strategy == "class_balanced":
+        return "margin", True, k * CANDIDATE_FACTOR
+    return q.strategy, False, k * CANDIDATE_FACTOR
+
+
+def read_candidates(store: Store, model_version: int, n_classes: int, q: QuerySettings, m: int,
+                    seed: int, holdout: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, bool]:
+    """The rows a strategy may pick from, out of DuckDB: the ``m`` most uncertain pool items
+    (:func:`candidate_plan`) first, then a seeded uniform sample of ``m`` more for
+    exploration. Returns (item_ids, proba (n, c), labels, explore rows, whole pool read?)."""
+    by, per_label, _ = candidate_plan(q, 1)
+    sample = store.sample_predictions(model_version, n_classes, m, seed, holdout)
+    if by is None:
+        top = (sample[0][:0], sample[1][:0], sample[2][:0])
+    else:
+        top = store.top_predictions(model_version, n_classes, by, m, holdout, per_label=per_label)
+    extra = ~np.isin(sample[0], top[0])
+    item_ids, proba, labels = (np.concatenate([t, s[extra]]) for t, s in zip(top, sample))
+    explore = np.flatnonzero(np.isin(item_ids, sample[0]))
+    whole = len(sample[0]) < m  # the sample took every scored pool item
+    return item_ids, proba, labels, explore, whole
+
+
 def model_picks(store: Store, settings: Settings, model_version: int, k: int,
                 rng: np.random.Generator, holdout: float | None) -> pd.DataFrame:
-    """:func:`select` over the pool's stored predictions; candidates' texts come from DuckDB."""
+    """:func:`select` over candidates read from the stored predictions (never the whole
+    pool); candidates' texts come from DuckDB. A batch left short (the near-duplicate filter
+    spent the candidates) reads twice as many and picks again, with the same draws."""
     from alflow.tasks.store import document
 
-    item_ids, proba, labels = store.pool_predictions(model_version, len(settings.labels), holdout)
-    if len(item_ids) == 0:
-        return pd.DataFrame()
     q = settings.query
     model = None
     labeled = pd.DataFrame({"doc": [], "label": []})
-    if q.near_duplicate is not None or q.strategy in ("badge", "committee", "class_balanced"):
+    if q.near_duplicate is not None or q.strategy in ("badge", "committee", "class_balanced", "cluster_margin"):
         labeled, _ = store.training_set(holdout)
-        if q.near_duplicate is not None or q.strategy in ("badge", "committee"):
+        if q.near_duplicate is not None or q.strategy in ("badge", "committee", "cluster_margin"):
             model = _load_model(store, settings, model_version)
+    seed = int(rng.integers(2**31 - 1))
+    start = rng.bit_generator.state
+    m = candidate_plan(q, k)[2]
+    while True:
+        item_ids, proba, labels, explore, whole = read_candidates(
+            store, model_version, len(settings.labels), q, m, seed, holdout)
+        if len(item_ids) == 0:
+            return pd.DataFrame()
 
-    def docs_of(rows: np.ndarray) -> list[str]:
-        frame = store.items(item_ids[rows].tolist())
-        return [document(t, x) for t, x in zip(frame["title"], frame["text"])]
+        def docs_of(rows: np.ndarray, item_ids=item_ids) -> list[str]:
+            frame = store.items(item_ids[rows].tolist())
+            return [document(t, x) for t, x in zip(frame["title"], frame["text"])]
 
-    pool = build_pool(q, proba, model, docs_of, labeled["doc"].tolist(), labeled["label"].tolist(),
-                      settings.labels, settings.model, rng)
-    idx, scores, picked_by = select(q, pool, k, rng)
+        rng.bit_generator.state = start
+        pool = build_pool(q, proba, model, docs_of, labeled["doc"].tolist(), labeled["label"].tolist(),
+                          settings.labels, settings.model, rng)
+        pool.explore = None if whole else explore
+        idx, scores, picked_by = select(q, pool, k, rng)
+        if len(idx) >= k or whole:
+            break
+        m *= 2
     return pd.DataFrame({
         "item_id": item_ids[idx],
         "score": scores,
@@ -200,6 +263,10 @@ def query_batch(store: Store, settings: Settings, model_version: int | None,
             picks = cold_start_picks(store, settings, k, rng, holdout)
         else:
             picks = model_picks(store, settings, model_version, k, rng, holdout)
+        # flagged labels to recheck first, the random control slice last (alflow.tasks.control)
+        picks = compose_batch(store, settings, model_version, picks, k)
+        # items whose answers tie or disagree go first; review.overlap on a share (alflow.tasks.review)
+        picks = plan_review(store, settings, picks, rng)
         if picks.empty:
             return None
         picks = picks.assign(rank=np.arange(1, len(picks) + 1))
@@ -216,4 +283,5 @@ def query_batch(store: Store, settings: Settings, model_version: int | None,
 def query_task(settings: Settings, model_version: int | None, flow_run_id: str | None,
                budget_left: int | None = None) -> str | None:
     store = Store(settings.database, settings.store.lock_timeout_seconds)
-    return query_batch(store, settings, model_version, flow_run_id, budget_left)
+    with store.held():  # a score of short reads: open the file once, not per read
+        return query_batch(store, settings, model_version, flow_run_id, budget_left)

@@ -102,10 +102,14 @@ def agreement_line(agreement: dict) -> str:
 
 def cycle_markdown(counts: dict, cycles: pd.DataFrame, train: dict | None, batch_id: str | None,
                    label_summary: str, metric: str, agreement: dict | None = None,
-                   curve_url: str | None = None) -> str:
+                   curve_url: str | None = None, quality: dict | None = None,
+                   annotators: dict | None = None, timings: dict | None = None) -> str:
     """The run summary: pool, labels, the batch (and how often its answers changed the
     pre-label), this cycle's metrics vs the previous, learning curve (the picture at
-    ``curve_url``, when given, above the table)."""
+    ``curve_url``, when given, above the table); with ``quality``
+    (:func:`alflow.tasks.stopping.assess_cycle`) the control-slice estimate beside them,
+    the label flags and every stopping rule's state; with ``timings`` (seconds by step,
+    :mod:`alflow.tasks.timings`) where the cycle's time went."""
     lines = ["# Active-learning cycle", ""]
     lines.append(f"- pool: **{counts['pool']}** items waiting of {counts['items']} stored"
                  + (f" ({counts['holdout']} held out for evaluation)" if counts.get("holdout") else ""))
@@ -114,6 +118,8 @@ def cycle_markdown(counts: dict, cycles: pd.DataFrame, train: dict | None, batch
         lines.append(f"- batch `{batch_id}`: {markdown_text(label_summary)}")
         if agreement is not None:
             lines.append(f"- pre-labels: {agreement_line(agreement)}")
+    if annotators is not None:  # alflow.tasks.agreement.agreement_report
+        lines += annotator_lines(annotators)
     if train:
         lines.append(f"- model: v{train['model_version']} — "
                      f"{'promoted' if train['promoted'] else 'not promoted'} ({train['reason']})")
@@ -128,11 +134,53 @@ def cycle_markdown(counts: dict, cycles: pd.DataFrame, train: dict | None, batch
             if previous is not None and pd.notna(previous[name]) and pd.notna(now):
                 delta = f" ({now - previous[name]:+.3f} vs cycle {int(previous['cycle'])})"
             lines.append(f"- {name}: **{_fmt(now)}**{delta}")
+    if timings is not None:
+        from alflow.tasks.timings import timings_line
+
+        lines.append(f"- time: {timings_line(timings)}")
+    if quality is not None:
+        lines += quality_lines(quality)
+    if len(cycles):
         lines += ["", f"## Learning curve ({metric})", ""]
         if curve_url:
             lines += [curve_image(curve_url), ""]
         lines += curve_table(cycles)
     return "\n".join(lines)
+
+
+def annotator_lines(report: dict) -> list[str]:
+    """Markdown lines: inter-annotator agreement overall and in this batch, each annotator's
+    agreement with the consensus, and the items waiting for adjudication."""
+    from alflow.tasks.agreement import agreement_line
+
+    lines = [f"- {markdown_text(agreement_line(report))}"]
+    if report.get("batch") and report["batch"]["items_overlapping"]:
+        lines.append(f"  - this batch: {markdown_text(agreement_line(report['batch']))}")
+    for name, figures in report["per_annotator"].items():
+        if figures["compared"]:
+            lines.append(f"  - {markdown_text(name)}: agrees with the consensus on {figures['agreement']:.0%} of "
+                         f"{figures['compared']} shared items ({figures['answers']} answers)")
+    return lines
+
+
+def quality_lines(quality: dict) -> list[str]:
+    """Markdown lines: the control-slice accuracy with its interval, the flagged labels
+    (most likely wrong first) and each stopping rule's state."""
+    from alflow.tasks.control import estimate_line
+
+    lines = [f"- unbiased accuracy (random control slice): **{estimate_line(quality['control'])}**"]
+    flagged = quality.get("flagged") or []
+    lines.append(f"- label check: **{quality['flags']}** likely label errors flagged"
+                 + (f"; {len(flagged)} offered for re-review next:" if flagged else ""))
+    for flag in flagged:
+        lines.append(f"  - `{flag['item_id']}` labeled {markdown_text(flag['given_label'])}, model suggests "
+                     f"{markdown_text(flag['suggested_label'])} (self-confidence {flag['score']:.3f})")
+    stop = quality.get("stop")
+    lines.append(f"- stopping: **{markdown_text(stop) + ' (fired)' if stop else 'no rule fired'}**")
+    for rule in quality["rules"]:
+        state = "fired" if rule["fired"] else ("on" if rule["configured"] else "reported only")
+        lines.append(f"  - {rule['rule']} ({state}): {markdown_text(rule['detail'])}")
+    return lines
 
 
 def curve_table(cycles: pd.DataFrame) -> list[str]:

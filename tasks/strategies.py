@@ -13,6 +13,11 @@ Every strategy has one shape, modAL-like: ``strategy(pool, k, rng) -> (indices, 
   - ``labeled_features`` (L, d): the same features of the items already labeled;
   - ``labeled_counts`` (c,): labels per class so far, for class balancing;
   - ``committee(rows) -> (m, len(rows), c)``: the probabilities of m committee members;
+  - ``embedding(rows) -> (len(rows), e)``: dense, low-dimensional rows of those items (the
+    model's LSA dimensions when it has them), where clustering is cheap and semantic;
+  - ``explore`` (e,): the rows exploration may draw from, a uniform sample of a larger
+    pool of which these rows are the most uncertain candidates plus that sample (None:
+    every row);
 * ``k``: how many items to pick (clipped to n_items);
 * ``rng``: a ``numpy.random.Generator`` (random picks and k-means++ seeding use it);
 * returns ``indices`` (<= k,) into the pool rows, in pick order (most informative first)
@@ -42,6 +47,8 @@ class Pool:
     labeled_features: object | None = None
     labeled_counts: np.ndarray | None = None
     committee: Callable[[np.ndarray], np.ndarray] | None = None
+    embedding: Callable[[np.ndarray], np.ndarray] | None = None
+    explore: np.ndarray | None = None
 
     def __post_init__(self):
         self.proba = _check_proba(self.proba)
@@ -279,6 +286,51 @@ def committee(candidates: int = 10) -> Strategy:
     return strategy
 
 
+def cluster_margin(candidates: int = 10) -> Strategy:
+    """Uncertainty among clusters: the ``k * candidates`` smallest-margin items are split
+    into k clusters (k-means on ``pool.embedding`` rows, else on ``pool.features``; rows
+    L2-normalised, seeded from ``rng``) and each cluster gives its smallest-margin item.
+    A batch is then as uncertain as margin sampling allows while covering k different
+    topics of the uncertain region, instead of k near-copies of one confusion.
+    Picks are ordered by uncertainty; clusters that come out empty leave their places to
+    the next most uncertain candidates. Scores are 1 - margin. Memory O(candidates · d);
+    without embedding or features it is margin sampling.
+    """
+    if candidates < 1:
+        raise ValueError(f"candidates must be >= 1, got {candidates}")
+
+    def strategy(pool, k: int, rng: np.random.Generator):
+        from sklearn.cluster import KMeans
+
+        pool = as_pool(pool)
+        rows_of = pool.embedding or pool.features
+        if rows_of is None:
+            return uncertainty_sampling("margin")(pool, k, rng)
+        rows = _candidates(pool, k, candidates)
+        k = min(int(k), rows.size)
+        if k <= 0:
+            return np.empty(0, dtype=np.int64), np.empty(0)
+        uncertainty = MEASURES["margin"](pool.proba[rows])
+        if k == rows.size:
+            chosen = np.arange(k)
+        else:
+            x = _unit_rows(rows_of(rows))
+            clusters = KMeans(n_clusters=k, n_init=1, random_state=int(rng.integers(2**31 - 1))).fit_predict(x)
+            chosen = []
+            for cluster in np.unique(clusters):
+                members = np.flatnonzero(clusters == cluster)
+                chosen.append(members[top_k(uncertainty[members], 1)[0]])
+            chosen = np.asarray(chosen, dtype=np.int64)
+            if chosen.size < k:  # duplicate rows collapse clusters: fill by uncertainty
+                rest = np.setdiff1d(np.arange(rows.size), chosen)
+                chosen = np.concatenate([chosen, rest[top_k(uncertainty[rest], k - chosen.size)]])
+        order = chosen[top_k(uncertainty[chosen], chosen.size)]
+        return rows[order], uncertainty[order]
+
+    strategy.__name__ = "cluster_margin"
+    return strategy
+
+
 def with_exploration(strategy: Strategy, share: float) -> Strategy:
     """``strategy`` for round(k * (1 - share)) picks, then random picks among the rest.
 
@@ -293,7 +345,7 @@ def with_exploration(strategy: Strategy, share: float) -> Strategy:
         k = max(0, min(int(k), n))
         n_random = n_exploration(k, share)
         picks, scores = strategy(pool, k - n_random, rng)
-        rest = np.setdiff1d(np.arange(n), picks, assume_unique=True)
+        rest = np.setdiff1d(np.arange(n) if pool.explore is None else pool.explore, picks)
         extra = np.sort(rng.choice(rest, size=min(n_random + (k - n_random - len(picks)), rest.size),
                                    replace=False))
         return (
@@ -377,7 +429,8 @@ def without_near_duplicates(strategy: Strategy, threshold: float) -> Strategy:
 
 
 # The strategy names of ``query.strategy``; `config.settings.STRATEGIES` lists the same.
-NAMES = ("least_confidence", "margin", "entropy", "random", "badge", "class_balanced", "committee")
+NAMES = ("least_confidence", "margin", "entropy", "random", "badge", "class_balanced", "committee",
+         "cluster_margin")
 
 
 def get_strategy(name: str, exploration: float = 0.0, near_duplicate: float | None = None,
@@ -385,7 +438,8 @@ def get_strategy(name: str, exploration: float = 0.0, near_duplicate: float | No
     """The configured strategy by name, composed: exploration share, then near-duplicates.
 
     ``name``: one of :data:`NAMES`; ``near_duplicate``: cosine threshold (None: off);
-    ``candidates``: how many times k smallest-margin items badge and committee look at.
+    ``candidates``: how many times k smallest-margin items badge, committee and
+    cluster_margin look at.
     """
     if name == "random":
         base = random_sampling
@@ -395,6 +449,8 @@ def get_strategy(name: str, exploration: float = 0.0, near_duplicate: float | No
         base = class_balanced
     elif name == "committee":
         base = committee(candidates)
+    elif name == "cluster_margin":
+        base = cluster_margin(candidates)
     else:
         base = uncertainty_sampling(name)
     if name != "random" and exploration > 0:

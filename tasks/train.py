@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ class TrainResult:
     promoted: bool = False
     reason: str = ""
     class_counts: dict = field(default_factory=dict)
+    evaluate_seconds: float = 0.0  # of the retrain's wall time, spent evaluating (holdout or cv)
 
 
 @dataclass
@@ -203,24 +205,31 @@ def _retrain(store: Store, settings: Settings, flow_run_id: str | None,
                                    "already trained on these labels", counts), None
 
     docs = frame["doc"].tolist()
-    model = modeling.fit(settings.model, docs, labels)
+    pool_docs = None
+    if settings.model.vectorizer_fit == "pool":  # unsupervised: the pool's words, not its labels
+        pool_docs = store.sample_pool(settings.model.vectorizer_sample, settings.seed, holdout)["doc"].tolist()
+    model = modeling.fit(settings.model, docs, labels, pool_docs=pool_docs)
     current = find_usable_model(store, settings, logger)[0] if replaces is None else None
     current_model = current.model if current is not None else None
     metric = settings.evaluation.metric
 
+    evaluating = time.perf_counter()
     if holdout:
         gold = store.holdout_set(holdout)
         gold = gold[gold["label"].isin(settings.labels)]
         metrics = modeling.evaluate_holdout(model, gold["doc"].tolist(), gold["label"].tolist())
+        metrics["holdout_set"] = holdout_fingerprint(gold["item_id"], gold["label"])
         compared = len(gold)
-        current_score = (
-            modeling.evaluate_holdout(current_model, gold["doc"].tolist(), gold["label"].tolist())[metric]
-            if current_model is not None else None
-        )
+        current_score = None
+        if current_model is not None:
+            current_score = _holdout_score(current.row, metrics["holdout_set"], metric)
+            if current_score is None:  # the holdout changed since it was scored (new gold items)
+                current_score = modeling.evaluate_holdout(current_model, gold["doc"].tolist(),
+                                                          gold["label"].tolist())[metric]
         new_score = metrics[metric]
     else:
         metrics, oof, why = modeling.evaluate_cv(
-            settings.model, docs, labels, settings.evaluation.cv_folds, settings.seed
+            settings.model, docs, labels, settings.evaluation.cv_folds, settings.seed, features=model[:-1]
         )
         if metrics is None:
             metrics = {"method": "cv", "note": why}
@@ -240,6 +249,7 @@ def _retrain(store: Store, settings: Settings, flow_run_id: str | None,
                 new_score = current_score = 0.0
         elif current_model is not None:
             new_score, current_score = None, 0.0
+    evaluate_seconds = time.perf_counter() - evaluating
     if replaces is not None:
         decision = modeling.Promotion(True, f"replaces model v{replaces.version}: {replaces.why}")
     elif current is None and store.current_model() is not None:
@@ -254,7 +264,27 @@ def _retrain(store: Store, settings: Settings, flow_run_id: str | None,
     path = modeling.save_model(model, settings.models_dir / f"model-{version:04d}.skops")
     store.register_model(version, path.name, settings.model.classifier, params, len(frame),
                          watermark, metrics, decision.promoted, flow_run_id, labels=list(settings.labels))
-    return TrainResult(version, len(frame), metrics, decision.promoted, decision.reason, counts), model
+    return TrainResult(version, len(frame), metrics, decision.promoted, decision.reason, counts,
+                       evaluate_seconds), model
+
+
+def holdout_fingerprint(item_ids, labels) -> str:
+    """A digest of the holdout's items and gold labels: a model's holdout score stored with
+    this digest is its score on this holdout, so it is not predicted again."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for item_id, label in sorted(zip(item_ids, labels)):
+        digest.update(f"{item_id}\t{label}\n".encode())
+    return digest.hexdigest()
+
+
+def _holdout_score(row: dict, fingerprint: str, metric: str) -> float | None:
+    """The model's ``metric`` as stored when it was scored on the holdout ``fingerprint``, else None."""
+    stored = row.get("metrics") or {}
+    if stored.get("method") == "holdout" and stored.get("holdout_set") == fingerprint and metric in stored:
+        return float(stored[metric])
+    return None
 
 
 @task(name="retrain-evaluate", retries=1, retry_delay_seconds=10, cache_policy=NONE,

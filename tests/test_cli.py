@@ -60,7 +60,12 @@ def test_ingest_twice_counts_duplicates(tmp_path, prefect_api):
     assert "5574 read, 5160 new, 414 duplicates" in first.output
     second = runner.invoke(app, ["ingest", "--config", str(config)])
     assert "5574 read, 0 new, 5574 duplicates" in second.output
-    assert Store(tmp_path / "state" / "alflow.duckdb").scalar("SELECT count(*) FROM items") == 5160
+    store = Store(tmp_path / "state" / "alflow.duckdb")
+    assert store.scalar("SELECT count(*) FROM items") == 5160
+    # the re-run of the unchanged file wrote no item, only its ingests row
+    assert store.scalar("SELECT count(DISTINCT ingest_run) FROM items") == 1
+    assert store.query_df("SELECT n_read, n_new, n_duplicate FROM ingests ORDER BY started_at").values.tolist() == \
+        [[5574, 5160, 414], [5574, 0, 5574]]
 
 
 def _open_batch(config: Path) -> tuple[Store, str]:
@@ -143,11 +148,19 @@ def test_status_json_has_the_named_keys(tmp_path):
     result = runner.invoke(app, ["status", "--config", str(config), "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
-    assert set(report) == {"items", "pool", "labeled", "skipped", "held_out", "models", "waiting", "cycles"}
+    assert set(report) == {"items", "pool", "labeled", "skipped", "held_out", "models", "waiting", "cycles",
+                           "control", "label_flags", "stopping", "agreement"}
+    assert report["agreement"]["items_overlapping"] == 0 and report["agreement"]["kappa"] is None
     assert (report["items"], report["pool"], report["held_out"], report["labeled"]) == (5160, 4128, 1012, 0)
     assert report["waiting"] == [{"batch_id": batch_id, "flow_run_id": None, "size": 20, "answered": 0, "url": None}]
     assert report["cycles"] == [{"cycle": 1, "n_labels": 0, "accuracy": None, "macro_f1": None, "model_version": None,
-                                 "promoted": False, "strategy": "cold-start:coverage"}]
+                                 "promoted": False, "strategy": "cold-start:coverage", "timings": None,
+                                 "control_accuracy": None, "control_low": None, "control_high": None,
+                                 "stop_kappa": None}]
+    assert report["control"] == {"n": 0, "correct": 0, "accuracy": None, "low": None, "high": None, "models": []}
+    assert report["label_flags"] == {"model_version": None, "count": 0, "open": []}
+    assert report["stopping"]["fired"] is None
+    assert [r["rule"] for r in report["stopping"]["rules"]] == ["budget", "budget_minutes", "target", "stabilizing"]
 
 
 def test_init_writes_a_config_that_loads(tmp_path):

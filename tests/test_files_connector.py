@@ -257,3 +257,46 @@ def test_to_row_normalises_and_hashes():
     }
     assert to_row(Record(text="hello world"), "s")["item_id"] == content_hash("hello  world")
     assert to_row(Record(text="x", title="   "), "s")["title"] is None
+
+
+def test_normalise_text_is_the_regex_rule_for_every_kind_of_space():
+    """The split/join rule equals the stored hashes' rule: NFC, then ``\\s+`` -> one space, stripped."""
+    import re
+    import unicodedata
+
+    def by_regex(text: str) -> str:
+        return re.sub(r"\s+", " ", unicodedata.normalize("NFC", text)).strip()
+
+    for text in ["", "  ", "a", " a\tb\r\nc ", "x\x0by\x0cz", "u\x1cv\x1dw\x1ex\x1fy", "n\x85o\xa0p",
+                 "\u1680q\u2000\u200a r\u2028\u2029s\u202ft\u205fu\u3000", "zero\u200bwidth stays",
+                 "e\u0301 caf\u00e9", "\u212b ångström", "tab\t\tend\t"]:
+        assert normalise_text(text) == by_regex(text), repr(text)
+
+
+def test_csv_rows_of_ascii_cells_give_the_records_of_the_general_rule(tmp_path: Path):
+    """ASCII rows are read by column position (no dict per row): the same records as the
+    general rule, with repeated column names, `_` columns, blank and padded cells."""
+    import csv as csv_module
+
+    path = tmp_path / "mixed.csv"
+    path.write_text(
+        "text,headline,note,_private,note,label,extra\n"
+        "  plain text  ,  A title ,first,hidden,second,ham, kept as is \n"
+        "caf\u00e9 text,T\u00eetle,x,y,,spam,\n"        # not ASCII: the general rule
+        "   ,no text,a,b,c,ham,d\n"                      # empty text
+        "short row,Title\n"                               # fewer cells: the general rule
+        "\"quoted, text\",,,,  ,,\n",
+        encoding="utf-8",
+    )
+    settings = source(path, title_column="headline", label_column="label")
+    connector = build_connector(settings)
+    records = list(connector.fetch())
+    general = build_connector(settings)
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv_module.reader(handle))
+    expected = [general._record(dict(zip(rows[0], cells + [None] * (len(rows[0]) - len(cells)))))
+                for cells in rows[1:]]
+    assert records == [record for record in expected if record is not None]
+    assert records[0] == Record(text="plain text", title="A title", gold_label="ham",
+                                meta={"note": "second", "extra": " kept as is "})
+    assert connector.report.bad == general.report.bad == {"empty text": 1}

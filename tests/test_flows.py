@@ -136,6 +136,23 @@ def test_paused_cycle_resumed_with_run_input_fills_every_table(sms_config):
     assert "Learning curve" in summary_md and "| 2 | 39 |" in summary_md and "vs cycle 1" in summary_md
     assert flipped["item_id"] in artifacts["review-batch"].data
 
+    # Where each cycle's time went: stored with it, in `alflow status` (text and --json) and the summary.
+    import json
+
+    from alflow.tasks.timings import STEPS
+
+    result = runner.invoke(app, ["status", "--config", str(sms_config), "--json"])
+    timings = [row["timings"] for row in json.loads(result.output)["cycles"]]
+    for seconds in timings:
+        assert set(seconds) == {*STEPS, "overhead", "wall"} and min(seconds.values()) >= 0
+        assert sum(seconds[step] for step in STEPS) <= seconds["wall"]
+    assert timings[0]["ingest"] > 0 and timings[1]["ingest"] == 0  # cycle 2 ran with ingest_sources=False
+    assert timings[1]["prelabel"] > 0 and timings[1]["train"] > 0 and timings[1]["evaluate"] > 0
+    assert timings[1]["review_wait"] >= 0.3  # paused until resumed from the other thread
+    text = runner.invoke(app, ["status", "--config", str(sms_config)]).output
+    assert f"time in cycle 2: ingest 0.00 s, pre-label {timings[1]['prelabel']:.2f} s" in text
+    assert f"- time: ingest 0.00 s, pre-label {timings[1]['prelabel']:.2f} s" in summary_md
+
 
 def run_artifacts(flow_run_id: str) -> dict:
     """The artifacts a flow run created, by key."""
@@ -281,6 +298,7 @@ def test_timed_out_review_keeps_stored_answers(tmp_path):
 def test_multiclass_cross_validation(ag_config, monkeypatch):
     """Four classes, evaluated by cross-validation instead of gold holdout."""
     monkeypatch.setenv("ALFLOW_EVALUATION__METHOD", "cv")
+    monkeypatch.setenv("ALFLOW_QUERY__RECHECK_SHARE", "0")  # every answer a new label: 40 after two cycles
     first = active_learning_cycle(str(ag_config), auto=True)
     second = active_learning_cycle(str(ag_config), auto=True, ingest_sources=False)
     store = store_for(ag_config)

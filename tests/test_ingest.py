@@ -198,7 +198,8 @@ def test_one_failing_source_stops_none_of_the_others_and_cursors_make_reruns_che
     assert dict(store.query_df("SELECT source, count(*) AS n FROM items GROUP BY source").values) == \
         {"wiki": 3, "first_copy": 40}
     assert sorted(store.query_df("SELECT source FROM ingests")["source"]) == ["corpus", "first_copy", "wiki"]
-    assert list(cursors(store)) == ["wiki"]  # the failed sources left none
+    # the failed sources left none (a files source's cursor is its file's fingerprint)
+    assert list(cursors(store)) == ["corpus", "first_copy", "wiki"]
 
     run = latest_run(config)
     assert run.state.is_failed()
@@ -413,3 +414,94 @@ def test_no_sources_names_the_table_to_add(tmp_path, monkeypatch):
     result = invoke("--config", str(config))
     assert result.exit_code == 0, result.output
     assert "add a [[sources]] table" in result.output  # not eaten as console markup
+
+
+# -- a file: chunks written while the next is read, and a file read before is not read again ----
+def messy_csv(path: Path, extra: bytes = b"") -> Path:
+    path.write_bytes(
+        b"title,text,label,note\n"
+        b"Glacier,Glacier retreats   again,0,\n"
+        b"Glacier,Glacier retreats again ,0,dup by spacing\n"     # a duplicate: same title and text
+        b",Volcano wakes up,1,\n"
+        b"Caf\xe9,\"bad byte \xff here\",1,\n"                     # undecodable
+        b"Empty,   ,0,\n"                                           # empty text
+        b"a,b,0,c,too many\n"                                       # malformed
+        b"Storm,Storm in the north,1,x\n"
+        b"Storm,Storm in the north,1,y\n"                           # a duplicate
+        b"Rain,Rain all week,0,\n"
+        + extra
+    )
+    return path
+
+
+def test_a_file_is_read_in_chunks_and_an_unchanged_file_is_not_read_again(tmp_path, monkeypatch):
+    from alflow.connectors import content_hash
+    from alflow.connectors.files import FilesConnector
+
+    path = messy_csv(tmp_path / "messy.csv")
+    config = write_config(tmp_path, labels=["ham", "spam"], source_path=path, title_column="title")
+    config.write_text(config.read_text() + 'label_map = { 0 = "ham", 1 = "spam" }\n')
+    settings = load_config(config, environ={})
+    store = Store(settings.database)
+    store.migrate()
+    monkeypatch.setattr(ingest_module, "WRITE_CHUNK", 2)  # several chunks, each its own transaction
+
+    first = ingest_source(settings, "corpus", "ingest-1")
+    assert first.line() == ("corpus: 6 read, 4 new, 2 duplicates, 3 failed "
+                            "(1 empty text, 1 malformed CSV row, 1 undecodable bytes)")
+    items = store.query_df("SELECT item_id, title, text, gold_label, meta::VARCHAR AS meta, ingest_run "
+                           "FROM items ORDER BY text")
+    assert items["text"].tolist() == ["Glacier retreats again", "Rain all week", "Storm in the north",
+                                      "Volcano wakes up"]
+    assert items["item_id"].tolist()[:2] == [content_hash("Glacier retreats again", "Glacier"),
+                                             content_hash("Rain all week", "Rain")]
+    assert items["gold_label"].tolist() == ["ham", "ham", "spam", "spam"]  # label_map applied
+    assert items["meta"].tolist() == ["{}", "{}", '{"note": "x"}', "{}"]  # the first copy is kept
+    assert items["title"].isna().tolist() == [False, False, False, True]
+
+    # The same bytes again: the counts of a read, nothing read and nothing written.
+    def no_read(self, progress=None):
+        raise AssertionError("an unchanged file was read again")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(FilesConnector, "fetch", no_read)
+        again = ingest_source(settings, "corpus", "ingest-2")
+    assert again.line() == ("corpus: 6 read, 0 new, 6 duplicates, 3 failed "
+                            "(1 empty text, 1 malformed CSV row, 1 undecodable bytes)")
+    assert store.scalar("SELECT count(*) FROM items WHERE ingest_run = 'ingest-2'") == 0
+    assert store.query_df("SELECT n_read, n_new, n_duplicate, n_bad FROM ingests WHERE ingest_id = 'ingest-2'"
+                          ).values.tolist() == [[6, 0, 6, 3]]
+    # --full reads it again: the same counts, from the rows
+    assert ingest_source(settings, "corpus", "ingest-3", full=True).line() == again.line()
+
+    # A changed file is read again; so is one under classes its gold labels were not checked against.
+    reads, fetch = [], FilesConnector.fetch
+    monkeypatch.setattr(FilesConnector, "fetch", lambda self, progress=None: reads.append(1) or fetch(self, progress))
+    messy_csv(path, extra=b"Snow,Snow at last,1,\n")
+    assert ingest_source(settings, "corpus", "ingest-4").line().startswith("corpus: 7 read, 1 new, 6 duplicates")
+    wider = write_config(tmp_path, labels=["ham", "spam", "other"], source_path=path, title_column="title")
+    wider.write_text(wider.read_text() + 'label_map = { 0 = "ham", 1 = "spam" }\n')
+    assert ingest_source(load_config(wider, environ={}), "corpus", "ingest-5").line().startswith(
+        "corpus: 7 read, 0 new, 7 duplicates")
+    assert store.scalar("SELECT count(*) FROM items") == 5 and len(reads) == 2
+
+
+def test_a_source_that_stops_counts_every_chunk_it_stored(tmp_path, monkeypatch):
+    """Chunks are written by another thread while the next is read: the one being written
+    when the source stops is stored and counted too."""
+    settings = load_config(write_config(tmp_path, labels=["ham", "spam"], source_path=messages_csv(tmp_path)),
+                           environ={})
+    Store(settings.database).migrate()
+    monkeypatch.setattr(ingest_module, "WRITE_CHUNK", 4)
+
+    class Stopping(ListConnector):
+        def fetch(self, progress=None, cursor=None):
+            yield from super().fetch(progress, cursor)
+            raise SourceError("source corpus: connection lost")
+
+    stopping = Stopping([Record(text=f"record {i}", gold_label="ham") for i in range(10)], None)
+    monkeypatch.setattr(ingest_module, "build_connector", lambda source: stopping)
+    with pytest.raises(SourceFailed) as info:
+        ingest_source(settings, "corpus", "ingest-1")
+    assert info.value.report.line() == "source corpus: connection lost (10 read, 8 new, 0 duplicates before it stopped)"
+    assert Store(settings.database).scalar("SELECT count(*) FROM items") == 8

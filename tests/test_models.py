@@ -383,3 +383,24 @@ def test_untrusted_model_file_cycle_uses_the_previous_promoted_model(tmp_path, c
     assert third["cycle"] == 3
     refused = [m for m in messages(caplog, logging.ERROR) if "model-0002.skops" in m]
     assert refused and "collections.Counter" in refused[0] and "\n" not in refused[0]
+
+
+def test_pool_fitted_features_cover_unlabeled_words_and_survive_skops(tmp_path):
+    """vectorizer_fit = "pool": the vocabulary (and LSA) come from the pool, the classifier
+    from the labels; the file loads with the trust list of the configured model."""
+    from alflow.config import ModelSettings
+
+    settings = ModelSettings(vectorizer_fit="pool", svd_components=5)
+    docs, labels = ["cheap pills now", "win cash now", "lunch at noon", "see you at noon"], ["spam", "spam", "ham", "ham"]
+    pool = ["zebra crossing tonight", "free zebra prize", "meeting moved to friday"]
+    model = modeling.fit(settings, docs, labels, pool_docs=pool)
+    assert {"zebra", "friday"} <= set(model.named_steps["tfidf"].vocabulary_)
+    assert "zebra" not in modeling.fit(ModelSettings(), docs, labels).named_steps["tfidf"].vocabulary_
+    # The same fitted features are reused, not refitted, when handed over (a committee, simulate).
+    again = modeling.fit(settings, docs[:3] + ["noon"], ["spam", "spam", "ham", "ham"], features=model[:-1])
+    assert again.named_steps["tfidf"] is model.named_steps["tfidf"]
+    path = modeling.save_model(model, tmp_path / "m.skops")
+    loaded = modeling.load_model(path, modeling.trusted_types(settings, ["ham", "spam"]))
+    assert (loaded.predict_proba(pool) == model.predict_proba(pool)).all()
+    with pytest.raises(ValueError, match='vectorizer_fit = "pool"'):
+        ModelSettings(svd_components=5)

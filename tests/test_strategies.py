@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy import sparse
 from conftest import SMS_CSV
 from sklearn.feature_extraction.text import TfidfVectorizer
 
@@ -480,3 +481,41 @@ def test_get_strategy_knows_every_configurable_name():
     for name in st.NAMES:
         picks, _ = st.get_strategy(name, 0.1, 0.9)(ranked_proba(40), 5, np.random.default_rng(0))
         assert len(set(picks.tolist())) == 5
+
+
+# -- cluster_margin: the most uncertain item of each cluster of the uncertain candidates ----
+def test_cluster_margin_takes_the_most_uncertain_item_of_each_cluster():
+    # Rows 0-2 are one topic, rows 3-5 another; row 0 is the most uncertain, then 1, 2, ...
+    # Margin would ask about 0 and 1 (the same topic twice); cluster_margin asks 0 and 3.
+    proba = ranked_proba(6)
+    emb = np.array([[1.0, 0.0], [0.99, 0.1], [0.98, 0.2], [0.0, 1.0], [0.1, 0.99], [0.2, 0.98]])
+    pool = st.Pool(proba, embedding=lambda rows: emb[rows])
+    for seed in range(5):
+        picks, scores = st.cluster_margin(candidates=3)(pool, 2, np.random.default_rng(seed))
+        assert picks.tolist() == [0, 3]
+        np.testing.assert_allclose(scores, 1 - st.margin(proba[[0, 3]]))
+    assert st.uncertainty_sampling("margin")(pool, 2)[0].tolist() == [0, 1]
+
+
+def test_cluster_margin_clusters_the_features_without_an_embedding():
+    proba = ranked_proba(6)
+    x = sparse.csr_matrix(one_hot_rows(0, 0, 1, 1, 2, 2))  # three topics, two items each
+    picks, _ = st.cluster_margin(candidates=2)(st.Pool(proba, features=lambda rows: x[rows]), 3,
+                                               np.random.default_rng(0))
+    assert picks.tolist() == [0, 2, 4]
+
+
+def test_cluster_margin_only_looks_at_the_uncertain_candidates_and_is_seeded():
+    rng = np.random.default_rng(0)
+    proba = ranked_proba(300)
+    emb = rng.normal(size=(300, 8))
+    pool = st.Pool(proba, embedding=lambda rows: emb[rows])
+    a, _ = st.cluster_margin(candidates=4)(pool, 10, np.random.default_rng(7))
+    b, _ = st.cluster_margin(candidates=4)(pool, 10, np.random.default_rng(7))
+    assert a.tolist() == b.tolist() and len(set(a.tolist())) == 10 and max(a) < 40
+    assert a[0] == 0  # the most uncertain item leads its cluster and the batch
+
+
+def test_cluster_margin_without_features_is_margin():
+    picks, _ = st.cluster_margin()(ranked_proba(30), 4, np.random.default_rng(0))
+    assert picks.tolist() == [0, 1, 2, 3]

@@ -9,7 +9,9 @@ One module per concern, each a part of :class:`Store`:
 * :mod:`~alflow.tasks.store.batches`: queried batches and their items;
 * :mod:`~alflow.tasks.store.labels`: the append-only answers and effective labels;
 * :mod:`~alflow.tasks.store.models`: model versions and cycles (the learning curve);
-* :mod:`~alflow.tasks.store.locks`: named locks across transactions (one cycle at a time).
+* :mod:`~alflow.tasks.store.locks`: named locks across transactions (one cycle at a time);
+* :mod:`~alflow.tasks.store.quality`: label flags, the control slice, the stop set, and
+  each cycle's quality figures and stopping rules.
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ from alflow.tasks.store.labels import ORIGINS, Answer, LabelStore, LabelWrite
 from alflow.tasks.store.locks import LockHeldError, LockStore, describe_holder
 from alflow.tasks.store.models import ModelStore
 from alflow.tasks.store.pool import DOC_SQL, PoolStore, document, holdout_sql, title_adds
+from alflow.tasks.store.quality import CONTROL, RECHECK, QualityStore
 
 
-class Store(CursorStore, PoolStore, LabelStore, ModelStore, LockStore):
+class Store(CursorStore, PoolStore, LabelStore, ModelStore, LockStore, QualityStore):
     """The alflow database at ``path``. Cheap to create; holds no connection between calls.
 
     See :class:`~alflow.tasks.store.database.Database` for ``path`` and ``lock_timeout``.
@@ -59,6 +62,7 @@ class Store(CursorStore, PoolStore, LabelStore, ModelStore, LockStore):
 
 __all__ = [
     "BATCH_STATUSES",
+    "CONTROL",
     "DOC_SQL",
     "MIGRATIONS",
     "ORIGINS",
@@ -73,6 +77,8 @@ __all__ = [
     "LockStore",
     "ModelStore",
     "PoolStore",
+    "QualityStore",
+    "RECHECK",
     "Store",
     "StoreError",
     "StoreLockedError",

@@ -17,6 +17,9 @@ import pandas as pd
 from alflow.tasks.store.database import Database, StoreError, utcnow
 
 BATCH_STATUSES = ("open", "labeled", "expired")
+# Picks that ask about an item already answered: its answers tie or disagree too much
+# (adjudication), or the label check flagged its label as a likely error (recheck).
+REASKED_PICKS = ("adjudication", "recheck")
 
 
 class PoolChangedError(StoreError):
@@ -54,13 +57,17 @@ class BatchStore(Database):
                      picks: pd.DataFrame) -> str:
         """Record a queried batch and its items in one transaction; returns the batch_id.
 
-        ``picks`` has columns item_id, rank, score, prelabel, confidence, picked_by. The
-        same transaction checks that every pick is still in the pool: an item not stored,
-        already answered or in an open batch raises :class:`PoolChangedError` (naming it)
-        and nothing is written; the caller picks again from the pool as it now is.
+        ``picks`` has columns item_id, rank, score, prelabel, confidence, picked_by, and
+        optionally overlap (answers wanted from distinct annotators, default 1). The same
+        transaction checks that every pick is still in the pool: an item not stored,
+        already answered (unless picked for adjudication, :data:`REASKED_PICKS`) or in an
+        open batch raises :class:`PoolChangedError` (naming it) and nothing is written; the
+        caller picks again from the pool as it now is.
         """
         batch_id = uuid.uuid4().hex[:12]
-        rows = picks.assign(batch_id=batch_id)
+        if "overlap" not in picks:
+            picks = picks.assign(overlap=1)
+        rows = picks.assign(batch_id=batch_id, reasked=picks["picked_by"].isin(REASKED_PICKS))
         repeated = picks["item_id"][picks["item_id"].duplicated()]
         if len(repeated):
             raise StoreError(f"item {repeated.iloc[0]} is picked twice for one batch")
@@ -69,14 +76,15 @@ class BatchStore(Database):
             taken = con.execute(
                 """SELECT n.item_id,
                     CASE WHEN n.item_id NOT IN (SELECT item_id FROM items) THEN 'is not in the store'
-                         WHEN n.item_id IN (SELECT item_id FROM labels) THEN 'is already answered'
+                         WHEN NOT n.reasked AND n.item_id IN (SELECT item_id FROM labels)
+                              THEN 'is already answered'
                          ELSE 'is in open batch ' || (
                             SELECT min(bi.batch_id) FROM batch_items bi JOIN batches b USING (batch_id)
                             WHERE b.status = 'open' AND bi.item_id = n.item_id)
                     END AS why
                 FROM incoming n
                 WHERE n.item_id NOT IN (SELECT item_id FROM items)
-                   OR n.item_id IN (SELECT item_id FROM labels)
+                   OR (NOT n.reasked AND n.item_id IN (SELECT item_id FROM labels))
                    OR n.item_id IN (SELECT bi.item_id FROM batch_items bi JOIN batches b USING (batch_id)
                                     WHERE b.status = 'open')
                 ORDER BY n.rank"""
@@ -91,7 +99,7 @@ class BatchStore(Database):
             )
             con.execute(
                 """INSERT INTO batch_items BY NAME SELECT batch_id, item_id, rank, score,
-                prelabel, confidence, picked_by FROM incoming"""
+                prelabel, confidence, picked_by, overlap FROM incoming"""
             )
             con.unregister("incoming")
         return batch_id
@@ -116,15 +124,18 @@ class BatchStore(Database):
         """The batch in rank order with each item's text and its answers so far in this batch.
 
         ``answer`` is the latest answer recorded for the item in this batch (any annotator),
-        ``answered_by`` who gave it; both are NULL while the item waits.
+        ``answered_by`` who gave it; both are NULL while the item waits. ``overlap``: the
+        distinct annotators' answers it needs, ``annotators``: how many it has in this batch.
         """
         return self.query_df(
             """SELECT bi.rank, bi.item_id, bi.score, bi.prelabel, bi.confidence, bi.picked_by,
                       i.source, i.title, i.text, i.url, i.external_id,
-                      l.label AS answer, l.annotator AS answered_by
+                      l.label AS answer, l.annotator AS answered_by,
+                      coalesce(bi.overlap, 1) AS overlap, coalesce(l.annotators, 0) AS annotators
             FROM batch_items bi JOIN items i USING (item_id)
             LEFT JOIN (
-                SELECT item_id, arg_max(label, label_id) AS label, arg_max(annotator, label_id) AS annotator
+                SELECT item_id, arg_max(label, label_id) AS label, arg_max(annotator, label_id) AS annotator,
+                       count(DISTINCT annotator) AS annotators
                 FROM labels WHERE batch_id = ? GROUP BY item_id
             ) l USING (item_id)
             WHERE bi.batch_id = ? ORDER BY bi.rank""",

@@ -120,6 +120,17 @@ class Database:
         finally:
             con.close()
 
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """Keep the database open for the block. DuckDB shares one open database between a
+        process's connections to a file, so each operation's connection then costs about
+        a millisecond, and the checkpoint DuckDB runs when the last one closes happens once,
+        at the end: for a run of writes done as fast as they go (a large file's chunks).
+        Other processes stay locked out until the block ends: nothing in it may wait on a
+        service or a person."""
+        with self.connect():
+            yield
+
     def _create(self) -> None:
         """Create the file whole: an empty database written aside, then hard-linked into
         place, which never replaces a file another process created meanwhile. A process

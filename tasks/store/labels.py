@@ -16,7 +16,7 @@ from alflow.tasks.store.batches import BatchStore
 from alflow.tasks.store.database import StoreError, utcnow
 from alflow.tasks.store.pool import DOC_SQL, holdout_sql
 
-ORIGINS = ("ui", "cli", "import", "simulated")
+ORIGINS = ("ui", "cli", "import", "simulated", "adjudication")
 
 
 @dataclass
@@ -30,6 +30,7 @@ class LabelWrite:
     """
 
     new: int = 0
+    adjudicated: int = 0
     duplicates: int = 0
     corrections: int = 0
     kept: int = 0
@@ -38,9 +39,20 @@ class LabelWrite:
     changed_prelabel: int = 0
     skipped_prelabel: int = 0
 
+    def add(self, other: LabelWrite) -> LabelWrite:
+        """This write plus ``other`` (a review in several rounds), as a new LabelWrite."""
+        merged = LabelWrite()
+        for name in ("new", "adjudicated", "duplicates", "corrections", "kept", "accepted_prelabel",
+                     "changed_prelabel", "skipped_prelabel"):
+            setattr(merged, name, getattr(self, name) + getattr(other, name))
+        merged.kept_items = self.kept_items + other.kept_items
+        return merged
+
     def summary(self) -> str:
         """'20 new (18 kept the pre-label, 2 changed it)', then corrections, duplicates, kept."""
         written = f"{self.new} new"
+        if self.adjudicated:
+            written += f", {self.adjudicated} adjudicated"
         if self.corrections:
             written += f", {self.corrections} corrections"
         written += prelabel_note(self.accepted_prelabel, self.changed_prelabel, self.skipped_prelabel)
@@ -65,11 +77,22 @@ class Answer:
     """One reviewer's answer for one item: a class name or 'skip'.
 
     ``prelabel_shown``: the pre-label the reviewer saw with the item (None: none was shown).
+    ``annotator`` / ``origin``: this answer's own, when they differ from the write's (a file
+    with an annotator column; an adjudication in a batch of ordinary answers).
+    ``seconds``: labeling time spent on it, where measured (None: not measured).
     """
 
     item_id: str
     label: str
     prelabel_shown: str | None = None
+    annotator: str | None = None
+    origin: str | None = None
+    seconds: float | None = None
+
+
+def _has(names, name: str) -> bool:
+    """True if ``name`` is in a DuckDB list cell (a list, an array, or NULL for none)."""
+    return names is not None and not isinstance(names, float) and names is not pd.NA and name in list(names)
 
 
 class LabelStore(BatchStore):
@@ -78,9 +101,11 @@ class LabelStore(BatchStore):
     def record_labels(self, answers: Iterable[Answer], *, annotator: str, origin: str,
                       batch_id: str | None = None, flow_run_id: str | None = None,
                       form_defaults: Mapping[str, str | None] | None = None,
-                      close_batch: str | None = None) -> LabelWrite:
+                      close_batch: str | None = None, close_if_complete: bool = False) -> LabelWrite:
         """Append answers to ``labels`` in one transaction; nothing is overwritten.
 
+        * ``annotator`` / ``origin`` are each answer's unless it names its own
+          (:class:`Answer`); one annotator answers an item once per write.
         * The same answer again from the same annotator in the same batch is a duplicate
           and is not written twice (re-importing a file is harmless).
         * A different answer from the same annotator is a correction: a new row, the
@@ -91,26 +116,34 @@ class LabelStore(BatchStore):
           whose form value is still that default keeps its stored answer, and the form's
           value is not recorded. A value the reviewer changed is recorded like any answer
           (a correction if this annotator had answered otherwise, else a new answer).
-        * Each row keeps the answer's ``prelabel_shown``.
+        * Each row keeps the answer's ``prelabel_shown`` and ``seconds``.
         * ``close_batch``: also set the batch's status (e.g. 'labeled') in the same
-          transaction, so a batch is never closed without its answers or vice versa.
+          transaction, so a batch is never closed without its answers or vice versa;
+          ``close_if_complete``: mark it 'labeled' in the same transaction only if every
+          item now has the answers it needs (:meth:`batch_needs`).
         """
-        if origin not in ORIGINS:
-            raise StoreError(f"label origin must be one of {ORIGINS}, not {origin!r}")
         answers = list(answers)
+        for answer in answers:
+            if (answer.origin or origin) not in ORIGINS:
+                raise StoreError(f"label origin must be one of {ORIGINS}, not {answer.origin or origin!r}")
         result = LabelWrite()
-        if close_batch is not None and batch_id is None:
+        if (close_batch is not None or close_if_complete) and batch_id is None:
             raise StoreError("close_batch needs a batch_id")
         if form_defaults is not None and batch_id is None:
             raise StoreError("form_defaults needs a batch_id")
         if not answers:
             if close_batch:
                 self.close_batch(batch_id, close_batch)
+            elif close_if_complete:
+                with self.transaction() as con:
+                    self._close_if_complete(con, batch_id)
             return result
-        frame = pd.DataFrame({"item_id": [a.item_id for a in answers], "label": [a.label for a in answers]})
-        if frame["item_id"].duplicated().any():
-            dup = frame.loc[frame["item_id"].duplicated(), "item_id"].iloc[0]
-            raise StoreError(f"item {dup} is answered twice in one write")
+        frame = pd.DataFrame({"item_id": [a.item_id for a in answers],
+                              "annotator": [a.annotator or annotator for a in answers]})
+        repeated = frame.duplicated()
+        if repeated.any():
+            dup = frame.loc[repeated].iloc[0]
+            raise StoreError(f"item {dup['item_id']} is answered twice by {dup['annotator']} in one write")
         now = utcnow()
         with self.transaction() as con:
             con.register("incoming", frame)
@@ -120,17 +153,18 @@ class LabelStore(BatchStore):
             if missing:
                 raise StoreError(f"item {missing[0]} is not in the store")
             previous = con.execute(
-                """SELECT n.item_id,
+                """SELECT n.item_id, n.annotator,
                     (SELECT arg_max(l.label, l.label_id) FROM labels l WHERE l.item_id = n.item_id
-                       AND l.annotator = ? AND l.batch_id IS NOT DISTINCT FROM ?) AS own,
+                       AND l.annotator = n.annotator AND l.batch_id IS NOT DISTINCT FROM ?) AS own,
                     (SELECT count(*) FROM labels l WHERE l.item_id = n.item_id
                        AND l.batch_id IS NOT DISTINCT FROM ?) AS in_batch
                 FROM incoming n""",
-                [annotator, batch_id, batch_id],
-            ).df().set_index("item_id")
+                [batch_id, batch_id],
+            ).df().set_index(["item_id", "annotator"])
             rows = []
             for answer in answers:
-                own, in_batch = previous.loc[answer.item_id, ["own", "in_batch"]]
+                who = answer.annotator or annotator
+                own, in_batch = previous.loc[(answer.item_id, who), ["own", "in_batch"]]
                 untouched = form_defaults is not None and answer.label == form_defaults.get(answer.item_id)
                 if untouched and in_batch:
                     if own == answer.label:
@@ -139,11 +173,14 @@ class LabelStore(BatchStore):
                         result.kept += 1
                         result.kept_items.append(answer.item_id)
                     continue
+                how = answer.origin or origin
                 if isinstance(own, str):
                     if own == answer.label:
                         result.duplicates += 1
                         continue
                     result.corrections += 1
+                elif how == "adjudication":
+                    result.adjudicated += 1
                 else:
                     result.new += 1
                 shown = answer.prelabel_shown if isinstance(answer.prelabel_shown, str) and answer.prelabel_shown else None
@@ -154,18 +191,111 @@ class LabelStore(BatchStore):
                         result.skipped_prelabel += 1
                     else:
                         result.changed_prelabel += 1
-                rows.append((answer.item_id, answer.label, annotator, origin, batch_id, flow_run_id, now, shown))
+                seconds = answer.seconds if answer.seconds is not None and answer.seconds >= 0 else None
+                rows.append((answer.item_id, answer.label, who, how, batch_id, flow_run_id, now, shown, seconds))
             if rows:
                 con.executemany(
                     """INSERT INTO labels (item_id, label, annotator, origin, batch_id, flow_run_id, created_at,
-                                           prelabel_shown)
-                    VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+                                           prelabel_shown, seconds)
+                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                     rows,
                 )
             if close_batch:
                 self._close_batch(con, batch_id, close_batch)
+            elif close_if_complete:
+                self._close_if_complete(con, batch_id)
             con.unregister("incoming")
         return result
+
+    # -- overlap and adjudication ------------------------------------------------------------
+    BATCH_NEEDS_SQL = """
+        SELECT bi.rank, bi.item_id, coalesce(bi.overlap, 1) AS overlap,
+               count(DISTINCT l.annotator) AS answered_by,
+               list(DISTINCT l.annotator) FILTER (WHERE l.annotator IS NOT NULL) AS annotators
+        FROM batch_items bi LEFT JOIN labels l ON l.batch_id = bi.batch_id AND l.item_id = bi.item_id
+        WHERE bi.batch_id = ?
+        GROUP BY bi.rank, bi.item_id, bi.overlap
+        HAVING count(DISTINCT l.annotator) < coalesce(bi.overlap, 1)
+        ORDER BY bi.rank"""
+
+    def batch_needs(self, batch_id: str, annotator: str | None = None) -> pd.DataFrame:
+        """The items of a batch still short of answers, in rank order: (rank, item_id,
+        overlap, answered_by, annotators). An item needs ``overlap`` distinct annotators'
+        answers (a skip is an answer); with ``annotator``, only the items that annotator has
+        not answered yet (what they are asked next)."""
+        frame = self.query_df(self.BATCH_NEEDS_SQL, [batch_id])
+        if annotator is not None and len(frame):
+            frame = frame[[not _has(names, annotator) for names in frame["annotators"]]]
+        return frame.reset_index(drop=True)
+
+    def _close_if_complete(self, con, batch_id: str) -> None:
+        if not con.execute(self.BATCH_NEEDS_SQL, [batch_id]).fetchall():
+            self._close_batch(con, batch_id, "labeled")
+
+    def needs_adjudication(self, threshold: float) -> pd.DataFrame:
+        """Items whose answers need an adjudicator, oldest answer first: at least two
+        annotators answered (their latest non-skip answers), and the answers tie, or the
+        share disagreeing with the majority is above ``threshold``; no adjudication row yet
+        and not in an open batch. Columns: item_id, answers, disagreement (0..1), tie."""
+        return self.query_df(
+            """WITH latest AS (
+                SELECT item_id, annotator, arg_max(label, label_id) AS label, max(label_id) AS label_id
+                FROM labels WHERE label <> ? AND origin <> 'adjudication' GROUP BY item_id, annotator
+            ), votes AS (
+                SELECT item_id, label, count(*) AS votes,
+                       max(count(*)) OVER (PARTITION BY item_id) AS top
+                FROM latest GROUP BY item_id, label
+            ), per_item AS (
+                SELECT item_id, sum(votes) AS answers, max(top) AS top,
+                       count(*) FILTER (WHERE votes = top) AS n_top
+                FROM votes GROUP BY item_id
+            )
+            SELECT p.item_id, p.answers::INTEGER AS answers, 1 - p.top / p.answers AS disagreement,
+                   p.n_top > 1 AS tie
+            FROM per_item p
+            WHERE p.answers >= 2 AND (p.n_top > 1 OR 1 - p.top / p.answers > ?)
+              AND p.item_id NOT IN (SELECT item_id FROM labels WHERE origin = 'adjudication')
+              AND p.item_id NOT IN (SELECT bi.item_id FROM batch_items bi JOIN batches b USING (batch_id)
+                                    WHERE b.status = 'open')
+            ORDER BY (SELECT min(label_id) FROM latest l WHERE l.item_id = p.item_id), p.item_id""",
+            [SKIP, float(threshold)],
+        )
+
+    def answers_given(self, item_ids: Iterable[str]) -> dict[str, list[tuple[str, str]]]:
+        """item_id -> [(annotator, label), ...]: every annotator's latest answer (skips too,
+        adjudications included), oldest first; what an adjudicator is shown."""
+        ids = pd.DataFrame({"item_id": list(item_ids)})
+        if ids.empty:
+            return {}
+        with self.connect() as con:
+            con.register("wanted", ids)
+            frame = con.execute(
+                """SELECT item_id, annotator, arg_max(label, label_id) AS label, max(label_id) AS last
+                FROM labels WHERE item_id IN (SELECT item_id FROM wanted)
+                GROUP BY item_id, annotator ORDER BY item_id, last"""
+            ).df()
+        given: dict[str, list[tuple[str, str]]] = {i: [] for i in ids["item_id"]}
+        for row in frame.itertuples(index=False):
+            given[row.item_id].append((row.annotator, row.label))
+        return given
+
+    def answer_table(self, batch_id: str | None = None, per_batch: bool = False) -> pd.DataFrame:
+        """Each annotator's latest answer per item (adjudications left out: they are not
+        independent), with the pre-label they were shown and the item's effective label:
+        columns batch_id, item_id, annotator, label, prelabel_shown, effective. ``batch_id``:
+        only answers given in that batch; ``per_batch``: the latest per batch (an item asked
+        again in a later batch counts in each). Skips are answers here; agreement treats
+        them as missing."""
+        where = "AND l.batch_id = ?" if batch_id else ""
+        partition = "l.batch_id, l.item_id, l.annotator" if per_batch else "l.item_id, l.annotator"
+        return self.query_df(
+            f"""SELECT l.batch_id, l.item_id, l.annotator, l.label, l.prelabel_shown, e.label AS effective
+            FROM labels l LEFT JOIN effective_labels e USING (item_id)
+            WHERE l.origin <> 'adjudication' {where}
+            QUALIFY row_number() OVER (PARTITION BY {partition} ORDER BY l.label_id DESC) = 1
+            ORDER BY l.item_id, l.annotator""",
+            [batch_id] if batch_id else [],
+        )
 
     def prelabel_agreement(self, batch_id: str) -> dict:
         """How a batch's answers relate to the pre-labels shown with them.

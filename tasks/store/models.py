@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
+from datetime import datetime
 
 import pandas as pd
 
 from alflow.tasks.store.database import Database, utcnow
+
+
+@dataclass
+class CycleTimings:
+    """Where one cycle's time went so far: ``seconds`` by step (see ``cycle_timings`` in
+    migration 0004), from ``started_at`` (UTC); ``asked_at``: when its batch was queried."""
+
+    started_at: datetime
+    seconds: dict[str, float] = field(default_factory=dict)
+    asked_at: datetime | None = None
 
 
 class ModelStore(Database):
@@ -75,6 +87,29 @@ class ModelStore(Database):
                  json.dumps(metrics) if metrics else None, promoted, utcnow()],
             )
         return int(cycle)
+
+    def record_timings(self, batch_id: str, flow_run_id: str | None, timings: CycleTimings,
+                       cycle: int | None = None) -> None:
+        """Where the cycle that asked ``batch_id`` spent its time: before its review
+        (``cycle`` None; read back by the process that resumes the run), or once recorded."""
+        with self.transaction() as con:
+            con.execute(
+                "INSERT OR REPLACE INTO cycle_timings VALUES (?, ?, ?, ?, ?, ?)",
+                [batch_id, flow_run_id, cycle, timings.started_at, timings.asked_at or utcnow(),
+                 json.dumps(timings.seconds)],
+            )
+
+    def batch_timings(self, batch_id: str) -> CycleTimings | None:
+        """What :meth:`record_timings` stored for ``batch_id``, or None."""
+        with self.connect() as con:
+            row = con.execute("SELECT started_at, asked_at, seconds FROM cycle_timings WHERE batch_id = ?",
+                              [batch_id]).fetchone()
+        return None if row is None else CycleTimings(row[0], json.loads(row[2]), row[1])
+
+    def cycle_timings(self) -> dict[int, dict]:
+        """Each recorded cycle's breakdown (seconds per step, overhead, wall), by cycle number."""
+        frame = self.query_df("SELECT cycle, seconds FROM cycle_timings WHERE cycle IS NOT NULL")
+        return {int(cycle): json.loads(seconds) for cycle, seconds in zip(frame["cycle"], frame["seconds"])}
 
     def cycles(self) -> pd.DataFrame:
         return self.query_df("SELECT * FROM cycles ORDER BY cycle")

@@ -14,6 +14,7 @@ from typing import Iterator, Sequence
 import duckdb
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from alflow.tasks.store.database import Database, utcnow
 
@@ -23,6 +24,19 @@ DOC_SQL = (
     "CASE WHEN i.title IS NULL OR i.title = '' OR starts_with(i.text, i.title) "
     "THEN i.text ELSE i.title || E'\\n' || i.text END"
 )
+
+
+# How each stored uncertainty measure sorts, most uncertain first (margin: small is unsure).
+UNCERTAINTY_ORDER = {"least_confidence": "DESC", "margin": "ASC", "entropy": "DESC"}
+
+
+def sample_order_sql(seed: int, alias: str = "i") -> str:
+    """An ORDER BY key that shuffles rows by a seeded hash of item_id: ``ORDER BY key LIMIT
+    n`` is a uniform sample of n rows, the same for the same seed and rows whatever order
+    DuckDB's threads scan them in (``USING SAMPLE ... REPEATABLE`` is repeatable only
+    single-threaded). A top-N in DuckDB: only the n rows leave the database. The seed is
+    salted into the hashed string: ``hash(item_id, seed)`` orders nearly alike for nearby seeds."""
+    return f"hash('{int(seed)}:' || {alias}.item_id), {alias}.item_id"
 
 
 def title_adds(title: str | None, text: str) -> bool:
@@ -49,38 +63,42 @@ def holdout_sql(fraction: float | None, alias: str = "i") -> str:
 class PoolStore(Database):
     """Items, the holdout and predictions (mixed into :class:`alflow.tasks.store.Store`)."""
 
-    def upsert_items(self, items: pd.DataFrame, ingest_run: str) -> tuple[int, int]:
+    def upsert_items(self, items: pd.DataFrame | pa.Table, ingest_run: str) -> tuple[int, int]:
         """Insert items not stored yet (by item_id) in one transaction.
 
-        ``items`` has columns item_id, source, external_id, url, title, text, gold_label,
-        meta (a JSON string). Returns (new, duplicate) counts; duplicates within ``items``
-        count as duplicates too.
+        ``items`` (a DataFrame or an Arrow table) has columns item_id, source, external_id,
+        url, title, text, gold_label, meta (a JSON string). Returns (new, duplicate) counts;
+        duplicates within ``items`` count as duplicates too (the first copy is the one kept).
         """
-        if items.empty:
+        if len(items) == 0:
             return 0, 0
         with self.transaction() as con:
             return self._insert_items(con, items, ingest_run)
 
     @staticmethod
-    def _insert_items(con: duckdb.DuckDBPyConnection, items: pd.DataFrame, ingest_run: str) -> tuple[int, int]:
+    def _insert_items(con: duckdb.DuckDBPyConnection, items: pd.DataFrame | pa.Table,
+                      ingest_run: str) -> tuple[int, int]:
         """:meth:`upsert_items` inside the caller's transaction."""
-        if items.empty:
+        if len(items) == 0:
             return 0, 0
-        unique = items.drop_duplicates("item_id")
-        in_batch_dups = len(items) - len(unique)
-        frame = unique.assign(fetched_at=utcnow(), ingest_run=ingest_run)
-        con.register("incoming", frame)
+        table = items if isinstance(items, pa.Table) else pa.Table.from_pandas(items, preserve_index=False)
+        first: dict[str, int] = {}
+        for position, item_id in enumerate(table.column("item_id").to_pylist()):
+            first.setdefault(item_id, position)
+        if len(first) < len(table):
+            table = table.take(list(first.values()))
+        con.register("incoming", table)
+        # An anti-join on the content hash: a hash join over the chunk, cheaper than a
+        # per-row primary-key conflict check (which stays as the safety net).
         new = con.execute(
-            "SELECT count(*) FROM incoming WHERE item_id NOT IN (SELECT item_id FROM items)"
-        ).fetchone()[0]
-        con.execute(
             """INSERT INTO items BY NAME
             SELECT item_id, source, external_id, url, title, text, gold_label,
-                   meta::JSON AS meta, fetched_at, ingest_run
-            FROM incoming ON CONFLICT DO NOTHING"""
-        )
+                   meta::JSON AS meta, ?::TIMESTAMP AS fetched_at, ? AS ingest_run
+            FROM incoming ANTI JOIN items USING (item_id)""",
+            [utcnow(), ingest_run],
+        ).fetchone()[0]
         con.unregister("incoming")
-        return int(new), int(len(unique) - new + in_batch_dups)
+        return int(new), len(items) - int(new)
 
     def record_ingest(self, ingest_id: str, source: str, flow_run_id: str | None,
                       started_at: datetime, counts: dict, bad_reasons: dict) -> None:
@@ -134,25 +152,23 @@ class PoolStore(Database):
         return int(self.scalar(f"SELECT count(*) FROM items i WHERE {self._pool_where(holdout_fraction)}"))
 
     def unscored_chunks(self, model_version: int, chunk_size: int,
-                        holdout_fraction: float | None = None) -> Iterator[pd.DataFrame]:
-        """Pool items without a prediction from ``model_version``, ``chunk_size`` at a time.
+                        holdout_fraction: float | None = None) -> Iterator[pa.RecordBatch]:
+        """Pool items without a prediction from ``model_version``: Arrow record batches of
+        at most ``chunk_size`` rows (columns item_id, doc), in no particular order.
 
-        Keyset pagination on item_id: each chunk is its own short read, so the pool is
-        never in memory at once and no connection is held between chunks.
+        One streaming read: DuckDB hands over a batch at a time, so the pool is never in
+        Python's memory at once. The read sees the pool as it was when it started (its own
+        snapshot), so predictions written meanwhile, by other connections, do not disturb it.
         """
-        after = ""
-        while True:
-            chunk = self.query_df(
+        with self.connect() as con:
+            reader = con.sql(
                 f"""SELECT i.item_id, {DOC_SQL} AS doc FROM items i
-                WHERE {self._pool_where(holdout_fraction)} AND i.item_id > ?
-                AND i.item_id NOT IN (SELECT item_id FROM predictions WHERE model_version = ?)
-                ORDER BY i.item_id LIMIT ?""",
-                [after, model_version, chunk_size],
-            )
-            if chunk.empty:
-                return
-            yield chunk
-            after = chunk["item_id"].iloc[-1]
+                WHERE {self._pool_where(holdout_fraction)}
+                AND i.item_id NOT IN (SELECT item_id FROM predictions WHERE model_version = {int(model_version)})"""
+            ).to_arrow_reader(chunk_size)
+            for batch in reader:
+                if batch.num_rows:
+                    yield batch
 
     def count_unscored(self, model_version: int, holdout_fraction: float | None = None) -> int:
         return int(self.scalar(
@@ -161,34 +177,75 @@ class PoolStore(Database):
             [model_version],
         ))
 
-    def write_predictions(self, frame: pd.DataFrame, model_version: int) -> None:
-        """Store one chunk of predictions (item_id, label, proba, least_confidence, margin, entropy)."""
-        rows = frame.assign(model_version=model_version, created_at=utcnow())
+    def write_predictions(self, frame: pd.DataFrame | pa.Table, model_version: int) -> int:
+        """Store predictions (item_id, label, proba, least_confidence, margin, entropy) in one
+        transaction: one bulk ``INSERT ... SELECT`` from the registered table, never a row at
+        a time. ``proba`` is a list of floats per row (an Arrow list or fixed-size list
+        column, or Python lists). Rows already stored for this version are left as they are.
+        Returns how many rows were written."""
+        insert = """INSERT INTO predictions BY NAME
+            SELECT item_id, ?::INTEGER AS model_version, label, proba::DOUBLE[] AS proba,
+                   least_confidence, margin, entropy, ?::TIMESTAMP AS created_at FROM incoming"""
+        try:
+            # Pre-label sends only unscored items: without ON CONFLICT the append is about
+            # a third cheaper, and the primary key still refuses a row stored meanwhile.
+            return self._append(frame, insert, [model_version, utcnow()])
+        except duckdb.ConstraintException:
+            return self._append(frame, insert + " ON CONFLICT DO NOTHING", [model_version, utcnow()])
+
+    def _append(self, frame: pd.DataFrame | pa.Table, sql: str, params: list) -> int:
+        # No unregister: the view goes with the connection, and after a failed statement
+        # DuckDB would refuse it (the transaction is aborted) and hide the real error.
         with self.transaction() as con:
-            con.register("incoming", rows)
-            con.execute(
-                """INSERT INTO predictions BY NAME
-                SELECT item_id, model_version, label, proba::DOUBLE[] AS proba, least_confidence,
-                       margin, entropy, created_at FROM incoming ON CONFLICT DO NOTHING"""
-            )
-            con.unregister("incoming")
+            con.register("incoming", frame)
+            return int(con.execute(sql, params).fetchone()[0])
 
     def pool_predictions(self, model_version: int, n_classes: int,
                          holdout_fraction: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """For every pool item scored by ``model_version``: (item_ids, proba (n, n_classes), labels).
-
-        Ordered by item_id so that a strategy's picks are reproducible under a seed.
+        """For EVERY pool item scored by ``model_version``: (item_ids, proba (n, n_classes),
+        labels), ordered by item_id. Memory grows with the pool: the query step reads only
+        :meth:`top_predictions` and :meth:`sample_predictions`; this is for small pools and tests.
         """
+        return self._predictions_of(
+            f"""SELECT p.item_id, p.label, p.proba FROM predictions p JOIN items i USING (item_id)
+            WHERE p.model_version = ? AND {self._pool_where(holdout_fraction)} ORDER BY p.item_id""",
+            [model_version], n_classes)
+
+    def top_predictions(self, model_version: int, n_classes: int, by: str, limit: int,
+                        holdout_fraction: float | None = None,
+                        per_label: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The ``limit`` pool items ``model_version`` is least sure of by the stored measure
+        ``by`` (least_confidence, margin or entropy), most uncertain first, ties by item_id:
+        (item_ids (m,), proba (m, n_classes), labels (m,)), m <= limit.
+
+        ``ORDER BY ... LIMIT`` in DuckDB (a top-N, no full sort): only these m rows reach
+        Python. ``per_label``: ``limit`` items per predicted label instead of in all.
+        """
+        if by not in UNCERTAINTY_ORDER:
+            raise ValueError(f"by must be one of {sorted(UNCERTAINTY_ORDER)}, got {by!r}")
+        order = f"p.{by} {UNCERTAINTY_ORDER[by]}, p.item_id"
+        cut = (f"QUALIFY row_number() OVER (PARTITION BY p.label ORDER BY {order}) <= {int(limit)}"
+               if per_label else "")
+        return self._predictions_of(
+            f"""SELECT p.item_id, p.label, p.proba FROM predictions p JOIN items i USING (item_id)
+            WHERE p.model_version = ? AND {self._pool_where(holdout_fraction)}
+            {cut} ORDER BY {order} {'' if per_label else f'LIMIT {int(limit)}'}""",
+            [model_version], n_classes)
+
+    def sample_predictions(self, model_version: int, n_classes: int, n: int, seed: int,
+                           holdout_fraction: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A uniform sample of up to ``n`` pool items scored by ``model_version``, the same
+        for the same seed and pool (see :func:`sample_order_sql`), ordered by item_id:
+        (item_ids, proba (n, n_classes), labels)."""
+        return self._predictions_of(
+            f"""SELECT * FROM (SELECT p.item_id, p.label, p.proba FROM predictions p JOIN items i USING (item_id)
+            WHERE p.model_version = ? AND {self._pool_where(holdout_fraction)}
+            ORDER BY {sample_order_sql(seed, 'p')} LIMIT {int(n)}) ORDER BY item_id""",
+            [model_version], n_classes)
+
+    def _predictions_of(self, sql: str, params: list, n_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         with self.connect() as con:
-            relation = con.sql(
-                f"""SELECT p.item_id, p.label, p.proba FROM predictions p
-                JOIN items i USING (item_id)
-                WHERE p.model_version = ? AND {self._pool_where(holdout_fraction)}
-                ORDER BY p.item_id""",
-                params=[model_version],
-            )
-            # DuckDB 2 names it to_arrow_table; 1.x returns a Table from arrow().
-            table = relation.to_arrow_table() if hasattr(relation, "to_arrow_table") else relation.arrow()
+            table = con.sql(sql, params=params).to_arrow_table()
         item_ids = np.asarray(table.column("item_id").to_pylist(), dtype=object)
         labels = np.asarray(table.column("label").to_pylist(), dtype=object)
         flat = table.column("proba").combine_chunks().flatten().to_numpy(zero_copy_only=False)
@@ -196,15 +253,11 @@ class PoolStore(Database):
         return item_ids, proba, labels
 
     def sample_pool(self, n: int, seed: int, holdout_fraction: float | None = None) -> pd.DataFrame:
-        """A reproducible sample of up to ``n`` pool items (item_id, doc), ordered by item_id."""
-        ids = self.query_df(
-            f"SELECT i.item_id FROM items i WHERE {self._pool_where(holdout_fraction)} ORDER BY i.item_id"
-        )["item_id"].to_numpy()
-        if len(ids) > n:
-            ids = np.sort(np.random.default_rng(seed).choice(ids, size=n, replace=False))
-        frame = pd.DataFrame({"item_id": ids})
-        with self.connect() as con:
-            con.register("wanted", frame)
-            return con.execute(
-                f"SELECT i.item_id, {DOC_SQL} AS doc FROM wanted JOIN items i USING (item_id) ORDER BY i.item_id"
-            ).df()
+        """A uniform sample of up to ``n`` pool items (item_id, doc), the same for the same
+        seed and pool (see :func:`sample_order_sql`), ordered by item_id. Drawn in DuckDB:
+        only the sample reaches Python."""
+        return self.query_df(
+            f"""SELECT * FROM (SELECT i.item_id, {DOC_SQL} AS doc FROM items i
+            WHERE {self._pool_where(holdout_fraction)}
+            ORDER BY {sample_order_sql(seed)} LIMIT {int(n)}) ORDER BY item_id"""
+        )

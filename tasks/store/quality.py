@@ -1,0 +1,126 @@
+"""Label flags, the control slice, the stop set and each cycle's quality figures (schema v6)."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+
+from alflow.tasks.store.database import Database, utcnow
+
+# batch_items.picked_by of the random control slice and of flagged items asked again.
+CONTROL = "control"
+RECHECK = "recheck"
+
+
+class QualityStore(Database):
+    """Label checking, control slice and stopping state (mixed into :class:`alflow.tasks.store.Store`)."""
+
+    # -- label flags ---------------------------------------------------------------------
+    def record_label_flags(self, model_version: int, flags: pd.DataFrame) -> int:
+        """Store the flags of ``model_version`` (columns item_id, label_id, given_label,
+        suggested_label, score, rank) in one transaction; a re-run adds nothing. Returns
+        how many the model has."""
+        with self.transaction() as con:
+            if len(flags):
+                con.register("incoming", flags.assign(model_version=model_version, created_at=utcnow()))
+                con.execute(
+                    """INSERT INTO label_flags BY NAME SELECT model_version, item_id, label_id, given_label,
+                    suggested_label, score, rank, created_at FROM incoming ON CONFLICT DO NOTHING"""
+                )
+                con.unregister("incoming")
+            return int(con.execute("SELECT count(*) FROM label_flags WHERE model_version = ?",
+                                   [model_version]).fetchone()[0])
+
+    def last_checked_model(self) -> int | None:
+        """The model version of the newest label check (the newest assessed cycle's model)."""
+        value = self.scalar("SELECT max(model_version) FROM cycle_quality")
+        return None if value is None else int(value)
+
+    def open_label_flags(self, limit: int | None = None) -> pd.DataFrame:
+        """The newest check's flags still worth asking about, most likely wrong first: the
+        item's effective label is still the one flagged, and it was never asked again (a
+        recheck waits in an open batch, or was answered: confirmed or corrected; an expired
+        one does not count)."""
+        return self.query_df(
+            f"""WITH newest AS (SELECT max(model_version) AS v FROM cycle_quality)
+            SELECT f.item_id, f.label_id, f.given_label, f.suggested_label, f.score, f.rank, f.model_version
+            FROM label_flags f JOIN newest ON f.model_version = newest.v
+            JOIN effective_labels e ON e.item_id = f.item_id AND e.label = f.given_label
+            WHERE f.item_id NOT IN (
+                SELECT bi.item_id FROM batch_items bi JOIN batches b USING (batch_id)
+                WHERE bi.picked_by = '{RECHECK}' AND b.status <> 'expired')
+            ORDER BY f.rank""" + (f" LIMIT {int(limit)}" if limit is not None else "")
+        )
+
+    def label_flag_count(self, model_version: int | None = None) -> int:
+        if model_version is None:
+            model_version = self.last_checked_model()
+            if model_version is None:
+                return 0
+        return int(self.scalar("SELECT count(*) FROM label_flags WHERE model_version = ?", [model_version]))
+
+    # -- the control slice ---------------------------------------------------------------
+    def control_draw(self, n: int, seed: int, draw: int, holdout_fraction: float | None = None) -> list[str]:
+        """``n`` pool items drawn uniformly, in SQL: ordered by a hash of (seed, draw, item_id),
+        so a draw is reproducible and another draw (another batch) is independent."""
+        return self.query_df(
+            f"""SELECT i.item_id FROM items i WHERE {self._pool_where(holdout_fraction)}
+            ORDER BY hash(?::VARCHAR || ':' || ?::VARCHAR || ':' || i.item_id), i.item_id LIMIT ?""",
+            [seed, draw, n],
+        )["item_id"].tolist()
+
+    def control_outcomes(self) -> pd.DataFrame:
+        """One row per answered control item whose batch was queried by a model: item_id,
+        batch_id, model_version (the model current when it was drawn), predicted (that
+        model's stored prediction), label (the item's effective label now; skipped items
+        and ties are left out)."""
+        return self.query_df(
+            f"""SELECT bi.item_id, bi.batch_id, b.model_version, p.label AS predicted, e.label
+            FROM batch_items bi JOIN batches b USING (batch_id)
+            JOIN predictions p ON p.item_id = bi.item_id AND p.model_version = b.model_version
+            JOIN effective_labels e ON e.item_id = bi.item_id
+            WHERE bi.picked_by = '{CONTROL}' ORDER BY b.created_at, bi.rank"""
+        )
+
+    # -- the stop set --------------------------------------------------------------------
+    def stop_set_ids(self, size: int, seed: int) -> list[str]:
+        """The stop set's item ids; chosen once (a seeded uniform sample of ``size`` stored
+        items) the first time it is asked for, then always the same."""
+        with self.transaction() as con:
+            if not con.execute("SELECT count(*) FROM stop_set").fetchone()[0]:
+                con.execute(
+                    """INSERT INTO stop_set SELECT item_id, ? FROM items
+                    ORDER BY hash(?::VARCHAR || ':stop:' || item_id), item_id LIMIT ?""",
+                    [utcnow(), seed, size],
+                )
+            return [r[0] for r in con.execute("SELECT item_id FROM stop_set ORDER BY item_id").fetchall()]
+
+    def record_stop_set_predictions(self, model_version: int, item_ids: list[str], labels: list[str]) -> None:
+        frame = pd.DataFrame({"model_version": model_version, "item_id": item_ids, "label": labels})
+        with self.transaction() as con:
+            con.register("incoming", frame)
+            con.execute("INSERT INTO stop_set_predictions BY NAME SELECT * FROM incoming ON CONFLICT DO NOTHING")
+            con.unregister("incoming")
+
+    def stop_set_predictions(self, model_version: int) -> pd.Series:
+        frame = self.query_df(
+            "SELECT item_id, label FROM stop_set_predictions WHERE model_version = ? ORDER BY item_id",
+            [model_version],
+        )
+        return pd.Series(frame["label"].to_numpy(), index=frame["item_id"].to_numpy(), dtype=object)
+
+    # -- per cycle -----------------------------------------------------------------------
+    def record_cycle_quality(self, cycle: int, model_version: int | None, control: dict, flags: int,
+                             stop_kappa: float | None, rules: list[dict], stop: str | None) -> None:
+        with self.transaction() as con:
+            con.execute(
+                """INSERT OR REPLACE INTO cycle_quality VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                [cycle, model_version, control["n"], control["correct"], control["accuracy"],
+                 control["low"], control["high"], flags, stop_kappa, json.dumps(rules), stop, utcnow()],
+            )
+
+    def cycle_quality(self) -> pd.DataFrame:
+        frame = self.query_df("SELECT * FROM cycle_quality ORDER BY cycle")
+        frame["stop_rules"] = [json.loads(v) if isinstance(v, str) else v for v in frame["stop_rules"]]
+        return frame
