@@ -9,12 +9,13 @@ evaluate). Reads every cycle's stored timing breakdown back through ``alflow sta
 minus its steps: Prefect's orchestration, DuckDB's opens and commits, the flow's
 bookkeeping) and the overhead's share of the wall; writes ``benchmarks/results/cycle.md``.
 
-    OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python benchmarks/cycle.py --rows 100000
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/cycle.py --rows 100000
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -77,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     header = "| cycle | " + " | ".join(STEPS) + " | steps | overhead | wall | overhead share |"
     lines = [
         f"# One unattended cycle on a {report['items']:,}-item store ({report['pool']:,} in the pool)", "",
-        f"`OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python benchmarks/cycle.py --rows {args.rows}` "
-        f"({time.strftime('%Y-%m-%d')}, 2 cores shared with other jobs)", "",
+        f"`OMP_NUM_THREADS=1 .venv/bin/python benchmarks/cycle.py --rows {args.rows}` "
+        f"({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end)", "",
         f"`alflow ingest`: {ingest_wall:.1f} s wall; `alflow run --auto --cycles 2 --no-ingest`: {run_wall:.1f} s "
         "wall (both with start-up). Seconds per step as stored with each cycle (`alflow status --json`, "
         "`cycles[].timings`); cycle 1 is the cold start, cycle 2 the full cycle.", "",

@@ -217,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     lines = [
         f"# Ingest: {n:,} records into DuckDB with dedup", "",
-        f"`OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python benchmarks/ingest.py --rows {n}` "
-        f"({time.strftime('%Y-%m-%d')}, 2 cores shared with other jobs: the ratios are the figures)", "",
+        f"`OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ingest.py --rows {n}` "
+        f"({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end)", "",
         f"`alflow ingest` said: first `{first_out.strip()}`; re-run `{rerun_out.strip()}`; "
         f"`--full` `{full_out.strip()}`. Prefect server start (once, before): {server:.1f} s.", "",
         "| path | seconds | records/s |", "|---|---:|---:|",
