@@ -185,9 +185,14 @@ class RunnerSettings(_Section):
     """Where pre-label chunks are scored: Prefect's task runner. The flow stays the one
     writer into DuckDB; workers only score and return arrays."""
 
-    type: Literal["threads", "dask"] = "threads"
+    # "auto": threads for a pre-label of fewer than dask_min_items items, else Dask (a
+    # LocalCluster, or the scheduler at dask_address). TF-IDF is pure Python and holds the
+    # GIL, so only processes score a big pool in parallel; a small one is not worth the
+    # cluster's few seconds of start-up.
+    type: Literal["auto", "threads", "dask"] = "auto"
     # Threads, or the local Dask cluster's worker processes (ignored with dask_address).
     workers: int = Field(2, ge=1, le=256)
+    dask_min_items: int = Field(200_000, ge=0)
     # A running Dask scheduler (tcp://host:8786): its workers must have alflow installed.
     # Empty: a LocalCluster of `workers` processes, started and stopped with each run.
     dask_address: str = ""

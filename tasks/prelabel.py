@@ -19,7 +19,7 @@ import pyarrow as pa
 from prefect import task
 from prefect.cache_policies import NONE
 
-from alflow.config import Settings
+from alflow.config import RunnerSettings, Settings
 from alflow.tasks.modeling import score_chunk
 from alflow.tasks.progress import track
 from alflow.tasks.retrying import is_transient
@@ -112,11 +112,20 @@ def score_chunk_task(model, docs: pa.Array, classes: list[str]) -> dict[str, np.
     return score_chunk(model, docs.to_pylist(), classes)
 
 
-def task_runner(settings: Settings):
-    """Prefect's task runner for ``[runner]``: a ThreadPoolTaskRunner, or a DaskTaskRunner
-    on the scheduler at ``dask_address`` (else on a LocalCluster of ``workers`` processes)."""
+def runner_kind(runner: RunnerSettings, n_items: int) -> str:
+    """"threads" or "dask": the configured ``runner.type``, or for "auto" Dask when the
+    pre-label has at least ``dask_min_items`` items (``n_items``), threads below."""
+    if runner.type != "auto":
+        return runner.type
+    return "dask" if n_items >= runner.dask_min_items else "threads"
+
+
+def task_runner(settings: Settings, kind: str):
+    """Prefect's task runner of ``kind`` (:func:`runner_kind`): a ThreadPoolTaskRunner, or a
+    DaskTaskRunner on the scheduler at ``dask_address`` (else on a LocalCluster of
+    ``workers`` processes)."""
     runner = settings.runner
-    if runner.type == "threads":
+    if kind == "threads":
         from prefect.task_runners import ThreadPoolTaskRunner
 
         return ThreadPoolTaskRunner(max_workers=runner.workers)
@@ -130,19 +139,23 @@ def task_runner(settings: Settings):
                                           "processes": True, "dashboard_address": None})
 
 
-def prelabel_with_runner(settings: Settings, model, model_version: int) -> int:
-    """:func:`prelabel_pool` with the chunks scored on the configured task runner."""
+def prelabel_with_runner(settings: Settings, model, model_version: int) -> tuple[int, str | None]:
+    """:func:`prelabel_pool` with the chunks scored on the configured task runner: (items
+    scored, the runner kind used, None when there was nothing to score)."""
     store = Store(settings.database, settings.store.lock_timeout_seconds)
     classes = list(settings.labels)
-    if store.count_unscored(model_version, settings.holdout_fraction) == 0:
-        return 0  # nothing to score: no cluster started for it
-    with task_runner(settings) as runner:
+    unscored = store.count_unscored(model_version, settings.holdout_fraction)
+    if unscored == 0:
+        return 0, None  # nothing to score: no cluster started for it
+    kind = runner_kind(settings.runner, unscored)
+    with task_runner(settings, kind) as runner:
         def submit(docs: pa.Array):
             return runner.submit(score_chunk_task, {"model": model, "docs": docs, "classes": classes})
 
-        return prelabel_pool(store, model, model_version, classes, settings.query.chunk_size,
-                             settings.holdout_fraction, submit=submit,
-                             in_flight=IN_FLIGHT_PER_WORKER * settings.runner.workers)
+        n = prelabel_pool(store, model, model_version, classes, settings.query.chunk_size,
+                          settings.holdout_fraction, submit=submit,
+                          in_flight=IN_FLIGHT_PER_WORKER * settings.runner.workers)
+    return n, kind
 
 
 @task(name="pre-label", retries=1, retry_delay_seconds=10, cache_policy=NONE,
@@ -151,7 +164,7 @@ def prelabel_task(settings: Settings, model, model_version: int) -> int:
     """:func:`prelabel_with_runner` with a fitted ``model`` (see ``train.load_model_task``)."""
     from prefect.logging import get_run_logger
 
-    n = prelabel_with_runner(settings, model, model_version)
-    get_run_logger().info(f"pre-labeled {n} pool items with model v{model_version} "
-                          f"({settings.runner.type} runner)")
+    n, kind = prelabel_with_runner(settings, model, model_version)
+    get_run_logger().info(f"pre-labeled {n} pool items with model v{model_version}"
+                          + (f" ({kind} runner)" if kind else ""))
     return n

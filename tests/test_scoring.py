@@ -208,10 +208,23 @@ def test_holdout_is_predicted_once_per_retrain(tmp_path, monkeypatch):
     assert len(calls) == 4 and calls[-1] == calls[-2] == calls[0] + 1
 
 
+def test_auto_runner_takes_dask_only_for_big_prelabels():
+    from alflow.config import RunnerSettings
+    from alflow.tasks.prelabel import runner_kind
+
+    auto = RunnerSettings(type="auto", dask_min_items=1000)
+    assert runner_kind(auto, 999) == "threads" and runner_kind(auto, 1000) == "dask"
+    assert runner_kind(RunnerSettings(), 199_999) == "threads"  # the default: a small pool stays in threads
+    assert runner_kind(RunnerSettings(), 200_000) == "dask"
+    assert runner_kind(RunnerSettings(type="threads", dask_min_items=0), 10**7) == "threads"
+    assert runner_kind(RunnerSettings(type="dask"), 1) == "dask"
+
+
 @pytest.mark.usefixtures("prefect_api")
-def test_prelabel_on_a_local_dask_cluster_through_a_cycle(tmp_path, small_csv):
-    """`[runner] type = "dask"`: a cycle's pre-label chunks are scored by Prefect tasks on a
-    LocalCluster (a worker process) and written by the flow, one chunk per transaction."""
+def test_prelabel_on_a_local_dask_cluster_through_a_cycle(tmp_path, small_csv, monkeypatch):
+    """`[runner] type = "auto"` over dask_min_items: a cycle's pre-label chunks are scored by
+    Prefect tasks on a LocalCluster (a worker process) and written by the flow, one chunk
+    per transaction."""
     from uuid import UUID
 
     from conftest import write_config
@@ -225,7 +238,7 @@ def test_prelabel_on_a_local_dask_cluster_through_a_cycle(tmp_path, small_csv):
     from alflow.tasks.train import retrain
 
     config = write_config(tmp_path, labels=["ham", "spam"], source_path=small_csv,
-                          extra='\n[runner]\ntype = "dask"\nworkers = 1\n')
+                          extra='\n[runner]\ntype = "auto"\ndask_min_items = 100\nworkers = 1\n')
     config.write_text(config.read_text().replace("[query]\n", "[query]\nchunk_size = 100\n"))
     settings = load_config(config)
     store = Store(settings.database)
@@ -237,8 +250,14 @@ def test_prelabel_on_a_local_dask_cluster_through_a_cycle(tmp_path, small_csv):
     assert retrain(store, settings).model_version == 1
     pool = store.pool_size(settings.holdout_fraction)
 
+    from alflow.tasks import prelabel
+
+    kinds = []
+    real_task_runner = prelabel.task_runner
+    monkeypatch.setattr(prelabel, "task_runner", lambda s, kind: kinds.append(kind) or real_task_runner(s, kind))
     summary = active_learning_cycle(str(config), auto=True, ingest_sources=False)
     assert summary["cycle"] == 1
+    assert kinds == ["dask"]
     scored = store.query_df("SELECT item_id, count(*) AS n FROM predictions WHERE model_version = 1 GROUP BY item_id")
     assert len(scored) == pool > 200 and scored["n"].max() == 1
     run_id = store.batch(summary["batch_id"])["flow_run_id"]
