@@ -36,12 +36,9 @@ def out_of_fold_proba(model_settings: ModelSettings, docs: Sequence[str], labels
     labels = np.asarray(labels, dtype=object)
     smallest = min(int((labels == c).sum()) for c in classes)
     splitter = StratifiedKFold(n_splits=max(2, min(folds, smallest)), shuffle=True, random_state=seed)
-    proba = np.zeros((len(labels), len(classes)))
-    docs = list(docs)
-    for train, test in splitter.split(np.zeros(len(labels)), labels):
-        model = modeling.fit(model_settings, [docs[i] for i in train], labels[train].tolist())
-        proba[test] = modeling.predict_proba(model, [docs[i] for i in test], classes)
-    return proba
+    proba = modeling.out_of_fold(model_settings, list(docs), labels.tolist(), splitter, seed, method="predict_proba")
+    columns = sorted(set(labels.tolist()))  # cross_val_predict's column order
+    return proba[:, [columns.index(c) for c in classes]]
 
 
 def find_label_errors(labels: Sequence[str], proba: np.ndarray,

@@ -152,6 +152,20 @@ def metrics(y_true: Sequence[str], y_pred: Sequence[str]) -> dict[str, float]:
     }
 
 
+def out_of_fold(settings: ModelSettings, docs: Sequence[str], labels: Sequence[str], splitter, seed: int,
+                features: Pipeline | None = None, method: str = "predict") -> np.ndarray:
+    """The configured model's out-of-fold ``method`` over the folds of ``splitter``: (n,)
+    predictions, or with ``method="predict_proba"`` (n, c) probabilities whose columns are
+    the sorted classes of ``labels``. With ``vectorizer_fit = "pool"``, ``features`` (else
+    features fitted on ``docs``, without labels) stay fixed and only the classifier is
+    refitted per fold."""
+    if settings.vectorizer_fit == "pool":
+        features = features if features is not None else fit_features(settings, docs, seed)
+        return cross_val_predict(build_model(settings).steps[-1][1], features.transform(list(docs)),
+                                 list(labels), cv=splitter, method=method)
+    return cross_val_predict(build_model(settings), list(docs), list(labels), cv=splitter, method=method)
+
+
 def evaluate_cv(settings: ModelSettings, docs: Sequence[str], labels: Sequence[str],
                 folds: int, seed: int, features: Pipeline | None = None) -> tuple[dict | None, np.ndarray | None, str | None]:
     """Stratified k-fold estimates on the labeled set. With ``vectorizer_fit = "pool"``,
@@ -167,12 +181,7 @@ def evaluate_cv(settings: ModelSettings, docs: Sequence[str], labels: Sequence[s
     if len(counts) < 2 or k < 2:
         return None, None, f"cross-validation needs 2 labels in each of 2 classes, have {counts}"
     splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
-    if settings.vectorizer_fit == "pool":
-        features = features if features is not None else fit_features(settings, docs, seed)
-        predicted = cross_val_predict(build_model(settings).steps[-1][1], features.transform(list(docs)),
-                                      list(labels), cv=splitter)
-    else:
-        predicted = cross_val_predict(build_model(settings), list(docs), list(labels), cv=splitter)
+    predicted = out_of_fold(settings, docs, labels, splitter, seed, features)
     result = metrics(labels, predicted)
     result.update({"method": "cv", "folds": k, "n_eval": len(labels)})
     return result, predicted, None
