@@ -30,13 +30,17 @@ DOC_SQL = (
 UNCERTAINTY_ORDER = {"least_confidence": "DESC", "margin": "ASC", "entropy": "DESC"}
 
 
-def sample_order_sql(seed: int, alias: str = "i") -> str:
+def sample_order_sql(seed: int, alias: str = "i", draw: int | str | None = None) -> str:
     """An ORDER BY key that shuffles rows by a seeded hash of item_id: ``ORDER BY key LIMIT
     n`` is a uniform sample of n rows, the same for the same seed and rows whatever order
     DuckDB's threads scan them in (``USING SAMPLE ... REPEATABLE`` is repeatable only
     single-threaded). A top-N in DuckDB: only the n rows leave the database. The seed is
-    salted into the hashed string: ``hash(item_id, seed)`` orders nearly alike for nearby seeds."""
-    return f"hash('{int(seed)}:' || {alias}.item_id), {alias}.item_id"
+    salted into the hashed string: ``hash(item_id, seed)`` orders nearly alike for nearby seeds.
+    ``draw`` (an int, or a name from code) gives an independent shuffle for the same seed."""
+    if draw is not None and not (isinstance(draw, int) or str(draw).isidentifier()):
+        raise ValueError(f"draw must be an int or a name, got {draw!r}")
+    salt = f"{int(seed)}:" if draw is None else f"{int(seed)}:{draw}:"
+    return f"hash('{salt}' || {alias}.item_id), {alias}.item_id"
 
 
 def title_adds(title: str | None, text: str) -> bool:

@@ -7,6 +7,7 @@ import json
 import pandas as pd
 
 from alflow.tasks.store.database import Database, utcnow
+from alflow.tasks.store.pool import sample_order_sql
 
 # batch_items.picked_by of the random control slice and of flagged items asked again.
 CONTROL = "control"
@@ -66,8 +67,8 @@ class QualityStore(Database):
         so a draw is reproducible and another draw (another batch) is independent."""
         return self.query_df(
             f"""SELECT i.item_id FROM items i WHERE {self._pool_where(holdout_fraction)}
-            ORDER BY hash(?::VARCHAR || ':' || ?::VARCHAR || ':' || i.item_id), i.item_id LIMIT ?""",
-            [seed, draw, n],
+            ORDER BY {sample_order_sql(seed, draw=int(draw))} LIMIT ?""",
+            [n],
         )["item_id"].tolist()
 
     def control_outcomes(self) -> pd.DataFrame:
@@ -90,9 +91,9 @@ class QualityStore(Database):
         with self.transaction() as con:
             if not con.execute("SELECT count(*) FROM stop_set").fetchone()[0]:
                 con.execute(
-                    """INSERT INTO stop_set SELECT item_id, ? FROM items
-                    ORDER BY hash(?::VARCHAR || ':stop:' || item_id), item_id LIMIT ?""",
-                    [utcnow(), seed, size],
+                    f"""INSERT INTO stop_set SELECT i.item_id, ? FROM items i
+                    ORDER BY {sample_order_sql(seed, draw="stop")} LIMIT ?""",
+                    [utcnow(), size],
                 )
             return [r[0] for r in con.execute("SELECT item_id FROM stop_set ORDER BY item_id").fetchall()]
 
