@@ -70,6 +70,12 @@ class ModelSettings(_Section):
     # With vectorizer_fit = "pool": this many LSA dimensions (TruncatedSVD of the pool's
     # TF-IDF, rows L2-normalised) appended to the TF-IDF features; 0 = none.
     svd_components: int = Field(0, ge=0, le=1000)
+    # Self-training: each new model also trains on the unlabeled pool items a first model of
+    # the human labels is surest of, labeled as it predicts them: per class, self_training x
+    # that class's human labels (modeling.fit_self_trained); 0 = human labels only.
+    self_training: float = Field(1.0, ge=0.0, le=10.0)
+    # How many unlabeled pool items (a seeded sample) self-training reads to find them.
+    self_training_sample: int = Field(10_000, ge=100)
 
     @field_validator("svd_components")
     @classmethod

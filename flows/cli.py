@@ -140,9 +140,10 @@ def _print_cycle(summary: dict, metric: str) -> None:
     shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("accuracy", "macro_f1") if metrics.get(k) is not None)
     model = f"model v{summary['model_version']}" if summary.get("model_version") else "no model yet"
     promoted = " (promoted)" if summary.get("promoted") else (" (not promoted)" if summary.get("model_version") else "")
+    pseudo = (metrics.get("self_training") or {}).get("pseudo_labels")
     console.print(
         f"[bold]cycle {summary['cycle']}[/]: {summary['n_labels']} labels, {model}{promoted}"
-        + (f", {shown}" if shown else "")
+        + (f", {shown}" if shown else "") + (f" (+{pseudo} self-training pseudo-labels)" if pseudo else "")
     )
 
 

@@ -4,8 +4,8 @@
         cold start -> (train -> evaluate on test -> select next batch -> gold labels) x cycles
     -> curves.csv, summary.csv, curves.png (+ Prefect artifacts when run as a flow)
 
-The annotator is simulated by the gold labels. Training is :func:`modeling.fit` with the
-configured ``[model]``, the batch is :func:`query.select` / :func:`query.cold_start_select`
+The annotator is simulated by the gold labels. Training is :func:`modeling.fit_self_trained`
+with the configured ``[model]``, the batch is :func:`query.select` / :func:`query.cold_start_select`
 with the configured ``[query]``: the same code a real cycle runs, so a simulated curve is
 what a run would have drawn.
 """
@@ -206,6 +206,19 @@ def pool_features(data: Dataset, model_settings: ModelSettings):
     return cache[key]
 
 
+def self_training_docs(data: Dataset, labeled: np.ndarray, model_settings: ModelSettings, seed: int) -> list[str]:
+    """The unlabeled pool texts self-training reads, as a real retrain reads them: all of
+    them, or beyond ``self_training_sample`` a sample drawn with ``seed``. Empty when
+    self-training is off."""
+    if not model_settings.self_training:
+        return []
+    rows = np.flatnonzero(~labeled)
+    if rows.size > model_settings.self_training_sample:
+        rows = np.sort(np.random.default_rng([seed, 1]).choice(rows, model_settings.self_training_sample,
+                                                                replace=False))
+    return data.pool_docs[rows].tolist()
+
+
 def run_strategy(data: Dataset, model_settings: ModelSettings, query: QuerySettings, *, init: int,
                  batch: int, cycles: int, seed: int, advance=lambda n: None, noise: float = 0.0,
                  checks: list | None = None) -> list[dict]:
@@ -239,8 +252,11 @@ def run_strategy(data: Dataset, model_settings: ModelSettings, query: QuerySetti
     for cycle in range(cycles + 1):
         seen = np.asarray(order)
         docs, labels = data.pool_docs[seen].tolist(), answers[seen].tolist()
-        model = (modeling.fit(model_settings, docs, labels, features=pool_features(data, model_settings))
-                 if modeling.trainable(labels) is None else None)
+        model = None
+        if modeling.trainable(labels) is None:
+            unlabeled = self_training_docs(data, labeled, model_settings, seed)
+            model, _ = modeling.fit_self_trained(model_settings, docs, labels, unlabeled,
+                                                 features=pool_features(data, model_settings))
         rows.append({"strategy": query.strategy, "seed": seed, "cycle": cycle, "n_labels": len(seen),
                      **_evaluate(model, data, answers[seen])})
         advance(1)

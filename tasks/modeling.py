@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 from sklearn.feature_extraction.text import TfidfVectorizer
@@ -118,6 +118,64 @@ def fit(settings: ModelSettings, docs: Sequence[str], labels: Sequence[str],
     return Pipeline(list(features.steps) + [("clf", classifier)])
 
 
+def confident_picks(predicted: Sequence[str], confidence: np.ndarray, label_counts: Mapping[str, int],
+                    share: float) -> np.ndarray:
+    """Self-training's pseudo-labels: which unlabeled pool rows to train on as predicted.
+
+    ``predicted`` (n,): the current model's class per pool row; ``confidence`` (n,): its
+    probability of that class; ``label_counts``: human labels per class. For each class c,
+    the ``share * label_counts[c]`` (halves rounded up) rows predicted as c with the
+    highest confidence (ties: the lower row). Returns row indices (m,), grouped by class in ``label_counts``
+    order, most confident first.
+
+    Why: uncertainty sampling labels the boundary between classes and never the items
+    deep inside a class, so the model's picture of each class is skewed towards its
+    edge. The items the model is surest of fill that in for free. Per class, mirroring the
+    human labels, so pseudo-labels never drown a rare class in the common one's.
+    """
+    if share < 0:
+        raise ValueError(f"self_training share must be >= 0, got {share}")
+    predicted = np.asarray(predicted, dtype=object)
+    confidence = np.asarray(confidence, dtype=float)
+    if predicted.shape != confidence.shape:
+        raise ValueError(f"predicted {predicted.shape} and confidence {confidence.shape} differ in shape")
+    picks = []
+    for label, count in label_counts.items():
+        quota = int(np.floor(share * count + 0.5))  # halves round up, never to even
+        if quota <= 0:
+            continue
+        members = np.flatnonzero(predicted == label)
+        order = np.lexsort((members, -confidence[members]))
+        picks.append(members[order[:quota]])
+    return np.concatenate(picks).astype(np.int64) if picks else np.empty(0, dtype=np.int64)
+
+
+def fit_self_trained(settings: ModelSettings, docs: Sequence[str], labels: Sequence[str],
+                     pool_docs: Sequence[str] | None, features: Pipeline | None = None,
+                     ) -> tuple[Pipeline, tuple[list[str], list[str]]]:
+    """:func:`fit` on the human labels, then, with ``settings.self_training`` > 0, again on
+    them plus the pseudo-labels that first model is surest of among ``pool_docs``
+    (unlabeled items, e.g. a seeded pool sample; :func:`confident_picks`).
+
+    Returns (model, (pseudo_docs, pseudo_labels)). The pseudo-labels always come from a
+    model of human labels only, never from one that itself learned from pseudo-labels,
+    so a mistake is not fed back cycle after cycle.
+    """
+    base = fit(settings, docs, labels, features=features)
+    if not settings.self_training or pool_docs is None or not len(pool_docs):
+        return base, ([], [])
+    pool_docs = list(pool_docs)
+    classes = sorted(set(labels))
+    proba = predict_proba(base, pool_docs, classes)
+    predicted = np.asarray(classes, dtype=object)[proba.argmax(axis=1)]
+    picks = confident_picks(predicted, proba.max(axis=1), class_counts(labels), settings.self_training)
+    if picks.size == 0:
+        return base, ([], [])
+    extra_docs, extra_labels = [pool_docs[i] for i in picks], predicted[picks].tolist()
+    model = fit(settings, list(docs) + extra_docs, list(labels) + extra_labels, features=features)
+    return model, (extra_docs, extra_labels)
+
+
 def predict_proba(model, docs: Sequence[str], classes: Sequence[str]) -> np.ndarray:
     """(n_docs, len(classes)) probabilities in the order of ``classes``.
 
@@ -153,24 +211,39 @@ def metrics(y_true: Sequence[str], y_pred: Sequence[str]) -> dict[str, float]:
 
 
 def out_of_fold(settings: ModelSettings, docs: Sequence[str], labels: Sequence[str], splitter, seed: int,
-                features: Pipeline | None = None, method: str = "predict") -> np.ndarray:
+                features: Pipeline | None = None, method: str = "predict",
+                pool_docs: Sequence[str] | None = None) -> np.ndarray:
     """The configured model's out-of-fold ``method`` over the folds of ``splitter``: (n,)
     predictions, or with ``method="predict_proba"`` (n, c) probabilities whose columns are
     the sorted classes of ``labels``. With ``vectorizer_fit = "pool"``, ``features`` (else
     features fitted on ``docs``, without labels) stay fixed and only the classifier is
-    refitted per fold."""
+    refitted per fold. ``pool_docs``: unlabeled items for self-training; each fold's model
+    is then :func:`fit_self_trained` on its own training labels, as the real model is."""
     if settings.vectorizer_fit == "pool":
         features = features if features is not None else fit_features(settings, docs, seed)
+    if settings.self_training and pool_docs is not None and len(pool_docs):
+        docs, labels = np.asarray(list(docs), dtype=object), np.asarray(list(labels), dtype=object)
+        classes = sorted(set(labels.tolist()))
+        out = np.empty(len(docs), dtype=object) if method == "predict" else np.zeros((len(docs), len(classes)))
+        for train, test in splitter.split(docs, labels):
+            model, _ = fit_self_trained(settings, docs[train].tolist(), labels[train].tolist(), pool_docs,
+                                        features=features)
+            out[test] = (model.predict(docs[test].tolist()) if method == "predict"
+                         else predict_proba(model, docs[test].tolist(), classes))
+        return out
+    if settings.vectorizer_fit == "pool":
         return cross_val_predict(build_model(settings).steps[-1][1], features.transform(list(docs)),
                                  list(labels), cv=splitter, method=method)
     return cross_val_predict(build_model(settings), list(docs), list(labels), cv=splitter, method=method)
 
 
 def evaluate_cv(settings: ModelSettings, docs: Sequence[str], labels: Sequence[str],
-                folds: int, seed: int, features: Pipeline | None = None) -> tuple[dict | None, np.ndarray | None, str | None]:
+                folds: int, seed: int, features: Pipeline | None = None,
+                pool_docs: Sequence[str] | None = None) -> tuple[dict | None, np.ndarray | None, str | None]:
     """Stratified k-fold estimates on the labeled set. With ``vectorizer_fit = "pool"``,
     ``features`` (the model's pool-fitted features, unsupervised, so no label leaks) are
-    kept and only the classifier is refitted per fold.
+    kept and only the classifier is refitted per fold. ``pool_docs``: the unlabeled sample
+    self-training draws from (:func:`out_of_fold`); only human labels are scored.
 
     Returns (metrics, out_of_fold_predictions (n,), None), or (None, None, reason) when
     the labels are too few. The fold count drops to the smallest class's size.
@@ -181,7 +254,7 @@ def evaluate_cv(settings: ModelSettings, docs: Sequence[str], labels: Sequence[s
     if len(counts) < 2 or k < 2:
         return None, None, f"cross-validation needs 2 labels in each of 2 classes, have {counts}"
     splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
-    predicted = out_of_fold(settings, docs, labels, splitter, seed, features)
+    predicted = out_of_fold(settings, docs, labels, splitter, seed, features, pool_docs=pool_docs)
     result = metrics(labels, predicted)
     result.update({"method": "cv", "folds": k, "n_eval": len(labels)})
     return result, predicted, None

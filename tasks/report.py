@@ -121,8 +121,11 @@ def cycle_markdown(counts: dict, cycles: pd.DataFrame, train: dict | None, batch
     if annotators is not None:  # alflow.tasks.agreement.agreement_report
         lines += annotator_lines(annotators)
     if train:
+        pseudo = ((train.get("metrics") or {}).get("self_training") or {}).get("pseudo_labels")
         lines.append(f"- model: v{train['model_version']} — "
-                     f"{'promoted' if train['promoted'] else 'not promoted'} ({train['reason']})")
+                     f"{'promoted' if train['promoted'] else 'not promoted'} ({train['reason']})"
+                     + (f"; trained on {train['n_labels']} labels + {pseudo} self-training pseudo-labels"
+                        if pseudo else ""))
     else:
         lines.append("- model: none yet")
     if len(cycles):

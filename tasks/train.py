@@ -205,10 +205,14 @@ def _retrain(store: Store, settings: Settings, flow_run_id: str | None,
                                    "already trained on these labels", counts), None
 
     docs = frame["doc"].tolist()
-    pool_docs = None
+    features = None
     if settings.model.vectorizer_fit == "pool":  # unsupervised: the pool's words, not its labels
-        pool_docs = store.sample_pool(settings.model.vectorizer_sample, settings.seed, holdout)["doc"].tolist()
-    model = modeling.fit(settings.model, docs, labels, pool_docs=pool_docs)
+        vocabulary = store.sample_pool(settings.model.vectorizer_sample, settings.seed, holdout)["doc"].tolist()
+        features = modeling.fit_features(settings.model, vocabulary + docs)
+    unlabeled = None
+    if settings.model.self_training:  # held-out items are never in the pool, so never pseudo-labeled
+        unlabeled = store.sample_pool(settings.model.self_training_sample, settings.seed, holdout)["doc"].tolist()
+    model, (pseudo_docs, _) = modeling.fit_self_trained(settings.model, docs, labels, unlabeled, features=features)
     current = find_usable_model(store, settings, logger)[0] if replaces is None else None
     current_model = current.model if current is not None else None
     metric = settings.evaluation.metric
@@ -229,7 +233,8 @@ def _retrain(store: Store, settings: Settings, flow_run_id: str | None,
         new_score = metrics[metric]
     else:
         metrics, oof, why = modeling.evaluate_cv(
-            settings.model, docs, labels, settings.evaluation.cv_folds, settings.seed, features=model[:-1]
+            settings.model, docs, labels, settings.evaluation.cv_folds, settings.seed, features=model[:-1],
+            pool_docs=unlabeled,
         )
         if metrics is None:
             metrics = {"method": "cv", "note": why}
@@ -257,8 +262,10 @@ def _retrain(store: Store, settings: Settings, flow_run_id: str | None,
     else:
         decision = modeling.should_promote(new_score, current_score if current is not None else None,
                                            metric, compared)
-    metrics = dict(metrics, promotion={"promoted": decision.promoted, "reason": decision.reason,
-                                       "compared_on": compared, "new": new_score, "current": current_score})
+    metrics = dict(metrics,
+                   self_training={"pseudo_labels": len(pseudo_docs), "pool_sample": len(unlabeled or [])},
+                   promotion={"promoted": decision.promoted, "reason": decision.reason,
+                              "compared_on": compared, "new": new_score, "current": current_score})
 
     version = store.next_model_version()
     path = modeling.save_model(model, settings.models_dir / f"model-{version:04d}.skops")

@@ -259,9 +259,10 @@ class PoolStore(Database):
     def sample_pool(self, n: int, seed: int, holdout_fraction: float | None = None) -> pd.DataFrame:
         """A uniform sample of up to ``n`` pool items (item_id, doc), the same for the same
         seed and pool (see :func:`sample_order_sql`), ordered by item_id. Drawn in DuckDB:
-        only the sample reaches Python."""
+        only the sample reaches Python, and its texts are built for the sample alone."""
         return self.query_df(
-            f"""SELECT * FROM (SELECT i.item_id, {DOC_SQL} AS doc FROM items i
-            WHERE {self._pool_where(holdout_fraction)}
-            ORDER BY {sample_order_sql(seed)} LIMIT {int(n)}) ORDER BY item_id"""
+            f"""SELECT i.item_id, {DOC_SQL} AS doc FROM items i WHERE i.item_id IN (
+                SELECT i.item_id FROM items i WHERE {self._pool_where(holdout_fraction)}
+                ORDER BY {sample_order_sql(seed)} LIMIT {int(n)})
+            ORDER BY i.item_id"""
         )

@@ -1,0 +1,152 @@
+"""Self-training ([model] self_training): the pseudo-label rule, the two-step fit, the
+cross-validated evaluation of the model as it is trained, and a real cycle through the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import AG_NEWS_CSV, SMS_CSV, write_config
+from sklearn.model_selection import StratifiedKFold
+from typer.testing import CliRunner
+
+from alflow.config import ModelSettings
+from alflow.flows.cli import app
+from alflow.tasks import modeling
+
+runner = CliRunner()
+
+
+# -- the rule ----------------------------------------------------------------------------------
+def test_confident_picks_takes_each_class_quota_of_its_surest_rows():
+    predicted = np.array(["a", "b", "a", "a", "b", "c", "a"], dtype=object)
+    confidence = np.array([0.90, 0.99, 0.97, 0.90, 0.60, 0.95, 0.50])
+    # a: 2 human labels -> 2 picks (0.97, then the 0.90 tie goes to the lower row, 0);
+    # b: 1 -> 1 (row 1); c: no human label -> none, however sure the model is.
+    picks = modeling.confident_picks(predicted, confidence, {"a": 2, "b": 1}, share=1.0)
+    assert picks.tolist() == [2, 0, 1]
+    assert modeling.confident_picks(predicted, confidence, {"a": 2, "b": 1}, share=0.5).tolist() == [2, 1]
+    assert modeling.confident_picks(predicted, confidence, {"a": 2, "b": 1}, share=0.0).size == 0
+    # A quota larger than the class's predicted rows takes what there is.
+    assert sorted(modeling.confident_picks(predicted, confidence, {"b": 5}, share=1.0).tolist()) == [1, 4]
+    with pytest.raises(ValueError, match="share"):
+        modeling.confident_picks(predicted, confidence, {"a": 1}, share=-1)
+    with pytest.raises(ValueError, match="shape"):
+        modeling.confident_picks(predicted[:3], confidence, {"a": 1}, share=1)
+
+
+@pytest.fixture(scope="module")
+def ag():
+    frame = pd.read_csv(AG_NEWS_CSV)
+    return frame["text"].tolist(), frame["label"].tolist()
+
+
+def test_fit_self_trained_adds_the_human_only_models_surest_predictions(ag):
+    docs, labels = ag
+    train, pool = list(range(40)), list(range(40, 800))
+    settings = ModelSettings(self_training=1.0)
+    human_docs, human_labels = [docs[i] for i in train], [labels[i] for i in train]
+    pool_docs = [docs[i] for i in pool]
+    model, (pseudo_docs, pseudo_labels) = modeling.fit_self_trained(settings, human_docs, human_labels, pool_docs)
+
+    counts = modeling.class_counts(human_labels)
+    assert modeling.class_counts(pseudo_labels) == counts  # one pseudo-label per human label, per class
+    # They are exactly what the model of human labels alone is surest of.
+    base = modeling.fit(settings, human_docs, human_labels)
+    classes = sorted(counts)
+    proba = modeling.predict_proba(base, pool_docs, classes)
+    predicted = np.asarray(classes, dtype=object)[proba.argmax(axis=1)]
+    expected = modeling.confident_picks(predicted, proba.max(axis=1), counts, 1.0)
+    assert pseudo_docs == [pool_docs[i] for i in expected]
+    assert pseudo_labels == predicted[expected].tolist()
+    # The returned model learned from both: it is not the human-only one.
+    assert not np.allclose(modeling.predict_proba(model, pool_docs[:50], classes), proba[:50])
+    # Sure predictions of a first model are mostly right (here: gold labels to check).
+    gold = [labels[40 + i] for i in expected]
+    assert np.mean(np.asarray(gold, dtype=object) == np.asarray(pseudo_labels, dtype=object)) >= 0.8
+
+    off, (none_docs, _) = modeling.fit_self_trained(ModelSettings(self_training=0.0), human_docs, human_labels,
+                                                    pool_docs)
+    assert none_docs == []
+    np.testing.assert_allclose(modeling.predict_proba(off, pool_docs[:50], classes), proba[:50])
+
+
+def test_cross_validation_scores_each_fold_self_trained_on_its_own_labels(ag):
+    docs, labels = ag
+    human_docs, human_labels, pool_docs = docs[:60], labels[:60], docs[60:400]
+    settings = ModelSettings(self_training=1.0)
+    splitter = StratifiedKFold(n_splits=3, shuffle=True, random_state=0)
+    predicted = modeling.out_of_fold(settings, human_docs, human_labels, splitter, 0, pool_docs=pool_docs)
+    expected = np.empty(60, dtype=object)
+    x, y = np.asarray(human_docs, dtype=object), np.asarray(human_labels, dtype=object)
+    for train, test in splitter.split(x, y):
+        fold, _ = modeling.fit_self_trained(settings, x[train].tolist(), y[train].tolist(), pool_docs)
+        expected[test] = fold.predict(x[test].tolist())
+    assert predicted.tolist() == expected.tolist()
+    plain = modeling.out_of_fold(settings, human_docs, human_labels, splitter, 0)  # no pool: human labels only
+    assert plain.tolist() != predicted.tolist()
+
+
+# -- a real cycle -------------------------------------------------------------------------------
+@pytest.mark.usefixtures("prefect_api")
+def test_a_cycle_self_trains_on_pool_items_only_and_says_so(tmp_path, monkeypatch):
+    """`alflow run --auto`: each retrain reads a pool sample that holds no labeled and no
+    held-out item, trains on as many pseudo-labels as human labels per class, records
+    them with the model and prints them; with self_training = 0 there are none."""
+    from alflow.tasks.store import Store
+    from alflow.config import load_config
+
+    seen: list[tuple[list[str], list[str] | None, int]] = []
+    real = modeling.fit_self_trained
+
+    def spy(settings, docs, labels, pool_docs, features=None):
+        model, pseudo = real(settings, docs, labels, pool_docs, features=features)
+        seen.append((list(docs), None if pool_docs is None else list(pool_docs), len(pseudo[0])))
+        return model, pseudo
+
+    monkeypatch.setattr(modeling, "fit_self_trained", spy)
+    config = write_config(tmp_path, labels=["ham", "spam"], source_path=SMS_CSV)
+    result = runner.invoke(app, ["run", "--config", str(config), "--auto", "--cycles", "2", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    settings = load_config(config)
+    store = Store(settings.database)
+    holdout = set(store.holdout_set(settings.holdout_fraction)["doc"])
+    assert len(seen) == 2
+    for docs, pool_docs, n_pseudo in seen:
+        assert pool_docs and not set(pool_docs) & holdout and not set(pool_docs) & set(docs)
+        assert n_pseudo == len(docs)  # share 1.0: as many as the human labels, class by class
+    metrics = store.cycles()["metrics"].iloc[-1]
+    metrics = metrics if isinstance(metrics, dict) else json.loads(metrics)
+    assert metrics["self_training"]["pseudo_labels"] == 40
+    assert "cycle 2: 40 labels" in result.output and "(+40 self-training pseudo-labels)" in result.output
+
+    (tmp_path / "off").mkdir()
+    off = write_config(tmp_path / "off", labels=["ham", "spam"], source_path=SMS_CSV,
+                       extra="\n[model]\nself_training = 0\n")
+    seen.clear()
+    result = runner.invoke(app, ["run", "--config", str(off), "--auto", "--cycles", "1", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert [n for _, _, n in seen] == [0] and "pseudo-labels" not in result.output
+
+
+def test_simulate_replays_self_training_as_configured(tmp_path):
+    """`alflow simulate --config`: the same seeds and strategy give other curves with
+    self-training on than off, and the same ones again for the same config."""
+    frame = pd.read_csv(AG_NEWS_CSV).head(400)
+    data = tmp_path / "ag.csv"
+    frame.to_csv(data, index=False)
+    curves = {}
+    for name, share in (("on", 1.0), ("off", 0.0), ("on-again", 1.0)):
+        config = tmp_path / f"{name}.toml"
+        config.write_text(f'[model]\nself_training = {share}\n[query]\nstrategy = "cluster_margin"\n',
+                          encoding="utf-8")
+        result = runner.invoke(app, ["simulate", "--data", str(data), "--strategies", "default", "--batch", "10",
+                                     "--cycles", "3", "--init", "12", "--seeds", "2", "--out", str(tmp_path / name),
+                                     "--config", str(config), "--no-progress"])
+        assert result.exit_code == 0, result.output
+        curves[name] = pd.read_csv(tmp_path / name / "curves.csv")
+    pd.testing.assert_frame_equal(curves["on"], curves["on-again"])
+    assert not curves["on"]["accuracy"].equals(curves["off"]["accuracy"])
+    assert set(curves["on"]["strategy"]) == {"cluster_margin"}
