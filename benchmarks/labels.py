@@ -26,6 +26,7 @@ from alflow.flows.simulate import (
     CURVE_COLUMNS,
     Dataset,
     _evaluate,
+    aulc_by_seed,
     full_pool_accuracy,
     load_dataset,
     pool_features,
@@ -101,7 +102,7 @@ def table(summary: pd.DataFrame, full: float, budget: int, curves: pd.DataFrame)
     error of that difference paired by seed: the same seed has the same cold start), and a
     verdict."""
     base = summary.set_index("strategy")
-    per_seed = curves.groupby(["strategy", "seed"])["accuracy"].mean().unstack("seed")
+    per_seed = aulc_by_seed(curves)
     paired = per_seed.sub(per_seed.loc[MODAL], axis=1)
     random_labels = base.loc["random", "labels_to_95"]
     random_aulc, random_sd = base.loc["random", ["aulc_mean", "aulc_std"]]
@@ -162,16 +163,15 @@ def main(argv: list[str] | None = None) -> None:
             plan["cycles"] = args.cycles
         data = load_dataset(path)
         full = full_pool_accuracy(data, model_settings)
-        rows = []
+        rows, seeds = [], args.seeds
         if args.from_curves:
             saved = pd.read_csv(args.out / f"{path.stem}_curves.csv")
             rows = saved.to_dict("records")
-            names = [n for n in dict.fromkeys(saved["strategy"]) if n != MODAL]
             plan["cycles"] = int(saved["cycle"].max())
-            args.seeds = int(saved["seed"].nunique())
+            seeds = int(saved["seed"].nunique())
         for name in [] if args.from_curves else names + [MODAL]:
             started = time.time()
-            for seed in range(args.seeds):
+            for seed in range(seeds):
                 if name == MODAL:
                     rows += run_modal(data, model_settings, query, init=args.init, seed=seed, **plan)
                 else:
@@ -180,13 +180,13 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{path.stem}: {name} done in {time.time() - started:.0f} s", flush=True)
         curves = pd.DataFrame(rows, columns=CURVE_COLUMNS)
         t = table(summarize(curves, full), full, args.init + plan["batch"] * plan["cycles"], curves)
-        md = to_markdown(path.stem, t, full, plan, args.seeds, len(data.pool_docs), len(data.test_docs))
+        md = to_markdown(path.stem, t, full, plan, seeds, len(data.pool_docs), len(data.test_docs))
         print(md, flush=True)
         curves.to_csv(args.out / f"{path.stem}_curves.csv", index=False)
         t.to_csv(args.out / f"{path.stem}_summary.csv", index=False)
         (args.out / f"{path.stem}.md").write_text(md + "\n", encoding="utf-8")
         plot_curves(curves, full, args.out / f"{path.stem}.png",
-                    title=f"{path.stem}: batch {plan['batch']}, {args.seeds} seeds")
+                    title=f"{path.stem}: batch {plan['batch']}, {seeds} seeds")
 
 
 if __name__ == "__main__":

@@ -295,6 +295,12 @@ def labels_to_target(curve: pd.DataFrame, target: float) -> float:
     return float(reached.iloc[0]) if len(reached) else math.inf
 
 
+def aulc_by_seed(curves: pd.DataFrame) -> pd.DataFrame:
+    """AULC (mean test accuracy over the curve) of each run: strategies x seeds (NaN where
+    a strategy has no run of that seed)."""
+    return curves.groupby(["strategy", "seed"], sort=False)["accuracy"].mean().unstack("seed")
+
+
 def summarize(curves: pd.DataFrame, full_accuracy: float) -> pd.DataFrame:
     """One row per strategy (SUMMARY_COLUMNS), in the order the strategies first appear.
 
@@ -303,11 +309,12 @@ def summarize(curves: pd.DataFrame, full_accuracy: float) -> pd.DataFrame:
     over seeds of the labels until 95% of ``full_accuracy`` (inf if never reached).
     """
     target = TARGET_SHARE * full_accuracy
+    by_seed = aulc_by_seed(curves)
     rows = []
     for name in dict.fromkeys(curves["strategy"]):
         own = curves[curves["strategy"] == name]
         per_seed = [group.sort_values("cycle") for _, group in own.groupby("seed", sort=True)]
-        aulc = np.array([g["accuracy"].mean() for g in per_seed])
+        aulc = by_seed.loc[name].dropna().to_numpy()
         rows.append({
             "strategy": name,
             "aulc_mean": float(aulc.mean()),

@@ -40,6 +40,18 @@ def test_bad_config_value_names_the_key(tmp_path):
     assert not (tmp_path / "state").exists()  # validated before anything was written
 
 
+@pytest.mark.parametrize("line, key", [
+    ("self_training = -1", "model.self_training"),
+    ('self_training = "lots"', "model.self_training"),
+    ("self_training_sample = 0", "model.self_training_sample"),
+])
+def test_bad_self_training_names_the_key(tmp_path, line, key):
+    config = write_config(tmp_path, labels=["ham", "spam"], source_path=SMS_CSV, extra=f"\n[model]\n{line}\n")
+    error = one_line_error(runner.invoke(app, ["run", "--config", str(config), "--auto"]))
+    assert key in error and str(config) in error
+    assert not (tmp_path / "state").exists()  # validated before anything was written
+
+
 def test_env_override_error_names_the_variable(tmp_path, monkeypatch):
     config = write_config(tmp_path, labels=["ham", "spam"], source_path=SMS_CSV)
     monkeypatch.setenv("ALFLOW_QUERY__STRATEGY", "smartest")
