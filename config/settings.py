@@ -72,10 +72,26 @@ class ModelSettings(_Section):
     svd_components: int = Field(0, ge=0, le=1000)
     # Self-training: each new model also trains on the unlabeled pool items a first model of
     # the human labels is surest of, labeled as it predicts them: per class, self_training x
-    # that class's human labels (modeling.fit_self_trained); 0 = human labels only.
-    self_training: float = Field(1.0, ge=0.0, le=10.0)
+    # that class's human labels (modeling.self_train); 0 = human labels only; "auto" (the
+    # default): share 1.0, used in a retrain only where out-of-fold evidence on the human
+    # labels says it helps by more than its noise.
+    self_training: Union[Literal["auto"], float] = "auto"
     # How many unlabeled pool items (a seeded sample) self-training reads to find them.
     self_training_sample: int = Field(10_000, ge=100)
+
+    @field_validator("self_training", mode="before")
+    @classmethod
+    def _auto_or_share(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        if isinstance(value, str):  # an ALFLOW_MODEL__SELF_TRAINING value is text: "0", "1.5"
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f'must be "auto" or a number from 0 (off) to 10, got {value!r}') from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 10.0:
+            raise ValueError(f'must be "auto" or a number from 0 (off) to 10, got {value!r}')
+        return float(value)
 
     @field_validator("svd_components")
     @classmethod
@@ -124,11 +140,16 @@ class QuerySettings(_Section):
     # Coverage picks cluster this many pool items at most (a seeded sample beyond it).
     coverage_sample: int = Field(20000, ge=100)
     # The random control slice: this share of each batch (at least one item; 0 turns it
-    # off) is drawn uniformly from the pool. Its answers give the unbiased accuracy
-    # estimate; they train the model like every other answer.
+    # off) is drawn uniformly from the pool and shown blind (no pre-label anywhere). Its
+    # answers are a growing random test set on which every model is scored.
     control_share: float = Field(0.05, ge=0.0, le=0.5)
+    # False: control answers never train a model, so every model (the newest included) has
+    # an honest estimate. True: they train later models too (a few more labels to learn
+    # from), and a model is scored only on the control answers given after it was trained.
+    control_trains: bool = False
     # At most this share of each batch re-asks items the last label check flagged as
-    # likely label errors (picked_by 'recheck', the model's suggestion as pre-label).
+    # likely label errors (picked_by 'recheck'; no default: the earlier answers and the
+    # model's suggestion are shown beside the item).
     recheck_share: float = Field(0.1, ge=0.0, le=0.5)
 
 
@@ -149,6 +170,9 @@ class ReviewSettings(_Section):
     # An item whose answers tie, or whose share of answers disagreeing with the majority
     # is above this, goes to adjudication at the top of the next batch.
     adjudication_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    # A Resume form's wall-clock wait is not labeling time (it may sit open for a weekend):
+    # it is stored apart (labels.form_seconds), divided over its items and capped at this.
+    max_form_seconds_per_item: float = Field(120.0, gt=0.0)
 
 
 class EvaluationSettings(_Section):
@@ -165,12 +189,17 @@ class StoppingSettings(_Section):
     threshold set stops the loop (and a served schedule opens no more batches)."""
 
     budget: int | None = Field(None, ge=1)
-    # Minutes of labeling time (the seconds recorded with each answer), summed.
+    # Minutes of labeling time measured per item (the terminal, Label Studio's lead_time,
+    # an import's seconds column), summed; a Resume form's wait never counts.
     budget_minutes: float | None = Field(None, gt=0.0)
-    # On the control slice's accuracy once it has target_min_control answers; before
-    # that on evaluation.metric (holdout or CV). The report says which was used.
+    # On the newest model's control-slice estimate once it has target_min_control answers
+    # (evaluation.metric where the slice has every class, else accuracy); before that on
+    # evaluation.metric (holdout or CV). The report says which was used.
     target: float | None = Field(None, gt=0.0, le=1.0)
     target_min_control: int = Field(30, ge=1)
+    # "lower": the target is reached when the 95% interval's lower bound reaches it;
+    # "point": when the point estimate does.
+    target_bound: Literal["lower", "point"] = "lower"
     # Stabilizing predictions: Cohen's kappa between successive models' predictions on a
     # fixed stop set (stop_set_size items sampled once) at least stabilizing_kappa for
     # stabilizing_cycles cycles in a row.
@@ -185,6 +214,10 @@ class StoreSettings(_Section):
     # lock) before it gives up: at the start it then ends doing nothing, after the review
     # it fails with the answers kept.
     cycle_lock_timeout_seconds: float = Field(600.0, ge=0)
+    # The cycle lock is a lease of this many seconds, renewed every third of it while its
+    # cycle works: a holder that stops renewing (killed, its host down) is taken over once
+    # it runs out, on whatever host it ran.
+    lease_seconds: float = Field(120.0, gt=0)
 
 
 class RunnerSettings(_Section):
@@ -262,7 +295,24 @@ class FilesSource(_Section):
     # Gold label values as the source has them -> a class of `labels`, e.g. {"0" = "ham"};
     # values not in the map are kept as they are (and must then be classes themselves).
     label_map: dict[str, str] = Field(default_factory=dict)
+    # How the file's bytes are text: any Python codec name ("latin-1", "cp1252", "utf-16").
     encoding: str = "utf-8"
+    # The CSV field separator: one character, e.g. ";" or "\t".
+    delimiter: str = Field(",", min_length=1, max_length=1)
+    # A longer text is not an item but a file read wrong (an unclosed quote swallows the rows
+    # after it): it is rejected and counted ("text longer than max_text_chars").
+    max_text_chars: int = Field(100_000, ge=1)
+
+    @field_validator("encoding")
+    @classmethod
+    def _codec(cls, value: str) -> str:
+        import codecs
+
+        try:
+            codecs.lookup(value)
+        except LookupError:
+            raise ValueError(f"{value!r} is not a Python codec name like \"utf-8\" or \"latin-1\"") from None
+        return value
 
 
 SourceSettings = Annotated[

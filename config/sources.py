@@ -65,6 +65,13 @@ class _Source(BaseModel):
     # retry_wait_seconds; a Retry-After header replaces the computed wait.
     retries: int = Field(3, ge=0, le=10)
     retry_wait_seconds: float = Field(1.0, ge=0, le=300)
+    max_retry_wait_seconds: float = Field(
+        120.0, ge=0, le=3600,
+        description="The longest single wait before a retry, in seconds. A Retry-After asking for more "
+                    "stops the source with one line saying when to retry (an hourly ingest must not "
+                    "sleep for a day); a page host asking for more fails only that page, to be asked "
+                    "for again by the next fetch.",
+    )
 
     @property
     def label_map(self) -> dict[str, str]:
@@ -164,7 +171,6 @@ class YouTubeSource(_Source):
     # Reject a video without subtitles in those languages (by default its description is
     # the text).
     require_subtitles: bool = False
-    max_retry_wait_seconds: float = Field(120.0, ge=0, le=3600)
 
     @field_validator("urls")
     @classmethod
@@ -198,7 +204,6 @@ class GoogleSource(_Source):
     backend: Literal["news_rss", "custom_search"] = "news_rss"
     search: str = Field(..., min_length=1)
     limit: int = Field(50, ge=1, le=100)  # both backends return at most 100 results
-    max_retry_wait_seconds: float = Field(120.0, ge=0, le=3600)
     # backend = "news_rss"
     rss_url: str | None = None
     hl: str | None = None
@@ -214,6 +219,13 @@ class GoogleSource(_Source):
     # page_delay_seconds) and use its main text.
     fetch_pages: bool = False
     page_delay_seconds: float = Field(1.0, ge=0, le=600)
+    allow_private_addresses: bool = Field(
+        False,
+        description="Let fetch_pages read pages on loopback and private addresses (an intranet). "
+                    "By default a result or redirect leading to a non-public address is counted "
+                    "bad ('private address') and never fetched; link-local addresses (cloud "
+                    "metadata services), multicast and 0.0.0.0 are refused always.",
+    )
     user_agent: str | None = None
 
     @field_validator("rss_url", "endpoint")
@@ -247,6 +259,8 @@ class GoogleSource(_Source):
         news_only = ("rss_url", "hl", "gl", "ceid")
         search_only = ("cx", "api_key_env", "api_key_secret", "endpoint")
         foreign = news_only if self.backend == "custom_search" else search_only
+        if "allow_private_addresses" in self.model_fields_set and not self.fetch_pages:
+            raise _nested("allow_private_addresses", "only applies with fetch_pages = true")
         for key in foreign:
             if getattr(self, key) is not None:
                 raise _nested(key, f"does not apply to backend = \"{self.backend}\"")

@@ -13,9 +13,16 @@ whose meaning belongs to the connector: a newest date, the revisions or links al
 read). ``next_cursor`` is None until a fetch has run to its end (a fetch that raised leaves
 it None); it already includes the cursor it was given, so the caller stores it as it is,
 after the records are committed. Date cursors keep the boundary ("not older than"), so one
-item may come again and is deduplicated. ``skipped_by_cursor`` counts what the cursor
-skipped. ``limit`` bounds the results asked of the service in one fetch, before the cursor
-filters them, so a re-run without a cursor over unchanged results yields the same records.
+item may come again and is deduplicated. A cursor never passes an item that failed in a way
+that may pass (a timeout, 429, 5xx, a rate limit): the next fetch must ask for it again;
+an item failed for good (404, malformed, refused) is counted and may be passed.
+``skipped_by_cursor`` counts what the cursor skipped. ``limit`` bounds the results asked of
+the service in one fetch, before the cursor filters them, so a re-run without a cursor over
+unchanged results yields the same records.
+
+A network connector yields each record as soon as it is read (not after the page or the
+batch it came in): the ingest stores what was yielded before a :class:`SourceError`, so a
+source that stops at page N keeps pages 1..N-1.
 """
 
 from __future__ import annotations

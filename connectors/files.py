@@ -2,8 +2,11 @@
 
 Large files are streamed (CSV and JSONL by row, Parquet by record batch), so a file
 larger than memory ingests. Bytes that do not decode in the configured encoding are kept as
-surrogates while reading and the row is then rejected as ``undecodable`` - one bad row
-never loses the rest of the file.
+surrogates while reading and the row is then rejected as undecodable, naming the
+``encoding`` key - one bad row never loses the rest of the file. A text longer than
+``max_text_chars`` is rejected and counted too. What is wrong with the whole file (a
+header that does not decode, a header split by another delimiter) stops the source with
+one line naming the key to set.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -21,6 +25,11 @@ from alflow.connectors.base import FetchReport, Progress, Record, SourceError, h
 _FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 _PARQUET_BATCH = 10_000
 _TICK = 1000  # rows per progress call
+# Field separators a CSV header may turn out to be split by, when it is not the configured one.
+_DELIMITERS = (",", ";", "\t", "|")
+# A byte the encoding could not decode, as errors="surrogateescape" keeps it; any other lone
+# surrogate came escaped in the data (JSON's "\ud800"), whatever the encoding.
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
 
 
 def _cell(value: Any) -> str | None:
@@ -46,6 +55,11 @@ class FilesConnector:
         self.format = self._detect_format()
         self._used = {settings.text_column, settings.title_column, settings.id_column, settings.url_column,
                       settings.label_column}
+        # Parquet stores text as UTF-8 whatever ``encoding`` says: only a lone surrogate
+        # escaped in the data can be undecodable there.
+        self._undecodable = ("undecodable bytes" if self.format == "parquet"
+                             else f"undecodable as {settings.encoding}: set encoding")
+        self._too_long = f"text longer than max_text_chars ({settings.max_text_chars})"
 
     def _detect_format(self) -> str:
         if not self.path.exists():
@@ -126,6 +140,9 @@ class FilesConnector:
         if text is None:
             self.report.reject("empty text")
             return None
+        if len(text) > s.max_text_chars:
+            self.report.reject(self._too_long)
+            return None
         used = self._used
         meta = {
             str(k): (v if isinstance(v, (int, float, bool, str)) else str(v))
@@ -136,8 +153,9 @@ class FilesConnector:
         # code point, so it is in the joined string exactly when it is in one of the parts.
         stored = [text, title or "", external_id or "", url or "", gold_label or "", *meta]
         stored.extend(v for v in meta.values() if isinstance(v, str))
-        if has_undecodable("".join(stored)):
-            self.report.reject("undecodable bytes")
+        joined = "".join(stored)
+        if has_undecodable(joined):
+            self.report.reject(self._undecodable if _ESCAPED_BYTE.search(joined) else "lone surrogate in the text")
             return None
         return Record(text=text, title=title, url=url, external_id=external_id, gold_label=gold_label, meta=meta)
 
@@ -154,11 +172,15 @@ class FilesConnector:
                                          for c in (s.title_column, s.id_column, s.url_column, s.label_column))
         extras = [(name, i) for name, i in last.items() if name not in self._used and not name.startswith("_")]
         reject = self.report.reject
+        max_chars, too_long = s.max_text_chars, self._too_long
 
         def record(cells: list[str]) -> Record | None:
             text = cells[text_i].strip()
             if not text:
                 reject("empty text")
+                return None
+            if len(text) > max_chars:
+                reject(too_long)
                 return None
             return Record(
                 text=text,
@@ -178,8 +200,26 @@ class FilesConnector:
             if column and column not in columns:
                 raise SourceError(
                     f"source {self.name}: {self.path.name} has no column '{column}' for {key} "
-                    f"(columns: {', '.join(map(str, columns))})"
+                    f"(columns: {', '.join(map(str, columns))}){self._delimiter_hint(columns)}"
                 )
+
+    def _delimiter_hint(self, columns: list[str]) -> str:
+        """'; its header looks separated by ';', not ',': set delimiter = ";"' when a CSV
+        header came out as one column holding another separator; else ''."""
+        if self.format != "csv" or len(columns) != 1:
+            return ""
+        configured = self.settings.delimiter
+        other = next((d for d in _DELIMITERS if d != configured and d in columns[0]), None)
+        if other is None:
+            return ""
+        return f"; its header looks separated by {other!r}, not {configured!r}: set delimiter = {json.dumps(other)}"
+
+    def _check_header_decodes(self, header: list[str]) -> None:
+        if has_undecodable("".join(header)):
+            raise SourceError(
+                f"source {self.name}: the header of {self.path.name} is not {self.settings.encoding} text; "
+                'set encoding on the source (e.g. "latin-1", "cp1252", "utf-16")'
+            )
 
     # -- readers ------------------------------------------------------------------------
     def _csv_rows(self) -> Iterator[dict | Record | None]:
@@ -187,11 +227,14 @@ class FilesConnector:
         :meth:`_ascii_rule`); None for a rejected row."""
         csv.field_size_limit(sys.maxsize)
         with open(self.path, newline="", encoding=self.settings.encoding, errors="surrogateescape") as handle:
-            reader = csv.reader(handle)
+            reader = csv.reader(handle, delimiter=self.settings.delimiter)
             try:
                 header = next(reader, None)  # csv.DictReader's rules, without its per-row cost
                 if header is None:
                     return  # an empty file
+                if header and header[0].startswith("\ufeff"):  # a UTF-8 byte order mark (Excel's "CSV UTF-8")
+                    header[0] = header[0][1:]
+                self._check_header_decodes(header)
                 self._check_columns(header)
                 width = len(header)
                 ascii_record = self._ascii_rule(header)
@@ -252,7 +295,7 @@ class FilesConnector:
             try:
                 text = raw.decode(s.encoding)
             except UnicodeDecodeError:
-                self.report.reject("undecodable bytes")
+                self.report.reject(self._undecodable)
                 yield None
                 continue
             label = file.parent.name if s.label_from_folder and file.parent != self.path else None

@@ -19,16 +19,21 @@
 
 ``fetch_pages = true`` replaces each result's text with the main text of its page
 (trafilatura), fetched with :class:`connectors.http.PageFetcher`: robots.txt obeyed, one
-request per domain every ``page_delay_seconds``. A page that cannot be used (disallowed,
-HTTP error, no main text, a Google News link that does not lead to the article) is
-counted with its reason and the result is left out.
+request per domain every ``page_delay_seconds``, only from public addresses unless
+``allow_private_addresses``. A page that cannot be used (disallowed, HTTP error, a private
+address, no main text, a Google News link that does not lead to the article) is counted
+with its reason and the result is left out.
 
 Requests time out after ``timeout_seconds`` and are retried (timeouts, 429, 5xx) with
-exponential backoff that honours ``Retry-After`` (:class:`connectors.http.HttpClient`).
+exponential backoff that honours ``Retry-After`` up to ``max_retry_wait_seconds``
+(:class:`connectors.http.HttpClient`); a service asking for a longer wait stops the source
+with one line saying when to retry.
 
 Cursor (see :mod:`connectors.base`): for news, the newest publication time read, ISO 8601
 UTC (``"2025-03-03T10:00:00Z"``), and a fetch given one skips items published before it;
-for custom search, the list of result links already read (the newest 5,000), skipped.
+it never passes an item whose page failed in a way that may pass (a timeout, 429, 5xx),
+so the next fetch asks for that page again. For custom search, the list of result links
+already read (the newest 5,000), skipped; a link whose page failed is not in it.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import io
 import logging
 import os
 import time
+import xml.sax
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterator, Mapping
 from urllib.parse import urlsplit
@@ -46,7 +52,16 @@ import feedparser
 from alflow import __version__
 from alflow.config.sources import CUSTOM_SEARCH_ENDPOINT, GOOGLE_NEWS_RSS, GoogleSource
 from alflow.connectors.base import FetchReport, Progress, Record, SourceError
-from alflow.connectors.http import HttpClient, HttpFailure, PageError, PageFetcher, host_of, redact
+from alflow.connectors.http import (
+    HttpClient,
+    HttpFailure,
+    PageError,
+    PageFetcher,
+    Resolve,
+    RetryLater,
+    host_of,
+    redact,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +76,9 @@ class GoogleConnector:
     """Reads one :class:`config.sources.GoogleSource`; see the module docstring."""
 
     def __init__(self, settings: GoogleSource, *, sleep: Callable[[float], None] = time.sleep,
-                 environ: Mapping[str, str] | None = None):
+                 environ: Mapping[str, str] | None = None, resolve: Resolve | None = None):
+        """``resolve(host)`` lists a page host's addresses (the seam of the private-address
+        check; default DNS)."""
         self.settings = settings
         self.name = settings.name
         self.report = FetchReport()
@@ -73,7 +90,9 @@ class GoogleConnector:
             user_agent=self.user_agent, timeout=settings.timeout_seconds, retries=settings.retries,
             backoff=settings.retry_wait_seconds, max_wait=settings.max_retry_wait_seconds, sleep=sleep,
         )
-        self.pages = PageFetcher(self.client, settings.page_delay_seconds) if settings.fetch_pages else None
+        self.pages = PageFetcher(self.client, settings.page_delay_seconds,
+                                 allow_private=settings.allow_private_addresses,
+                                 resolve=resolve) if settings.fetch_pages else None
         self._secrets: tuple[str, ...] = ()
 
     def __repr__(self) -> str:  # never the key
@@ -100,8 +119,11 @@ class GoogleConnector:
         url = s.rss_url or GOOGLE_NEWS_RSS
         since = _time_cursor(cursor)
         newest = since
+        retry_from: str | None = None  # the oldest item whose page may come next time
         try:
             response = self.client.get(url, params=s.news_params())
+        except RetryLater as exc:
+            raise self._fail(exc.line("Google News RSS")) from None
         except HttpFailure as exc:
             raise self._fail(f"Google News RSS: {exc}") from None
         with response:
@@ -109,10 +131,15 @@ class GoogleConnector:
                 raise self._fail(f"Google News RSS answered HTTP {response.status_code} ({host_of(url)})")
             kind = response.headers.get("Content-Type", "")
             feed = feedparser.parse(io.BytesIO(response.content), response_headers={"content-type": kind})
+        error = feed.get("bozo_exception")
         if feed.get("bozo") and not feed.entries:
-            error = feed.get("bozo_exception")
             problem = type(error).__name__ if error else "unreadable"
             raise self._fail(f"Google News RSS from {host_of(url)} is not an RSS feed ({problem})")
+        if isinstance(error, xml.sax.SAXParseException):
+            # A feed cut short still parses up to the cut: its newest time would move the
+            # cursor past the items that were cut off.
+            raise self._fail(f"Google News RSS from {host_of(url)} is not well-formed XML "
+                             f"(line {error.getLineNumber()}: {error.getMessage()})")
         for entry in feed.entries[: s.limit]:
             if progress:
                 progress(1)
@@ -133,16 +160,21 @@ class GoogleConnector:
                     "google_news_link": link}
             text, url_out = title, link
             if self.pages is not None:
-                page = self._page_text(link, news=True)
-                if page is None:
+                try:
+                    text, url_out = self._page_text(link, news=True)
+                except PageError as exc:
+                    self.report.reject(exc.reason)
+                    if exc.retryable and published and (retry_from is None or published < retry_from):
+                        retry_from = published
                     continue
-                text, url_out = page
             self.report.read += 1
             if published and (newest is None or published > newest):
                 newest = published
             yield Record(text=text, title=title, url=url_out, external_id=entry.get("id") or link,
                          meta={k: v for k, v in meta.items() if v})
-        self.next_cursor = newest
+        # Not older than the failed page's item, so the next fetch asks for it again (an
+        # item without a time is never skipped by the cursor anyway).
+        self.next_cursor = min(newest, retry_from) if newest and retry_from else newest
 
     # -- Custom Search JSON API ---------------------------------------------------------
     def _api_key(self) -> str:
@@ -179,6 +211,8 @@ class GoogleConnector:
             params = {"cx": s.cx, "q": s.search, "start": start, "num": num}
             try:
                 response = self.client.get(endpoint, params=params, headers=headers)
+            except RetryLater as exc:
+                raise self._fail(exc.line("the Custom Search API")) from None
             except HttpFailure as exc:
                 raise self._fail(f"Custom Search API: {exc}") from None
             with response:
@@ -219,10 +253,11 @@ class GoogleConnector:
         snippet = " ".join((item.get("snippet") or "").split())
         text, url = snippet, link
         if self.pages is not None:
-            page = self._page_text(link, news=False)
-            if page is None:
+            try:
+                text, url = self._page_text(link, news=False)
+            except PageError as exc:  # not in the cursor either way: the next fetch asks again
+                self.report.reject(exc.reason)
                 return None
-            text, url = page
         if not text:
             self.report.reject("empty snippet")
             return None
@@ -253,23 +288,17 @@ class GoogleConnector:
         return f"Custom Search API error{said}{detail}"
 
     # -- pages ----------------------------------------------------------------------------
-    def _page_text(self, link: str, *, news: bool) -> tuple[str, str] | None:
-        """(main text, final URL) of a result's page, or None (counted with the reason)."""
+    def _page_text(self, link: str, *, news: bool) -> tuple[str, str]:
+        """(main text, final URL) of a result's page; :class:`PageError` with the reason."""
         import trafilatura
 
-        try:
-            final_url, body = self.pages.fetch(link)
-        except PageError as exc:
-            self.report.reject(exc.reason)
-            return None
+        final_url, body = self.pages.fetch(link)
         if news and (host_of(final_url).lower().endswith("news.google.com")
                      or urlsplit(final_url).path.startswith("/rss/articles/")):
-            self.report.reject("Google News link did not lead to the article")
-            return None
+            raise PageError("Google News link did not lead to the article")
         text = trafilatura.extract(body, url=final_url, include_comments=False, include_tables=False)
         if not text or not text.strip():
-            self.report.reject("no main text on page")
-            return None
+            raise PageError("no main text on page")
         return text.strip(), final_url
 
 

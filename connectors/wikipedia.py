@@ -1,11 +1,13 @@
 """Wikipedia, or any MediaWiki with TextExtracts: pages found by search, titles or category.
 
-Requests go through wikipedia-api's client (httpx, a timeout, tenacity retries of
-timeouts, 429 and 5xx with exponential backoff that honour ``Retry-After``, and its
-user-agent check); ``api_url`` points it at another wiki's ``api.php`` by overriding the
-one method that builds the endpoint. The queries are this module's own, because the
-library's page objects cost two requests per page, cannot see disambiguation pages
-(``pageprops``) and its search does not continue:
+Requests go through wikipedia-api's client (httpx, a timeout, its user-agent check);
+``api_url`` points it at another wiki's ``api.php`` by overriding the one method that
+builds the endpoint. Retries are this module's, by :class:`connectors.http.RetryPolicy`
+like every network source: the library's (tenacity) have no upper limit on a
+``Retry-After`` wait, read it only on a 429 and only in seconds, and do not retry a
+response that broke off. The queries are this module's own too, because the library's
+page objects cost two requests per page, cannot see disambiguation pages (``pageprops``)
+and its search does not continue:
 
 1. the candidates: ``list=search`` (continued with ``sroffset``), the given titles, or
    ``list=categorymembers`` (continued with ``cmcontinue``; sub-categories breadth-first
@@ -15,7 +17,8 @@ library's page objects cost two requests per page, cannot see disambiguation pag
    cursor the pages whose revision was already read are skipped before any text is fetched;
 3. ``prop=extracts`` (plain text) for 20 at a time: TextExtracts returns the whole text of
    one page per response, the rest come through ``continue``/``excontinue``; the summary
-   (``exintro``) of all 20 comes in one.
+   (``exintro``) of all 20 comes in one. Each page is yielded as soon as its text and
+   those of the pages before it are in, so a failure further on loses none of them.
 
 Records: ``external_id`` is the page id, ``url`` the page URL, ``title`` the page title.
 
@@ -27,10 +30,12 @@ pages to it.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit
 
+import httpx
 import wikipediaapi
 from wikipediaapi import (
     WikiConnectionError,
@@ -43,6 +48,7 @@ from wikipediaapi import (
 
 from alflow.config.sources import WikipediaSource
 from alflow.connectors.base import FetchReport, Progress, Record, SourceError
+from alflow.connectors.http import RETRY_STATUS, RetryLater, RetryPolicy, retry_after_seconds
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +59,56 @@ MAX_CONTINUATIONS = 10_000
 
 
 class MediaWikiClient(wikipediaapi.Wikipedia):
-    """wikipedia-api's client, sending requests to ``api_url`` when one is given."""
+    """wikipedia-api's client, sending requests to ``api_url`` when one is given and
+    retrying by ``policy`` (sleeping with ``sleep``)."""
 
-    def __init__(self, *, api_url: str | None = None, **kwargs: Any):
+    def __init__(self, *, api_url: str | None = None, policy: RetryPolicy = RetryPolicy(),
+                 sleep: Callable[[float], None] = time.sleep, **kwargs: Any):
         self.api_url = api_url
-        super().__init__(**kwargs)
+        self.policy = policy
+        self.sleep = sleep
+        super().__init__(max_retries=0, **kwargs)
 
     def _build_url(self, language: str) -> str:  # the library's endpoint seam
         return self.api_url or default_endpoint(language)
+
+    def _get(self, language: str, params: dict[str, Any]) -> dict[str, Any]:
+        """The library's request (its httpx client, its typed errors), retried by ``policy``.
+
+        Raises the library's errors once retries are spent, :class:`RetryLater` when a
+        ``Retry-After`` asks for more than ``policy.max_wait``.
+        """
+        url = self._build_url(language)
+        host = urlsplit(url).netloc
+        attempt = 0
+        while True:
+            told, failure, response = None, None, None
+            try:
+                response = self._client.get(url, params=params)
+            except httpx.TimeoutException:
+                failure = WikiHttpTimeoutError(url)
+            except httpx.ConnectError:
+                failure = WikiConnectionError(url)
+            except httpx.RequestError:  # e.g. a body shorter than its Content-Length
+                failure = AnswerBrokeOff(url)
+            else:
+                if response.status_code not in RETRY_STATUS:
+                    return self._process_response(response, url)
+                told = retry_after_seconds(response.headers.get("Retry-After"))
+            wait = self.policy.wait(attempt, told, host)
+            if wait is None:
+                if failure is not None:
+                    raise failure
+                return self._process_response(response, url)  # raises its 429 / 5xx error
+            log.info("%s: %s, retry %d of %d in %.1fs", host,
+                     type(failure).__name__ if failure else response.status_code,
+                     attempt + 1, self.policy.retries, wait)
+            self.sleep(wait)
+            attempt += 1
+
+
+class AnswerBrokeOff(WikiConnectionError):
+    """The connection ended before the whole answer came (retried like a lost connection)."""
 
 
 def default_endpoint(language: str) -> str:
@@ -71,8 +119,10 @@ def default_endpoint(language: str) -> str:
 class WikipediaConnector:
     """Reads one :class:`config.sources.WikipediaSource`; see the module docstring."""
 
-    def __init__(self, settings: WikipediaSource, **client_kwargs: Any):
-        """``client_kwargs`` go to httpx through wikipedia-api (e.g. ``transport=``)."""
+    def __init__(self, settings: WikipediaSource, *, sleep: Callable[[float], None] = time.sleep,
+                 **client_kwargs: Any):
+        """``client_kwargs`` go to httpx through wikipedia-api (e.g. ``transport=``);
+        ``sleep`` waits between retries."""
         self.settings = settings
         self.name = settings.name
         self.report = FetchReport()
@@ -80,13 +130,14 @@ class WikipediaConnector:
         self.skipped_by_cursor = 0
         self.endpoint = settings.api_url or default_endpoint(settings.language)
         self.host = urlsplit(self.endpoint).netloc
+        self.service = "Wikipedia" if settings.api_url is None else self.host
         try:
             self.client = MediaWikiClient(
                 api_url=settings.api_url,
+                policy=RetryPolicy(settings.retries, settings.retry_wait_seconds, settings.max_retry_wait_seconds),
+                sleep=sleep,
                 user_agent=settings.user_agent,
                 language=settings.language,
-                max_retries=settings.retries,
-                retry_wait=settings.retry_wait_seconds,
                 timeout=settings.timeout_seconds,
                 **client_kwargs,
             )
@@ -126,18 +177,30 @@ class WikipediaConnector:
                     progress(1)
             for chunk in range(0, len(wanted), EXTRACT_BATCH):
                 pages = wanted[chunk:chunk + EXTRACT_BATCH]
-                texts = self._extracts([page["pageid"] for page, _ in pages])
-                for page, redirected_from in pages:
-                    if progress:
-                        progress(1)
-                    text = (texts.get(page["pageid"]) or "").strip()
-                    if not text:
-                        self.report.reject("empty text")
-                        continue
-                    new_cursor[str(page["pageid"])] = page.get("lastrevid")
-                    self.report.read += 1
-                    yield self._record(page, text, redirected_from)
+                texts: dict[int, str] = {}
+                done = 0
+                for arrived in self._extracts([page["pageid"] for page, _ in pages]):
+                    texts.update(arrived)
+                    while done < len(pages) and pages[done][0]["pageid"] in texts:
+                        yield from self._finish(pages[done], texts, new_cursor, progress)
+                        done += 1
+                for page in pages[done:]:
+                    yield from self._finish(page, texts, new_cursor, progress)
         self.next_cursor = new_cursor
+
+    def _finish(self, wanted: tuple[dict, str | None], texts: dict[int, str], new_cursor: dict[str, int],
+                progress: Progress | None) -> Iterator[Record]:
+        """The record of one page whose extract is in (none, counted, if its text is empty)."""
+        page, redirected_from = wanted
+        if progress:
+            progress(1)
+        text = (texts.get(page["pageid"]) or "").strip()
+        if not text:
+            self.report.reject("empty text")
+            return
+        new_cursor[str(page["pageid"])] = page.get("lastrevid")
+        self.report.read += 1
+        yield self._record(page, text, redirected_from)
 
     # -- requests -----------------------------------------------------------------------
     def _query(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -148,6 +211,8 @@ class WikipediaConnector:
         after = f" after {retries} {'retry' if retries == 1 else 'retries'}" if retries else ""
         try:
             raw = self.client._get(self.client.language, full)
+        except RetryLater as exc:
+            raise SourceError(f"source {self.name}: {exc.line(self.service)}") from None
         except WikiRateLimitError:
             raise SourceError(f"source {self.name}: rate-limited by {self.host} (HTTP 429){after}") from None
         except WikiHttpError as exc:
@@ -161,6 +226,8 @@ class WikipediaConnector:
             raise SourceError(
                 f"source {self.name}: {self.host} timed out ({self.settings.timeout_seconds:g}s){after}"
             ) from None
+        except AnswerBrokeOff:
+            raise SourceError(f"source {self.name}: the answers of {self.endpoint} broke off{after}") from None
         except WikiConnectionError:
             raise SourceError(f"source {self.name}: cannot connect to {self.endpoint}{after}") from None
         except WikipediaException as exc:
@@ -299,19 +366,17 @@ class WikipediaConnector:
                 yield page, redirected_from, None
 
     # -- 3. extracts --------------------------------------------------------------------
-    def _extracts(self, pageids: list[int]) -> dict[int, str]:
+    def _extracts(self, pageids: list[int]) -> Iterator[dict[int, str]]:
+        """``{pageid: extract}`` of each answer, as it comes (continued by ``excontinue``)."""
         params: dict[str, Any] = {"prop": "extracts", "explaintext": 1, "exsectionformat": "plain",
                                   "pageids": "|".join(map(str, pageids))}
         if self.settings.content == "summary":
             params.update(exintro=1, exlimit="max")
         else:
             params["exlimit"] = 1  # whole texts come one per response, by excontinue
-        texts: dict[int, str] = {}
         for raw in self._continued(params):
-            for page in _query_part(raw, "pages", self):
-                if "extract" in page and page.get("pageid") is not None:
-                    texts[page["pageid"]] = page["extract"]
-        return texts
+            yield {page["pageid"]: page["extract"] for page in _query_part(raw, "pages", self)
+                   if "extract" in page and page.get("pageid") is not None}
 
     def _record(self, page: dict, text: str, redirected_from: str | None) -> Record:
         meta: dict[str, Any] = {"wiki": self.host,

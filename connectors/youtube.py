@@ -16,12 +16,18 @@
   unavailable) is counted in the report with that reason and the fetch goes on; only a
   failed search, or a network failure before any video was read, stops the source.
 * Retries: yt-dlp's own (``extractor_retries``, ``retries``, ``socket_timeout``) for its
-  requests; subtitle downloads, which it does not retry, are retried here with backoff
-  honouring ``Retry-After``.
+  requests; subtitle downloads, which it does not retry, are retried here by
+  :class:`connectors.http.RetryPolicy` (backoff honouring ``Retry-After`` up to
+  ``max_retry_wait_seconds``; YouTube asking for a longer wait stops the source, saying
+  when to retry).
 
 Cursor (see :mod:`connectors.base`): an upload date ``"YYYYMMDD"``; a fetch given one
 skips videos uploaded before that day (videos of that same day come again and are
-deduplicated), and ``next_cursor`` is the newest upload date read.
+deduplicated), and ``next_cursor`` is the newest upload date read. It never passes a video
+that failed in a way that may pass (rate-limited, a network error, a subtitle download
+that failed with 429/5xx): it stops at that video's upload date, or stays where it was
+when the date is unknown (an extraction that failed tells none), so the next fetch asks
+for the video again.
 """
 
 from __future__ import annotations
@@ -40,13 +46,15 @@ from yt_dlp.utils import DownloadError
 
 from alflow.config.sources import YouTubeSource
 from alflow.connectors.base import FetchReport, Progress, Record, SourceError
-from alflow.connectors.http import RETRY_STATUS, retry_after_seconds
+from alflow.connectors.http import RETRY_STATUS, RetryLater, RetryPolicy, retry_after_seconds
 
 log = logging.getLogger(__name__)
 
 SUBTITLE_FORMATS = ("json3", "vtt")
 WATCH = "https://www.youtube.com/watch?v="
 _DATE = re.compile(r"^\d{8}$")
+# Failures that may pass: the next fetch must ask for the video again.
+RETRYABLE_REASONS = frozenset({"rate-limited by YouTube", "network error"})
 # yt-dlp's error text -> the reason counted in the report (first match wins).
 _REASONS = (
     (("not a bot",), "bot check (sign-in required)"),
@@ -105,6 +113,9 @@ class YouTubeConnector:
         self.report = FetchReport()
         self.next_cursor: str | None = None
         self.skipped_by_cursor = 0
+        self._since: str | None = None
+        self._retry_from: str | None = None
+        self._retry_undated = False
         self.ydl_factory = ydl_factory or yt_dlp.YoutubeDL
         self.sleep = sleep
 
@@ -134,6 +145,9 @@ class YouTubeConnector:
         self.skipped_by_cursor = 0
         since = _date_cursor(cursor)
         newest = since
+        self._since = since
+        self._retry_from = None  # the oldest upload date of a video to ask for again
+        self._retry_undated = False  # a video to ask for again whose upload date is unknown
         with self.ydl_factory(self.ydl_params()) as ydl:
             for entry in self._entries(ydl):
                 if progress:
@@ -152,7 +166,19 @@ class YouTubeConnector:
                 if _is_date(uploaded) and (newest is None or uploaded > newest):
                     newest = uploaded
                 yield record
-        self.next_cursor = newest
+        if self._retry_undated:
+            self.next_cursor = since
+        elif newest and self._retry_from:
+            self.next_cursor = min(newest, self._retry_from)
+        else:
+            self.next_cursor = newest
+
+    def _retry_next_time(self, uploaded: Any) -> None:
+        """Keep the cursor from passing a video that failed in a way that may pass."""
+        if not _is_date(uploaded):
+            self._retry_undated = True
+        elif self._since is None or uploaded >= self._since:
+            self._retry_from = min(self._retry_from or uploaded, uploaded)
 
     # -- lists --------------------------------------------------------------------------
     def _entries(self, ydl: yt_dlp.YoutubeDL) -> Iterator[dict[str, Any]]:
@@ -213,15 +239,18 @@ class YouTubeConnector:
         try:
             info = ydl.extract_info(url, download=False)
         except DownloadError as exc:
-            self._failed(str(exc), entry.get("id"))
+            self._failed(str(exc), entry.get("id"), entry.get("upload_date"))
             return None
         return info if isinstance(info, dict) else None
 
-    def _failed(self, message: str, video_id: str | None = None) -> None:
+    def _failed(self, message: str, video_id: str | None = None, uploaded: Any = None) -> None:
+        """Count a video (or a list: ``video_id`` None) yt-dlp could not extract."""
         reason = failure_reason(message)
         if reason == "network error" and self.report.read == 0:
             raise SourceError(f"source {self.name}: YouTube unreachable: {short_error(message)}")
         self.report.reject(reason)
+        if reason in RETRYABLE_REASONS:
+            self._retry_next_time(uploaded)  # a list's videos are undated: the cursor stays
         log.warning("source %s: %s skipped (%s): %s", self.name, video_id or "a URL", reason,
                     short_error(message))
 
@@ -236,7 +265,11 @@ class YouTubeConnector:
                 payload = self._download(ydl, sub, info)
             except _SubtitleError as exc:
                 self.report.reject(f"subtitle download failed: {exc}")
+                if exc.retryable:
+                    self._retry_next_time(info.get("upload_date"))
                 return None
+            except RetryLater as exc:
+                raise SourceError(f"source {self.name}: {exc.line('YouTube')}") from None
             transcript = subtitle_text(payload, sub.get("ext", ""))
             track = f"{lang} ({kind})"
         description = (info.get("description") or "").strip()
@@ -278,8 +311,10 @@ class YouTubeConnector:
                 target = None
             if target is not None:
                 extensions["impersonate"] = target
+        policy = RetryPolicy(s.retries, s.retry_wait_seconds, s.max_retry_wait_seconds)
         attempt = 0
         while True:
+            told = None
             try:
                 with ydl.urlopen(Request(sub["url"], headers=headers, extensions=extensions)) as response:
                     return response.read()
@@ -288,13 +323,12 @@ class YouTubeConnector:
                 if status not in RETRY_STATUS:
                     raise _SubtitleError(f"HTTP {status}") from None
                 told = retry_after_seconds(exc.response.headers.get("Retry-After"))
-                wait = told if told is not None else s.retry_wait_seconds * 2 ** attempt
                 problem = f"HTTP {status}"
             except RequestError as exc:
-                wait = s.retry_wait_seconds * 2 ** attempt
                 problem = type(exc).__name__
-            if attempt >= s.retries or wait > s.max_retry_wait_seconds:
-                raise _SubtitleError(problem)
+            wait = policy.wait(attempt, told, "YouTube")  # RetryLater past the cap: the caller stops
+            if wait is None:
+                raise _SubtitleError(problem, retryable=True)
             log.info("source %s: subtitles %s, retry %d of %d in %.1fs", self.name, problem,
                      attempt + 1, s.retries, wait)
             self.sleep(wait)
@@ -302,7 +336,11 @@ class YouTubeConnector:
 
 
 class _SubtitleError(Exception):
-    pass
+    """A subtitle track could not be downloaded; ``retryable``: it may pass (429, 5xx, network)."""
+
+    def __init__(self, problem: str, retryable: bool = False):
+        super().__init__(problem)
+        self.retryable = retryable
 
 
 # -- subtitles ------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Callable, Optional
@@ -34,6 +35,9 @@ BatchOption = Annotated[Optional[str], typer.Option("--batch", "-b", help="Batch
 AnnotatorOption = Annotated[
     Optional[str], typer.Option("--annotator", "-a", help="Who is answering (default: review.annotator).")
 ]
+LateOption = Annotated[bool, typer.Option(
+    "--late", help="Record answers for a batch that is already labeled or expired (they take the items out of "
+    "any open batch that still asks them).")]
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -92,6 +96,15 @@ def _prefect_api(settings, start: bool = True):
 
 
 # -- run ------------------------------------------------------------------------------------
+class _CycleFailed(Exception):
+    """A cycle's flow run failed; Prefect has logged its traceback."""
+
+    def __init__(self, number: int, error: Exception):
+        super().__init__(number, error)
+        self.number = number
+        self.error = error
+
+
 @app.command()
 @friendly
 def run(
@@ -100,11 +113,38 @@ def run(
     cycles: Annotated[int, typer.Option("--cycles", "-n", min=1, help="How many cycles to run.")] = 1,
     ingest: Annotated[bool, typer.Option("--ingest/--no-ingest", help="Fetch the sources first.")] = True,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")] = True,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show a failure's traceback and Prefect's "
+                                          "report of it on the terminal too.")] = False,
 ):
-    """Run active-learning cycles; each pauses for review in the Prefect UI unless --auto."""
-    from alflow.tasks.progress import enable_bars
+    """Run active-learning cycles; each pauses for review in the Prefect UI unless --auto.
+
+    A failure is one line on stderr. The run's log, tracebacks included, goes to
+    logs/run.log beside the database (.alflow/logs/run.log by default).
+    """
+    import logging
 
     settings = _settings(config)
+    log_path = run_log_path(settings)
+    with _run_logging(log_path, verbose):
+        try:
+            _run_cycles(settings, auto, cycles, ingest, progress)
+            return
+        except typer.Exit:  # said why already (another cycle kept the database busy)
+            raise
+        except _CycleFailed as failed:  # Prefect logged its traceback
+            error = failed.error
+            line = str(error) if isinstance(error, _user_errors()) else \
+                f"cycle {failed.number} failed: {_first_line(error)} (details in {log_path})"
+        except Exception as exc:  # noqa: BLE001 - every failure is one line; the traceback is logged
+            logging.getLogger(_TRACE_LOGGER).error("alflow run failed", exc_info=True)
+            line = str(exc) if isinstance(exc, _user_errors()) else f"{_first_line(exc)} (details in {log_path})"
+    err_console.print(f"[bold red]error:[/] {escape(line)}")
+    raise typer.Exit(1)
+
+
+def _run_cycles(settings, auto: bool, cycles: int, ingest: bool, progress: bool) -> None:
+    from alflow.tasks.progress import enable_bars
+
     _store(settings)
     enable_bars(progress)
     from alflow.flows.cycle import active_learning_cycle
@@ -116,11 +156,8 @@ def run(
                 summary = active_learning_cycle(
                     config_path=str(settings.config_path), auto=auto, ingest_sources=ingest and number == 1
                 )
-            except _user_errors():
-                raise
-            except Exception as exc:  # the flow run failed; Prefect logged the traceback
-                err_console.print(f"[bold red]error:[/] cycle {number} failed: {escape(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)}")
-                raise typer.Exit(1) from None
+            except Exception as exc:
+                raise _CycleFailed(number, exc) from exc
             _print_cycle(summary, settings.evaluation.metric)
             if summary.get("message"):  # batches wait for review, or another cycle held the database
                 (err_console if summary.get("busy") else console).print(
@@ -133,6 +170,63 @@ def run(
                 break
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def run_log_path(settings) -> Path:
+    """Where `alflow run` writes its log: logs/run.log beside the database."""
+    return _state_dir(settings) / "logs" / "run.log"
+
+
+# `alflow run` logs a traceback of its own under this name (the terminal shows it with -v only).
+_TRACE_LOGGER = "alflow.cli"
+# Prefect's closing line for a run or task that did not complete.
+_NOT_COMPLETED = re.compile(r"Finished in state (Failed|Crashed|Cancelled|TimedOut)\b")
+
+
+@contextmanager
+def _run_logging(path: Path, verbose: bool):
+    """Every log record of the command to ``path`` (rotated at 5 MB), and Prefect's own
+    report of a failure (its traceback, "Encountered exception", "Finished in state
+    Failed") off the terminal unless ``verbose``: the command says what failed in one line.
+    The run's progress lines (alflow's own log lines, Prefect's run links) stay on it."""
+    import logging
+    from logging.handlers import RotatingFileHandler
+
+    import prefect
+    from prefect.logging.configuration import PROCESS_LOGGING_CONFIG, setup_logging
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    if not PROCESS_LOGGING_CONFIG:  # Prefect sets up its handlers on first use, and then none of
+        setup_logging()             # its own on a root logger that already has one (ours)
+    prefect_code = str(Path(prefect.__file__).parent)
+
+    def not_failure_report(record: logging.LogRecord) -> bool:
+        if record.name == _TRACE_LOGGER:
+            return False
+        if not record.pathname.startswith(prefect_code):
+            return True
+        return record.levelno < logging.ERROR and not _NOT_COMPLETED.match(record.getMessage())
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    to_file = RotatingFileHandler(path, maxBytes=5_000_000, backupCount=2, encoding="utf-8")
+    to_file.setFormatter(logging.Formatter("%(asctime)s | %(levelname)-7s | %(name)s - %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(to_file)
+    consoles = [] if verbose else [h for h in root.handlers if isinstance(h, PrefectConsoleHandler)]
+    for handler in consoles:
+        handler.addFilter(not_failure_report)
+    try:
+        yield
+    finally:
+        for handler in consoles:
+            handler.removeFilter(not_failure_report)
+        root.removeHandler(to_file)
+        to_file.close()
+
+
 def _print_cycle(summary: dict, metric: str) -> None:
     if summary.get("cycle") is None:
         return
@@ -140,10 +234,12 @@ def _print_cycle(summary: dict, metric: str) -> None:
     shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("accuracy", "macro_f1") if metrics.get(k) is not None)
     model = f"model v{summary['model_version']}" if summary.get("model_version") else "no model yet"
     promoted = " (promoted)" if summary.get("promoted") else (" (not promoted)" if summary.get("model_version") else "")
-    pseudo = (metrics.get("self_training") or {}).get("pseudo_labels")
+    from alflow.tasks.modeling import self_training_note
+
+    note = self_training_note(metrics.get("self_training"))  # with "auto", which and why
     console.print(
         f"[bold]cycle {summary['cycle']}[/]: {summary['n_labels']} labels, {model}{promoted}"
-        + (f", {shown}" if shown else "") + (f" (+{pseudo} self-training pseudo-labels)" if pseudo else "")
+        + (f", {shown}" if shown else "") + (f" ({escape(note)})" if note else "")
     )
 
 
@@ -200,7 +296,9 @@ def ingest(
         except IngestFailed as exc:
             reports, failed = exc.reports, exc
     for report in reports:
-        if report.error is None:
+        if report.empty:  # nothing to label from it: said apart, though nothing failed
+            err_console.print(f"[yellow]warning:[/] {escape(report.line())}")
+        elif report.error is None:
             console.print(escape(report.line()))
         else:
             err_console.print(f"[bold red]error:[/] {escape(report.line())}")
@@ -210,8 +308,10 @@ def ingest(
 
 # -- status ---------------------------------------------------------------------------------
 def status_report(settings, store, api_url: str | None) -> dict:
-    """Where the project stands, as one JSON-ready object: ``items``, ``pool``, ``labeled``,
-    ``skipped``, ``held_out``, ``models``, ``waiting`` (batches waiting for review:
+    """Where the project stands, as one JSON-ready object: ``items``, ``pool``, ``labeled``
+    (of which ``adjudicated``: decided by an adjudication or a recheck), ``tied`` (votes tie:
+    awaiting adjudication), ``skipped`` (only skips), ``held_out``, ``models``, ``waiting``
+    (batches waiting for review:
     ``{batch_id, flow_run_id, size, answered, url}``), ``cycles`` (the learning curve:
     ``{cycle, n_labels, accuracy, macro_f1, model_version, promoted, strategy}``) and, when
     a Prefect API answers at ``api_url`` and deployments run this config, ``schedules``
@@ -236,6 +336,7 @@ def status_report(settings, store, api_url: str | None) -> dict:
 
         ui = ui_url_for(api_url)
     report = {key: counts[name] for key, name in (("items", "items"), ("pool", "pool"), ("labeled", "labeled"),
+                                                  ("adjudicated", "adjudicated"), ("tied", "tied"),
                                                   ("skipped", "skipped"), ("held_out", "holdout"),
                                                   ("models", "models"))}
     report["waiting"] = [w if ui else dict(w, url=None) for w in waiting_batches(store, None, ui_url=ui)]
@@ -293,7 +394,8 @@ def status(
         typer.echo(json.dumps(report, indent=2, default=str))
         return
     console.print(
-        f"items: {report['items']}  pool: {report['pool']}  labeled: {report['labeled']}  "
+        f"items: {report['items']}  pool: {report['pool']}  labeled: {report['labeled']} "
+        f"({report['adjudicated']} adjudicated or rechecked)  tied (awaiting adjudication): {report['tied']}  "
         f"skipped: {report['skipped']}  held out: {report['held_out']}  models: {report['models']}"
     )
     if not report["waiting"]:
@@ -339,7 +441,7 @@ def _print_quality(report: dict) -> None:
     """The control-slice estimate, the open label flags and the stopping rules."""
     from alflow.tasks.control import estimate_line
 
-    console.print(f"unbiased accuracy (random control slice): {estimate_line(report['control'])}")
+    console.print(f"honest estimate (blind random control slice): {estimate_line(report['control'])}")
     flags = report["label_flags"]
     if flags["model_version"] is None:
         console.print("label check: not run yet")
@@ -394,23 +496,27 @@ def serve(config: ConfigOption = None):
 
 
 # -- review: terminal, files, resume ---------------------------------------------------------
-def label_session(store, settings, batch_id: str, annotator: str, getchar: Callable[[], str], out: Console) -> tuple[int, bool]:
+def label_session(store, settings, batch_id: str, annotator: str, getchar: Callable[[], str], out: Console,
+                  late: bool = False) -> tuple[int, bool]:
     """Ask ``annotator`` about each item of a batch they have not answered and that still
     needs an answer (with review.overlap, items others answered too), one key per answer;
-    each answer is saved at once with the seconds it took. Adjudication items show every
-    answer given and who gave it. Returns (answers given, True if the batch is complete)."""
+    each answer is saved at once with the seconds it took. Enter accepts the offered
+    pre-label only; a control item (blind) and an item asked again (an adjudication, a
+    recheck: every answer given and who gave it are shown, and for a recheck the model's
+    suggestion) need a class key. ``late``: the batch may be closed. Returns (answers
+    given, True if the batch is complete)."""
     import time
 
     from alflow.config import SKIP
-    from alflow.tasks.review import ADJUDICATION, given_text, item_heading, record_answer
-    from alflow.tasks.store import title_adds
+    from alflow.tasks.review import ADJUDICATION, item_heading, prelabel_seen, reasked_note, record_answer, shown_prelabel
+    from alflow.tasks.store import RECHECK, title_adds
 
     classes = settings.labels
     keys = "  ".join(f"[bold]{i}[/] {c}" for i, c in enumerate(classes, start=1))
     items = store.batch_items(batch_id)
     asked = set(store.batch_needs(batch_id, annotator)["item_id"])
     queue = [r for r in items.itertuples(index=False) if r.item_id in asked]
-    given = store.answers_given([r.item_id for r in queue if r.picked_by == ADJUDICATION])
+    given = store.answers_given([r.item_id for r in queue if r.picked_by in (ADJUDICATION, RECHECK)])
     out.print(f"Batch {batch_id}: {len(queue)} of {len(items)} items to answer.  Keys: [bold]Enter[/] accept pre-label  "
               f"{keys}  [bold]s[/] skip  [bold]b[/] back  [bold]q[/] quit (answers are saved as you go)")
     pending: list[str] = []
@@ -435,8 +541,10 @@ def label_session(store, settings, batch_id: str, annotator: str, getchar: Calla
         body = escape(row.text)
         if title_adds(row.title, row.text):
             body = f"[bold]{escape(row.title)}[/]\n{body}"
-        if row.item_id in given:
-            body = f"[bold]answers disagree, yours decides:[/] {escape(given_text(given[row.item_id]))}\n{body}"
+        note = reasked_note(row, given.get(row.item_id, []))
+        if note is not None:
+            head, _, rest = note.partition(". ")
+            body = f"[bold]{escape(head)}.[/] {escape(rest)}\n{body}"
         out.print(Panel(body, title=f"{position + 1}/{len(queue)}  {escape(title)}", title_align="left"))
         shown_at = time.monotonic()
         key = next_key()
@@ -446,19 +554,20 @@ def label_session(store, settings, batch_id: str, annotator: str, getchar: Calla
         if key in ("b", "B"):
             position = max(0, position - 1)
             continue
-        if key in ("\r", "\n", "y", "Y") and isinstance(row.prelabel, str):
-            label = row.prelabel
+        offered = shown_prelabel(row)
+        if key in ("\r", "\n", "y", "Y") and offered is not None:
+            label = offered
         elif key in ("s", "S"):
             label = SKIP
         elif key.isdigit() and 1 <= int(key) <= len(classes):
             label = classes[int(key) - 1]
         else:
-            out.print("[yellow]Enter accepts the pre-label; a number picks a class; s skips; b goes back; q quits.[/]")
+            accept = "Enter accepts the pre-label; " if offered is not None else "this item has no pre-label: "
+            out.print(f"[yellow]{accept}a number picks a class; s skips; b goes back; q quits.[/]")
             continue
         record_answer(store, settings, batch_id, row.item_id, label, annotator,
                       origin=ADJUDICATION if row.picked_by == ADJUDICATION else "cli",
-                      prelabel_shown=row.prelabel if isinstance(row.prelabel, str) else None,
-                      seconds=round(time.monotonic() - shown_at, 3))
+                      prelabel_shown=prelabel_seen(row), seconds=round(time.monotonic() - shown_at, 3), late=late)
         out.print(f"  -> {label}")
         answered += 1
         position += 1
@@ -472,15 +581,17 @@ def label(
     batch: BatchOption = None,
     annotator: AnnotatorOption = None,
     resume_run: Annotated[bool, typer.Option("--resume/--no-resume", help="Resume the paused run when all are answered.")] = True,
+    late: LateOption = False,
 ):
     """Label a waiting batch in the terminal, one item at a time, then resume its run."""
-    from alflow.tasks.review import pick_batch
+    from alflow.tasks.review import closed_batch_check, pick_batch
 
     settings = _settings(config)
     store = _store(settings)
     chosen = pick_batch(store, batch)
+    closed_batch_check(chosen, late)
     who = annotator or settings.review.annotator
-    given, complete = label_session(store, settings, chosen["batch_id"], who, typer.getchar, console)
+    given, complete = label_session(store, settings, chosen["batch_id"], who, typer.getchar, console, late=late)
     if complete and resume_run and chosen["status"] == "open":
         _resume(settings, store, chosen["batch_id"], who, skip_rest=False)
     elif complete:
@@ -526,6 +637,7 @@ def import_(
     batch: BatchOption = None,
     annotator: AnnotatorOption = None,
     fmt: Annotated[Optional[str], typer.Option("--format", "-f", help="csv, jsonl or label-studio (default: from the name).")] = None,
+    late: LateOption = False,
 ):
     """Store answers from a CSV/JSONL file or Label Studio JSON (all rows checked first; nothing half-written)."""
     from alflow.tasks.review import import_answers
@@ -533,7 +645,7 @@ def import_(
     settings = _settings(config)
     store = _store(settings)
     written, unanswered, batch_id = import_answers(
-        store, settings, path, annotator=annotator or settings.review.annotator, batch_id=batch, fmt=fmt
+        store, settings, path, annotator=annotator or settings.review.annotator, batch_id=batch, fmt=fmt, late=late
     )
     left = f"; {unanswered} rows had no label and wait" if unanswered else ""
     console.print(f"Batch {batch_id}: {written.summary()}{left}.")
@@ -584,6 +696,9 @@ def simulate(
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Take [model] and [query] from this file (default: the shipped alflow.toml).")] = None,
     noise: Annotated[float, typer.Option("--noise", help="Flip this share of the simulated answers and report "
                                          "how well the label check finds them (vs random re-review).")] = 0.0,
+    automation_bias: Annotated[Optional[float], typer.Option("--automation-bias", help="The annotator accepts the "
+                               "pre-label of an active pick with this probability (control items are blind); "
+                               "report the control-slice estimate vs the truth.")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")] = True,
 ):
     """Replay the loop on a labeled CSV with a simulated annotator: learning curves per strategy."""
@@ -597,16 +712,21 @@ def simulate(
     try:
         result = run_simulation(data, out, text_col=text_col, label_col=label_col, split_col=split_col,
                                 test_split=test_split, strategies=strategies_.split(","), batch=batch,
-                                cycles=cycles, init=init, seeds=seeds, config=config, noise=noise)
+                                cycles=cycles, init=init, seeds=seeds, config=config, noise=noise,
+                                automation_bias=automation_bias)
     except SimulationError as exc:
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
         raise typer.Exit(1) from None
-    table = Table("strategy", "aulc_mean", "aulc_std", "final_accuracy", "labels_to_95",
+    table = Table("strategy", "aulc_mean", "aulc_std", "final_accuracy", "labels_to_95", "÷ random",
+                  "÷ best random",
                   title=f"full-pool accuracy {result.full_accuracy:.3f} "
-                        f"(labels_to_95: labels until {TARGET_SHARE:.0%} of it, median over seeds)")
+                        f"(labels_to_95: labels until {TARGET_SHARE:.0%} of it, median over seeds; "
+                        "÷ best random: over the fewer of random's with the same model and with the plain one)")
     for row in result.summary.itertuples(index=False):
         to95 = "inf" if math.isinf(row.labels_to_95) else f"{row.labels_to_95:g}"
-        table.add_row(row.strategy, f"{row.aulc_mean:.3f}", f"{row.aulc_std:.3f}", f"{row.final_accuracy:.3f}", to95)
+        ratios = ["n/a" if math.isnan(v) else f"{v:.2f}" for v in (row.labels_vs_random, row.labels_vs_best_random)]
+        table.add_row(row.strategy, f"{row.aulc_mean:.3f}", f"{row.aulc_std:.3f}", f"{row.final_accuracy:.3f}", to95,
+                      *ratios)
     console.print(table)
     if "flag_precision" in result.summary:
         from alflow.flows.simulate import label_check_caption
@@ -617,7 +737,15 @@ def simulate(
             checks.add_row(row.strategy, f"{row.flipped:.1f}", f"{row.flags:.1f}", f"{row.flag_precision:.3f}",
                            f"{row.flag_recall:.3f}", f"{row.random_precision:.3f}", f"{row.random_recall:.3f}")
         console.print(checks)
-    console.print(f"Wrote {out / 'curves.csv'}, {out / 'summary.csv'} and {out / 'curves.png'}.")
+    if "control_estimate" in result.summary:
+        from alflow.flows.simulate import ESTIMATE_HEADERS, estimate_caption, estimate_rows
+
+        estimates = Table(*ESTIMATE_HEADERS, title=estimate_caption(result.summary))
+        for cells in estimate_rows(result.summary):
+            estimates.add_row(*cells)
+        console.print(estimates)
+    console.print(f"Wrote {out / 'curves.csv'}, {out / 'summary.csv'} and {out / 'curves.png'}"
+                  + (f" (and {out / 'estimates.csv'})." if automation_bias is not None else "."))
 
 
 # -- setup ----------------------------------------------------------------------------------
@@ -676,6 +804,11 @@ def _settings_or_none(config: Path | None):
 
 
 def main() -> None:
+    import os
+
+    from alflow.flows.prefect_server import without_telemetry
+
+    os.environ.update(without_telemetry(dict(os.environ)))  # before anything imports Prefect
     app()
 
 

@@ -6,6 +6,8 @@
 Every step can be re-run: ingest and pre-label skip what is stored, the query returns the
 run's existing batch, retraining on unchanged labels returns the model already trained.
 A resumed suspended run replays from the top and goes straight to its batch's review.
+A run stopped anywhere is finished by the next one: the steps of a cycle's end it had not
+done, or the review of a batch it queried but never showed (alflow.tasks.finish).
 
 One cycle at a time per database: a cycle holds the store's ``cycle`` lock from ingest to
 query and from retrain to the report, never while it waits for review. A cycle that finds
@@ -28,14 +30,15 @@ from prefect.states import Completed, State
 
 from alflow.config import CONFIG_FILENAME, ConfigError, load_config
 from alflow.flows.ingest import ingest_for_cycle
-from alflow.tasks.agreement import agreement_report
+from alflow.tasks.faults import fault_point
+from alflow.tasks.finish import adopt_abandoned_batch, finish_cycle, finish_interrupted
 from alflow.tasks.prelabel import prelabel_task
 from alflow.tasks.query import query_task
-from alflow.tasks.report import cycle_markdown, publish_batch, publish_cycle, publish_learning_curve
+from alflow.tasks.report import publish_batch
 from alflow.tasks.review import (
-    ADJUDICATION,
     build_review_form,
     expire_stale_batches,
+    form_seconds_per_item,
     record_review_form,
     review_key,
     review_round_items,
@@ -43,10 +46,11 @@ from alflow.tasks.review import (
     shown_form_defaults,
     simulated_answers,
 )
-from alflow.tasks.stopping import any_configured, assess_cycle_task, current_rules, fired_rule
+from alflow.tasks.stopping import any_configured, current_rules, fired_rule
 from alflow.tasks.store import LabelWrite, LockHeldError, Store, describe_holder
+from alflow.tasks.store.batches import REASKED_PICKS
 from alflow.tasks.timings import CycleClock
-from alflow.tasks.train import load_model_task, retrain_task
+from alflow.tasks.train import load_model_task
 
 
 def alflow_command() -> str:
@@ -68,13 +72,16 @@ CYCLE_LOCK = "cycle"
 def take_cycle_lock(store: Store, settings, run_id: str | None) -> None:
     """Hold the cycle lock for this run (released by ``store.release_lock(CYCLE_LOCK, run_id)``),
     waiting up to ``store.cycle_lock_timeout_seconds`` for another cycle; a holder whose
-    process is gone or whose flow run has ended is taken over. Raises LockHeldError."""
+    lease ran out (``store.lease_seconds``), whose process is gone or whose flow run has
+    ended is taken over, and the log says whose. Raises LockHeldError."""
     logger = get_run_logger()
     wait = settings.store.cycle_lock_timeout_seconds
     store.acquire_lock(
-        CYCLE_LOCK, run_id, wait, is_stale=_holder_run_ended,
+        CYCLE_LOCK, run_id, wait, is_stale=_holder_run_ended, lease_seconds=settings.store.lease_seconds,
         on_wait=lambda holder: logger.info(f"another cycle is working on this database "
                                            f"({describe_holder(holder)}); waiting up to {wait:g} s"),
+        on_takeover=lambda holder, why: logger.warning(f"took over the cycle lock from {describe_holder(holder)}: "
+                                                       f"{why}"),
     )
 
 
@@ -158,6 +165,9 @@ def active_learning_cycle(config_path: str | None = None, auto: bool = False,
         # ingest, pre-label and query are not done again.
         batch = store.batch_for_run(run_id) if run_id else None
         if batch is None:
+            resumed = resume_interrupted(store, settings, run_id, config_path, auto, clock)
+            if resumed is not None:
+                return resumed  # an earlier run's cycle, finished: this run's cycle
             selected = select_batch(store, settings, run_id, config_path, auto, ingest_sources, clock)
             if not isinstance(selected, str):
                 return selected  # nothing asked: a summary, or a Completed state with its message
@@ -175,6 +185,38 @@ def active_learning_cycle(config_path: str | None = None, auto: bool = False,
         store.release_lock(CYCLE_LOCK, run_id)
 
 
+def lock_or_busy(store: Store, settings, run_id: str | None) -> State | None:
+    """Take the cycle lock (None), or the Completed state of a run that found the database
+    busy for ``store.cycle_lock_timeout_seconds`` and did nothing."""
+    try:
+        take_cycle_lock(store, settings, run_id)
+    except LockHeldError as exc:
+        message = (f"another cycle kept this database busy for {settings.store.cycle_lock_timeout_seconds:g} s "
+                   f"({exc}); this run asked nothing, the next one tries again")
+        get_run_logger().warning(message)
+        return Completed(message=message,
+                         data={"cycle": None, "batch_id": None, "stop": None, "busy": True, "message": message})
+    return None
+
+
+def resume_interrupted(store: Store, settings, run_id: str | None, config_path: str, auto: bool,
+                       clock: CycleClock) -> dict | State | None:
+    """Holding the cycle lock, finish what earlier runs left: cycles whose end they did not
+    finish (their missing steps only), else an open batch one of them queried and never
+    showed, reviewed here as this run's own. That is this run's cycle: its summary (or the
+    busy state, see :func:`lock_or_busy`); None when nothing was left, the lock held."""
+    busy = lock_or_busy(store, settings, run_id)
+    if busy is not None:
+        return busy
+    finished = finish_interrupted(store, settings, run_id)
+    if finished is not None:
+        return finished
+    adopted = adopt_abandoned_batch(store, run_id)
+    if adopted is None:
+        return None
+    return review_and_retrain(store, settings, run_id, config_path, auto, adopted, clock=clock)
+
+
 def select_batch(store: Store, settings, run_id: str | None, config_path: str, auto: bool,
                  ingest_sources: bool, clock: CycleClock | None = None) -> str | dict | State:
     """Ingest, pre-label and query, holding the cycle lock: the new batch's id; or the
@@ -183,14 +225,9 @@ def select_batch(store: Store, settings, run_id: str | None, config_path: str, a
     ``clock`` times the steps."""
     logger = get_run_logger()
     clock = clock or CycleClock()
-    try:
-        take_cycle_lock(store, settings, run_id)
-    except LockHeldError as exc:
-        message = (f"another cycle kept this database busy for {settings.store.cycle_lock_timeout_seconds:g} s "
-                   f"({exc}); this run asked nothing, the next one tries again")
-        logger.warning(message)
-        return Completed(message=message,
-                         data={"cycle": None, "batch_id": None, "stop": None, "busy": True, "message": message})
+    busy = lock_or_busy(store, settings, run_id)
+    if busy is not None:
+        return busy
 
     if ingest_sources and settings.sources:
         with clock.step("ingest"):
@@ -224,7 +261,7 @@ def select_batch(store: Store, settings, run_id: str | None, config_path: str, a
                                                 "message": message})
     budget_left = None
     if settings.stopping.budget is not None:
-        budget_left = settings.stopping.budget - counts["labeled"] - counts["skipped"]
+        budget_left = settings.stopping.budget - counts["answered"]
     with clock.step("query"):
         batch_id = query_task(settings, model_version, run_id, budget_left)
     clock.asked()
@@ -241,7 +278,6 @@ def review_and_retrain(store: Store, settings, run_id: str | None, config_path: 
     the answers, then retrain, evaluate and report holding the lock again. ``clock`` times
     the steps; the breakdown is stored with the cycle (``cycle_timings``)."""
     logger = get_run_logger()
-    holdout = settings.holdout_fraction
     clock = clock or CycleClock()
     if auto:
         with clock.step("review_wait"):
@@ -259,42 +295,27 @@ def review_and_retrain(store: Store, settings, run_id: str | None, config_path: 
         take_cycle_lock(store, settings, run_id)
     except LockHeldError as exc:
         raise LockHeldError(f"cannot retrain: {exc} for more than {settings.store.cycle_lock_timeout_seconds:g} s; "
-                            f"the answers to batch {batch_id} are recorded and train the next cycle",
+                            f"the answers to batch {batch_id} are recorded and the next run finishes its cycle",
                             exc.holder) from None
-    with clock.step("train"):
-        train = retrain_task(settings, run_id)
-    clock.add("train", -train.evaluate_seconds)
-    clock.add("evaluate", train.evaluate_seconds)
-    cycle = store.record_cycle(run_id, batch_id, train.model_version, _strategy(store, batch_id),
-                               train.n_labels, train.metrics, train.promoted)
-    counts = store.counts(holdout)
-    with clock.step("evaluate"):  # the labels and the stopping rules, judged by the new model
-        quality = assess_cycle_task(settings, cycle, train.model_version, counts, train.metrics)
-    metric = settings.evaluation.metric
-    annotators = dict(agreement_report(store, adjudication_threshold=settings.review.adjudication_threshold),
-                      batch=agreement_report(store, batch_id))
-    timings = clock.breakdown()  # to the cycle's record, before its summary artifacts are published
-    store.record_timings(batch_id, run_id, timings, cycle)
-    cycles = store.cycles()
-    curve = publish_learning_curve(cycles, metric, settings.database)
-    publish_cycle(cycle_markdown(counts, cycles, asdict(train) if train.model_version else None,
-                                 batch_id, label_summary, metric, store.prelabel_agreement(batch_id), curve,
-                                 quality=quality, annotators=annotators, timings=timings.seconds))
-    stop = _stop_reason(counts, quality)
-    if stop:
-        logger.info(f"stopping rule: {stop}")
-    return {"cycle": cycle, "batch_id": batch_id, "model_version": train.model_version,
-            "promoted": train.promoted, "n_labels": train.n_labels, "metrics": train.metrics,
-            "labels_written": asdict(written), "stop": stop, "counts": counts, "quality": quality,
-            "agreement": annotators, "timings": timings.seconds}
+    # retrain, the cycle row, its assessment, its artifacts: each step once (alflow.tasks.finish)
+    summary = dict(finish_cycle(store, settings, run_id, batch_id, clock, label_summary),
+                   labels_written=asdict(written))
+    if summary["stop"]:
+        logger.info(f"stopping rule: {summary['stop']}")
+    return summary
 
 
 def simulated_review(store: Store, settings, batch_id: str, run_id: str) -> LabelWrite:
     """The simulated annotator answers the batch from the gold labels (it is shown no
-    pre-label, so ``prelabel_shown`` stays NULL)."""
+    pre-label, so ``prelabel_shown`` stays NULL). A replay of the run (Prefect retrying it)
+    finds them recorded and records nothing."""
+    if store.batch(batch_id)["status"] != "open":
+        return LabelWrite(replayed=True)
     answers = simulated_answers(store, store.batch_items(batch_id), settings.labels)
-    return store.record_labels(answers, annotator="simulated", origin="simulated", batch_id=batch_id,
-                               flow_run_id=run_id, close_batch="labeled")
+    written = store.record_labels(answers, annotator="simulated", origin="simulated", batch_id=batch_id,
+                                  flow_run_id=run_id, close_batch="labeled")
+    fault_point("review-between-rounds")  # its one round recorded, the retrain not begun
+    return written
 
 
 def human_review(store: Store, settings, batch_id: str, run_id: str, config_path: str,
@@ -313,12 +334,17 @@ def human_review(store: Store, settings, batch_id: str, run_id: str, config_path
 
     With review.overlap, the review goes in rounds: while items lack their independent
     answers the run stops again (pause key review-2, review-3, ...) with a form of those
-    items for an annotator who has not answered them. Each answer's ``seconds`` is the
-    round's wait divided over its items.
+    items for an annotator who has not answered them. Each answer's ``form_seconds`` is the
+    round's wait divided over its items, capped (review.max_form_seconds_per_item): a
+    form's wait is not labeling time.
+
+    Each round is recorded exactly once (``review_rounds``): a replay skips the rounds
+    already recorded, so answers given another way since are never overwritten.
     """
     logger = get_run_logger()
     suspend = deployment.get_id() is not None
     if not replay:
+        store.mark_offered(batch_id)  # from here on, a run dying with it open expires it (not adopted)
         batch = store.batch_items(batch_id)
         url = publish_batch(batch_id, batch, run_id)
         logger.info(review_instructions(batch_id, len(batch), url, config_path))
@@ -326,9 +352,15 @@ def human_review(store: Store, settings, batch_id: str, run_id: str, config_path
     written = LabelWrite()
     for round_ in count(1):
         key = review_key(round_)
+        if store.round_recorded(batch_id, round_):  # a replay: this round's answers are in, never again
+            logger.info(f"batch {batch_id}: review round {round_} was recorded before; not recording it again")
+            written.replayed = True
+            if store.batch(batch_id)["status"] != "open":
+                break
+            continue
         shown = shown_form_defaults(run_id, suspended=suspend, key=key) if replay else None
         batch = review_round_items(store, batch_id, round_, shown)
-        given = store.answers_given(batch.loc[batch["picked_by"] == ADJUDICATION, "item_id"].tolist())
+        given = store.answers_given(batch.loc[batch["picked_by"].isin(REASKED_PICKS), "item_id"].tolist())
         form = build_review_form(batch, settings.labels, settings.review.text_chars,
                                  settings.review.annotator if round_ == 1 else None, shown=shown, given=given,
                                  independent=round_ > 1)
@@ -342,9 +374,11 @@ def human_review(store: Store, settings, batch_id: str, run_id: str, config_path
             store.close_batch(batch_id, "expired")
             logger.error(f"batch {batch_id} was not reviewed in time; answers already stored are kept")
             raise
-        wait = review_wait_seconds(run_id, key)
+        share = form_seconds_per_item(review_wait_seconds(run_id, key), len(batch),
+                                      settings.review.max_form_seconds_per_item)
         written = written.add(record_review_form(store, form, response.model_dump(), batch, batch_id, run_id,
-                                                 round_, None if wait is None else wait / max(1, len(batch))))
+                                                 round_, share))
+        fault_point("review-between-rounds")  # this round recorded, the next (or the retrain) not begun
         if store.batch(batch_id)["status"] != "open":
             break
         short = store.batch_needs(batch_id)
@@ -381,6 +415,8 @@ def check_gold_labels(store: Store, settings, auto: bool) -> None:
         ))
     if len(gold):
         return
+    if not store.scalar("SELECT count(*) FROM items"):
+        raise ConfigError(nothing_stored_message(store))
     if auto:
         raise ConfigError("--auto answers from gold labels, but no stored item has one (set label_column on a source)")
     raise ConfigError(
@@ -389,15 +425,14 @@ def check_gold_labels(store: Store, settings, auto: bool) -> None:
     )
 
 
-def _strategy(store: Store, batch_id: str) -> str:
-    return store.batch(batch_id)["strategy"]
+def nothing_stored_message(store: Store) -> str:
+    """Why there is nothing to label: no source ingested yet, or what each one's last
+    ingest gave (an empty file gives 0 records)."""
+    last = store.query_df("SELECT source, arg_max(n_read, finished_at) AS n_read, arg_max(n_bad, finished_at) AS n_bad "
+                          "FROM ingests GROUP BY source ORDER BY source")
+    if last.empty:
+        return "no item is stored: no source has been ingested yet (run `alflow ingest`, or `alflow run` without --no-ingest)"
+    given = ", ".join(f"source {row.source} gave {row.n_read} records" + (f" ({row.n_bad} failed)" if row.n_bad else "")
+                      for row in last.itertuples(index=False))
+    return f"no item is stored, so nothing can be labeled: {given} at the last ingest"
 
-
-def _stop_reason(counts: dict, quality: dict) -> str | None:
-    """The stopping rule that fired (alflow.tasks.stopping), with its numbers; else
-    'pool exhausted' when nothing is left to ask."""
-    if quality["stop"]:
-        return quality["stop"]
-    if counts["pool"] == 0:
-        return "pool exhausted"
-    return None

@@ -4,7 +4,7 @@ A paused run is resumed from the Prefect UI, so it needs a server that outlives 
 Prefect's ephemeral mode (no PREFECT_API_URL) dies with the process. If the configured API
 (or, with none configured, http://127.0.0.1:4200/api) answers, it is used; otherwise
 `prefect server start` is launched on 127.0.0.1 in the background, its log in the state
-folder, and awaited.
+folder, and awaited. The server it launches sends no telemetry (``NO_TELEMETRY``).
 """
 
 from __future__ import annotations
@@ -23,6 +23,17 @@ import httpx
 DEFAULT_PORT = 4200
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
+# Prefect calls home unless told not to: the server posts a telemetry heartbeat on start and
+# every 10 minutes and lets the UI send analytics (PREFECT_SERVER_ANALYTICS_ENABLED); the UI
+# shows upgrade prompts and banners (PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT); the SDK
+# sends usage events from every process that imports it (DO_NOT_TRACK, read on import).
+# A user who sets one of them keeps their value.
+NO_TELEMETRY = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
+    "DO_NOT_TRACK": "1",
+}
+
 
 class ServerError(RuntimeError):
     """No Prefect API could be reached or started; the message says what to do."""
@@ -34,6 +45,11 @@ class ServerInfo:
     ui_url: str
     started: bool  # True when this call launched it
     log_path: Path | None = None
+
+
+def without_telemetry(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with Prefect's outbound telemetry off, except where it sets those variables itself."""
+    return {**NO_TELEMETRY, **env}
 
 
 def healthy(api_url: str, timeout: float = 2.0) -> bool:
@@ -65,7 +81,7 @@ def start_server(state_dir: Path, host: str = "127.0.0.1", port: int = DEFAULT_P
     state_dir.mkdir(parents=True, exist_ok=True)
     log_path = state_dir / "prefect-server.log"
     api_url = f"http://{host}:{port}/api"
-    env = dict(os.environ)
+    env = without_telemetry(dict(os.environ))
     env.pop("PREFECT_API_URL", None)  # the server must not try to reach itself as a client
     # The UI asks this address for the API; without it the UI calls :4200.
     env.setdefault("PREFECT_SERVER_UI_API_URL", api_url)

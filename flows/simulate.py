@@ -4,14 +4,22 @@
         cold start -> (train -> evaluate on test -> select next batch -> gold labels) x cycles
     -> curves.csv, summary.csv, curves.png (+ Prefect artifacts when run as a flow)
 
-The annotator is simulated by the gold labels. Training is :func:`modeling.fit_self_trained`
+The annotator is simulated by the gold labels. Training is :func:`modeling.self_train`
 with the configured ``[model]``, the batch is :func:`query.select` / :func:`query.cold_start_select`
 with the configured ``[query]``: the same code a real cycle runs, so a simulated curve is
-what a run would have drawn.
+what a run would have drawn. Each batch carries the control slice a real batch carries
+(``query.control_share`` of it, drawn uniformly from the pool, answered blind; out of
+training unless ``query.control_trains``), and ``n_labels`` counts it.
+
+``--automation-bias P``: the annotator accepts the pre-label shown with every active pick
+(the then-current model's prediction) with probability P, else answers itself; a control
+item is shown blind, so it always answers itself. :data:`ESTIMATE_COLUMNS` then say how far
+each accuracy figure is from the truth (:func:`control_estimates`).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import tomllib
 from dataclasses import dataclass
@@ -24,12 +32,31 @@ from prefect import flow
 
 from alflow.config import ModelSettings, QuerySettings
 
-SUMMARY_COLUMNS = ["strategy", "aulc_mean", "aulc_std", "final_accuracy", "labels_to_95"]
+SUMMARY_COLUMNS = ["strategy", "aulc_mean", "aulc_std", "final_accuracy", "labels_to_95", "labels_vs_random",
+                   "labels_vs_best_random"]
 # With --noise: the label check on each run's final labeled set (means over seeds), beside
 # what re-reviewing as many labeled items picked at random would find.
 LABEL_CHECK_COLUMNS = ["noise", "flipped", "flags", "flag_precision", "flag_recall", "random_precision",
                        "random_recall"]
 CURVE_COLUMNS = ["strategy", "seed", "cycle", "n_labels", "accuracy", "macro_f1"]
+# With --automation-bias: each run's final model, its accuracy on the test set (the truth)
+# beside what the control slice estimates (blind answers, Wilson 95%), what it would have
+# estimated had the control items been shown with the pre-label (the old design), and the
+# share of the training labels that are wrong. estimates.csv per (strategy, seed),
+# summary.csv the means over seeds.
+ESTIMATE_COLUMNS = ["automation_bias", "true_accuracy", "control_n", "control_estimate", "control_low",
+                    "control_high", "unblinded_estimate", "label_error_rate"]
+ESTIMATE_HEADERS = ["strategy", "true accuracy", "control n", "control estimate (95% Wilson)",
+                    "unblinded estimate", "label error rate"]  # as printed
+# Seed streams apart from the selection's [seed, cycle] ones: the control draw of batch c is
+# default_rng([seed, c, CONTROL_STREAM]); the annotator's accept-or-not coins,
+# default_rng([seed, BIAS_STREAM]) (one per pool item, so the same annotator would accept
+# the same item's pre-label whether it was shown as an active pick or, unblinded, as control).
+CONTROL_STREAM = 15485863
+BIAS_STREAM = 6007
+# With self-training not off, random is also reported with the plain model (human labels
+# only), so that no ratio to random is flattered by a baseline self-training handicaps.
+PLAIN_RANDOM = "random (plain model)"
 TARGET_SHARE = 0.95  # labels_to_95: labels until this share of the full-pool accuracy
 # The random split of --test-split is drawn once with this seed, so every seed and strategy
 # is scored on the same test set against one full-pool accuracy.
@@ -117,12 +144,15 @@ def read_settings(config: str | Path | None = None) -> tuple[ModelSettings, Quer
         raise ConfigError(f"{path}: config file not found") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    try:
-        return ModelSettings(**data.get("model", {})), QuerySettings(**data.get("query", {}))
-    except Exception as exc:  # pydantic's ValidationError: first error, one line
-        first = exc.errors()[0] if hasattr(exc, "errors") else {"loc": (), "msg": str(exc)}
-        key = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"{path}: {key}: {first['msg']}") from None
+    sections = []
+    for section, kind in (("model", ModelSettings), ("query", QuerySettings)):
+        try:
+            sections.append(kind(**data.get(section, {})))
+        except Exception as exc:  # pydantic's ValidationError: first error, one line
+            first = exc.errors()[0] if hasattr(exc, "errors") else {"loc": (), "msg": str(exc)}
+            key = ".".join(str(p) for p in (section, *first["loc"]))
+            raise ConfigError(f"{path}: {key}: {first['msg']}") from None
+    return sections[0], sections[1]
 
 
 def resolve_strategies(names: Sequence[str], query: QuerySettings) -> list[str]:
@@ -144,16 +174,66 @@ def resolve_strategies(names: Sequence[str], query: QuerySettings) -> list[str]:
     return resolved
 
 
+def _predict(model, docs: np.ndarray, data: Dataset, labels_seen: np.ndarray) -> np.ndarray:
+    """The model's label for each of ``docs``; with no model yet, the best a user has: the
+    most common label so far."""
+    from alflow.tasks import modeling
+
+    if model is None:
+        values, counts = np.unique(labels_seen, return_counts=True)
+        return np.full(len(docs), values[np.argmax(counts)] if len(values) else data.classes[0], dtype=object)
+    if len(docs) == 0:
+        return np.empty(0, dtype=object)
+    return np.asarray(data.classes, dtype=object)[
+        modeling.predict_proba(model, docs.tolist(), data.classes).argmax(axis=1)]
+
+
 def _evaluate(model, data: Dataset, labels_seen: np.ndarray) -> dict[str, float]:
     from alflow.tasks import modeling
 
-    if model is None:  # no model yet: the best a user has is the most common label so far
-        values, counts = np.unique(labels_seen, return_counts=True)
-        predicted = np.full(len(data.test_labels), values[np.argmax(counts)] if len(values) else data.classes[0])
-    else:
-        predicted = np.asarray(data.classes, dtype=object)[
-            modeling.predict_proba(model, data.test_docs.tolist(), data.classes).argmax(axis=1)]
+    predicted = _predict(model, data.test_docs, data, labels_seen)
     return modeling.metrics(data.test_labels.tolist(), predicted.tolist())
+
+
+def compose(active: np.ndarray, picked_by: Sequence[str], control: np.ndarray, k: int) -> np.ndarray:
+    """The active picks (pool rows in rank order, ``picked_by`` each) that a batch of ``k``
+    keeps beside its ``control`` rows, as :func:`alflow.tasks.control.compose_batch` keeps
+    them: none that is a control item, and the strategy's own lowest-ranked picks give way
+    (exploration picks survive)."""
+    keep = ~np.isin(active, control)
+    active, picked_by = active[keep], np.asarray(picked_by, dtype=object)[keep]
+    room = max(0, k - len(control))
+    own = np.flatnonzero(picked_by != "exploration")
+    excess = max(0, len(active) - room)
+    drop = own[len(own) - min(excess, len(own)):]
+    return np.delete(active, drop)[:room]
+
+
+def control_estimates(gold: np.ndarray, given: np.ndarray, trained: np.ndarray, control: np.ndarray,
+                      predicted: np.ndarray, accepts: np.ndarray) -> dict:
+    """The accuracy figures of one run's final model (:data:`ESTIMATE_COLUMNS` but
+    automation_bias and true_accuracy).
+
+    Over the pool rows: ``gold`` and ``given`` (the answers) labels; ``trained`` bool, the
+    final model trained on it; ``control`` bool, answered (blind) as a control item;
+    ``predicted`` the final model's label; ``accepts`` bool, the annotator leaves a
+    preselected answer as it is on that item. ``unblinded_estimate``: the same control
+    slice had it been shown with the judged model's pre-label preselected (the old, not
+    blind, design): the annotator's answer is then that pre-label wherever it accepts. The
+    estimates read the control items the model never trained on (none with
+    ``control_trains``: then NaN, as the newest model of a real run has no estimate until
+    the next batch is answered)."""
+    from alflow.tasks.control import wilson_interval
+
+    scored = control & ~trained
+    n = int(scored.sum())
+    correct = int((given[scored] == predicted[scored]).sum())
+    low, high = wilson_interval(correct, n)
+    shown_answers = np.where(accepts[scored], predicted[scored], given[scored])
+    return {"control_n": n, "control_estimate": correct / n if n else math.nan, "control_low": low,
+            "control_high": high,
+            "unblinded_estimate": float((shown_answers == predicted[scored]).mean()) if n else math.nan,
+            "label_error_rate": float((given[trained] != gold[trained]).mean()) if trained.any() else 0.0}
 
 
 def noisy_answers(labels: np.ndarray, classes: Sequence[str], noise: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -206,11 +286,39 @@ def pool_features(data: Dataset, model_settings: ModelSettings):
     return cache[key]
 
 
+def corpus(data: Dataset, model_settings: ModelSettings):
+    """Every pool and test text tokenized once (:class:`modeling.Corpus`), so that each
+    retrain's TF-IDF is fitted and applied without tokenizing again (the same features);
+    cached on ``data``."""
+    from alflow.tasks import modeling
+
+    cache = data.__dict__.setdefault("_corpus", {})
+    key = json.dumps(model_settings.vectorizer_params, sort_keys=True, default=str)
+    if key not in cache:
+        cache[key] = modeling.Corpus(model_settings, data.pool_docs.tolist() + data.test_docs.tolist())
+    return cache[key]
+
+
+def train(data: Dataset, model_settings: ModelSettings, docs: list[str], labels: list[str],
+          labeled: np.ndarray, seed: int, previous=None):
+    """A simulated retrain: :func:`modeling.self_train` as a real retrain calls it (the
+    unlabeled pool texts of :func:`self_training_docs`, evaluation.metric's default, the
+    last retrain's decision as ``previous``)."""
+    from alflow.tasks import modeling
+
+    last = previous if isinstance(previous, modeling.SelfTrained) else None
+    return modeling.self_train(model_settings, docs, labels, self_training_docs(data, labeled, model_settings, seed),
+                               features=pool_features(data, model_settings), seed=seed,
+                               corpus=corpus(data, model_settings),
+                               previous=last.decision if last else previous,
+                               warm=last.model if last and last.decision["used"] else None)
+
+
 def self_training_docs(data: Dataset, labeled: np.ndarray, model_settings: ModelSettings, seed: int) -> list[str]:
     """The unlabeled pool texts self-training reads, as a real retrain reads them: all of
     them, or beyond ``self_training_sample`` a sample drawn with ``seed``. Empty when
     self-training is off."""
-    if not model_settings.self_training:
+    if model_settings.self_training == 0:
         return []
     rows = np.flatnonzero(~labeled)
     if rows.size > model_settings.self_training_sample:
@@ -221,62 +329,110 @@ def self_training_docs(data: Dataset, labeled: np.ndarray, model_settings: Model
 
 def run_strategy(data: Dataset, model_settings: ModelSettings, query: QuerySettings, *, init: int,
                  batch: int, cycles: int, seed: int, advance=lambda n: None, noise: float = 0.0,
-                 checks: list | None = None) -> list[dict]:
+                 checks: list | None = None, automation_bias: float = 0.0,
+                 estimates: list | None = None) -> list[dict]:
     """One learning curve: ``cycles + 1`` rows (cycle 0 is the cold start of ``init`` labels).
 
     ``query.strategy`` picks each batch of ``batch`` items; the random generator of cycle
-    c is ``default_rng([seed, c])``, as a real run seeds batch c with ``[seed, c]``.
-    ``noise``: the share of the simulated answers flipped (:func:`noisy_answers`); with
-    ``checks`` given, the label check of the final labeled set is appended to it
-    (:func:`label_check_scores`).
+    c is ``default_rng([seed, c])``, as a real run seeds batch c with ``[seed, c]``. Each
+    batch (the cold start's too) carries its control slice: ``query.control_share`` of it
+    (:func:`alflow.tasks.control.control_size`) drawn uniformly from the pool, shown blind,
+    kept out of training unless ``query.control_trains``; the active picks give way to it
+    (:func:`compose`). ``n_labels`` counts every answer, the control slice's included.
+
+    The annotator: its own answer is the gold label, with ``noise`` of them flipped
+    (:func:`noisy_answers`); an active pick shown with a pre-label (a model's prediction)
+    gets that pre-label instead with probability ``automation_bias``. With ``checks``
+    given, the label check of the final training set is appended to it
+    (:func:`label_check_scores`); with ``estimates`` given, the final model's accuracy
+    figures (:func:`control_estimates`).
     """
     from alflow.tasks import modeling
+    from alflow.tasks.control import control_size
     from alflow.tasks.query import build_pool, cold_start_select, select
 
     n = len(data.pool_docs)
-    answers, flipped = noisy_answers(data.pool_labels, data.classes, noise, seed)
+    own, _ = noisy_answers(data.pool_labels, data.classes, noise, seed)
+    accepts = np.random.default_rng([seed, BIAS_STREAM]).random(n) < automation_bias
+    given = own.copy()  # the answers as given; a row's entry counts once it is labeled
     labeled = np.zeros(n, dtype=bool)
+    control = np.zeros(n, dtype=bool)
     order: list[int] = []  # pool rows in the order they were labeled
+    classes = np.asarray(data.classes, dtype=object)
 
-    def take(rows: np.ndarray) -> None:
-        labeled[rows] = True
-        order.extend(int(r) for r in rows)
+    def take(candidates: np.ndarray, active: np.ndarray, picked_by, k: int, cycle: int,
+             prelabels: np.ndarray | None) -> None:
+        """Ask a batch of ``k``: its control slice drawn from ``candidates`` (pool rows),
+        then the ``active`` picks; ``prelabels`` (per candidate) shown with the active picks."""
+        size = min(control_size(query.control_share, k), len(candidates))
+        slice_ = np.random.default_rng([seed, cycle, CONTROL_STREAM]).choice(candidates, size, replace=False)
+        asked = compose(active, [picked_by] * len(active) if isinstance(picked_by, str) else picked_by, slice_, k)
+        if prelabels is not None:
+            shown = np.empty(n, dtype=object)
+            shown[candidates] = prelabels
+            biased = asked[accepts[asked]]
+            given[biased] = shown[biased]
+        control[slice_] = True
+        labeled[asked] = labeled[slice_] = True
+        order.extend(int(r) for r in np.concatenate([asked, slice_]))
 
     rng = np.random.default_rng([seed, 0])
     sample = np.arange(n)
     if n > query.coverage_sample:
         sample = np.sort(rng.choice(n, size=query.coverage_sample, replace=False))
-    idx, _, _ = cold_start_select(data.pool_docs[sample].tolist(), init, rng, query.cold_start)
-    take(sample[idx])
+    idx, _, picked_by = cold_start_select(data.pool_docs[sample].tolist(), init, rng, query.cold_start)
+    take(np.arange(n), sample[idx], picked_by, init, 0, None)
     rows = []
+    model = trained = decision = None
+    # random's picks never read the model, so the plain model (the self-trained one's first
+    # fit) on the same labels is random's arm without self-training, at no extra fit
+    # (the annotator's answers read no model either, unless it accepts pre-labels)
+    plain_arm = query.strategy == "random" and model_settings.self_training != 0 and not automation_bias
     for cycle in range(cycles + 1):
         seen = np.asarray(order)
-        docs, labels = data.pool_docs[seen].tolist(), answers[seen].tolist()
-        model = None
+        trained = seen if query.control_trains else seen[~control[seen]]
+        docs, labels = data.pool_docs[trained].tolist(), given[trained].tolist()
+        model = plain = None
         if modeling.trainable(labels) is None:
-            unlabeled = self_training_docs(data, labeled, model_settings, seed)
-            model, _ = modeling.fit_self_trained(model_settings, docs, labels, unlabeled,
-                                                 features=pool_features(data, model_settings))
+            fitted = train(data, model_settings, docs, labels, labeled, seed, decision)
+            model, plain, decision = fitted.model, fitted.plain, fitted
         rows.append({"strategy": query.strategy, "seed": seed, "cycle": cycle, "n_labels": len(seen),
-                     **_evaluate(model, data, answers[seen])})
+                     **_evaluate(model, data, given[trained])})
+        if plain_arm:
+            rows.append({"strategy": PLAIN_RANDOM, "seed": seed, "cycle": cycle, "n_labels": len(seen),
+                         **_evaluate(plain, data, given[trained])})
         advance(1)
         unlabeled = np.flatnonzero(~labeled)
         if cycle == cycles or unlabeled.size == 0:
             continue
         rng = np.random.default_rng([seed, cycle + 1])
         if model is None:  # still no trainable model: another cold-start batch
-            idx, _, _ = cold_start_select(data.pool_docs[unlabeled].tolist(), batch, rng, query.cold_start)
+            idx, _, picked_by = cold_start_select(data.pool_docs[unlabeled].tolist(), batch, rng, query.cold_start)
+            take(unlabeled, unlabeled[idx], picked_by, batch, cycle + 1, None)
         else:
             proba = modeling.predict_proba(model, data.pool_docs[unlabeled].tolist(), data.classes)
+            # what the strategy reads of the labels: all answers, the control slice's too,
+            # as a real cycle's query reads them (Store.training_set with its default)
             pool = build_pool(query, proba, model, lambda r: data.pool_docs[unlabeled[r]].tolist(),
-                              docs, labels, data.classes, model_settings, rng)
-            idx, _, _ = select(query, pool, batch, rng)
-        take(unlabeled[idx])
-    if len(rows) < cycles + 1:
-        advance(cycles + 1 - len(rows))
+                              data.pool_docs[seen].tolist(), given[seen].tolist(), data.classes,
+                              model_settings, rng)
+            idx, _, picked_by = select(query, pool, batch, rng)
+            take(unlabeled, unlabeled[idx], picked_by, batch, cycle + 1, classes[proba.argmax(axis=1)])
+    own = [r for r in rows if r["strategy"] == query.strategy]
+    if len(own) < cycles + 1:
+        advance(cycles + 1 - len(own))
     if checks is not None:
+        flipped = given != data.pool_labels
         checks.append({"strategy": query.strategy, "seed": seed, "noise": noise,
-                       **label_check_scores(data, model_settings, np.asarray(order), answers, flipped, seed)})
+                       **label_check_scores(data, model_settings, trained, given, flipped, seed)})
+    if estimates is not None:
+        in_training = np.zeros(n, dtype=bool)
+        in_training[trained] = True
+        predicted = np.empty(n, dtype=object)
+        predicted[control] = _predict(model, data.pool_docs[control], data, given[trained])
+        estimates.append({"strategy": query.strategy, "seed": seed, "automation_bias": automation_bias,
+                          "true_accuracy": own[-1]["accuracy"],
+                          **control_estimates(data.pool_labels, given, in_training, control, predicted, accepts)})
     return rows
 
 
@@ -285,7 +441,7 @@ def full_pool_accuracy(data: Dataset, model_settings: ModelSettings) -> float:
     from alflow.tasks import modeling
 
     model = modeling.fit(model_settings, data.pool_docs.tolist(), data.pool_labels.tolist(),
-                         features=pool_features(data, model_settings))
+                         features=pool_features(data, model_settings), corpus=corpus(data, model_settings))
     return _evaluate(model, data, data.pool_labels)["accuracy"]
 
 
@@ -306,7 +462,10 @@ def summarize(curves: pd.DataFrame, full_accuracy: float) -> pd.DataFrame:
 
     AULC: the mean test accuracy over a seed's curve, then mean and standard deviation
     over seeds; final_accuracy: mean over seeds at the last cycle; labels_to_95: median
-    over seeds of the labels until 95% of ``full_accuracy`` (inf if never reached).
+    over seeds of the labels until 95% of ``full_accuracy`` (inf if never reached);
+    labels_vs_random: labels_to_95 over random's (the same model), labels_vs_best_random:
+    over the fewer of random's and :data:`PLAIN_RANDOM`'s (NaN without a random arm that
+    reached the target).
     """
     target = TARGET_SHARE * full_accuracy
     by_seed = aulc_by_seed(curves)
@@ -322,7 +481,12 @@ def summarize(curves: pd.DataFrame, full_accuracy: float) -> pd.DataFrame:
             "final_accuracy": float(np.mean([g["accuracy"].iloc[-1] for g in per_seed])),
             "labels_to_95": float(np.median([labels_to_target(g, target) for g in per_seed])),
         })
-    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+    summary = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+    random = summary.set_index("strategy")["labels_to_95"]
+    for column, arms in (("labels_vs_random", ["random"]), ("labels_vs_best_random", ["random", PLAIN_RANDOM])):
+        base = min((random[a] for a in arms if a in random.index), default=math.inf)
+        summary[column] = summary["labels_to_95"] / base if math.isfinite(base) else math.nan
+    return summary
 
 
 def plot_curves(curves: pd.DataFrame, full_accuracy: float, path: str | Path, title: str = "") -> Path:
@@ -359,12 +523,15 @@ def simulate(data_path: str | Path, out_dir: str | Path, *, text_col: str = "tex
              split_col: str | None = None, test_split: float | None = None,
              strategies: Sequence[str] = ("random", "margin", "default"), batch: int = 20, cycles: int = 25,
              init: int = 20, seeds: int = 5, config: str | Path | None = None,
-             noise: float = 0.0) -> SimulationResult:
+             noise: float = 0.0, automation_bias: float | None = None) -> SimulationResult:
     """Run every strategy for seeds 0..seeds-1 and write ``curves.csv``, ``summary.csv`` and
     ``curves.png`` to ``out_dir``. Deterministic for given arguments.
 
     ``noise`` > 0: that share of the simulated answers is flipped, and summary.csv gains
-    :data:`LABEL_CHECK_COLUMNS` (the label check's flags vs random re-review)."""
+    :data:`LABEL_CHECK_COLUMNS` (the label check's flags vs random re-review).
+    ``automation_bias`` given (0 included): the annotator accepts an active pick's pre-label
+    with that probability; ``estimates.csv`` holds :data:`ESTIMATE_COLUMNS` per strategy
+    and seed, and summary.csv gains their means over seeds."""
     from alflow.tasks.progress import track
 
     for flag, value, low in (("--batch", batch, 1), ("--cycles", cycles, 1), ("--init", init, 1), ("--seeds", seeds, 1)):
@@ -372,6 +539,8 @@ def simulate(data_path: str | Path, out_dir: str | Path, *, text_col: str = "tex
             raise SimulationError(f"{flag} {value}: must be at least {low}")
     if not 0.0 <= noise < 0.5:
         raise SimulationError(f"--noise {noise}: must be at least 0 and below 0.5")
+    if automation_bias is not None and not 0.0 <= automation_bias < 1.0:
+        raise SimulationError(f"--automation-bias {automation_bias}: must be at least 0 and below 1")
     model_settings, query = read_settings(config)
     names = resolve_strategies(strategies, query)
     data = load_dataset(data_path, text_col, label_col, split_col, test_split)
@@ -382,17 +551,24 @@ def simulate(data_path: str | Path, out_dir: str | Path, *, text_col: str = "tex
     full = full_pool_accuracy(data, model_settings)
     rows: list[dict] = []
     checks: list[dict] | None = [] if noise > 0 else None
+    estimates: list[dict] | None = [] if automation_bias is not None else None
     for name in names:
         q = query.model_copy(update={"strategy": name})
         with track(f"simulate {name}", seeds * (cycles + 1)) as advance:
             for seed in range(seeds):
                 rows.extend(run_strategy(data, model_settings, q, init=init, batch=batch, cycles=cycles,
-                                         seed=seed, advance=advance, noise=noise, checks=checks))
+                                         seed=seed, advance=advance, noise=noise, checks=checks,
+                                         automation_bias=automation_bias or 0.0, estimates=estimates))
     curves = pd.DataFrame(rows, columns=CURVE_COLUMNS)
     summary = summarize(curves, full)
     if checks is not None:
         means = pd.DataFrame(checks).groupby("strategy", sort=False)[LABEL_CHECK_COLUMNS].mean()
         summary = summary.join(means, on="strategy").assign(noise=noise)
+    if estimates is not None:
+        per_seed = pd.DataFrame(estimates, columns=["strategy", "seed", *ESTIMATE_COLUMNS])
+        per_seed.to_csv(out / "estimates.csv", index=False)
+        means = per_seed.groupby("strategy", sort=False)[ESTIMATE_COLUMNS[1:]].mean()
+        summary = summary.assign(automation_bias=automation_bias).join(means, on="strategy")
     curves.to_csv(out / "curves.csv", index=False)
     summary.to_csv(out / "summary.csv", index=False)
     plot_curves(curves, full, out / "curves.png", title=f"{Path(data_path).name}: batch {batch}, {seeds} seeds")
@@ -403,10 +579,12 @@ def summary_markdown(result: SimulationResult) -> str:
     """The summary as a Markdown table, with the full-pool accuracy and ratios to random."""
     lines = [f"Full-pool accuracy: {result.full_accuracy:.3f} (target {TARGET_SHARE:.0%}: "
              f"{TARGET_SHARE * result.full_accuracy:.3f})", "",
-             "| strategy | AULC mean | AULC sd | final accuracy | labels to 95% |", "|---|---:|---:|---:|---:|"]
+             "| strategy | AULC mean | AULC sd | final accuracy | labels to 95% | ÷ random | ÷ best random |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for row in result.summary.itertuples(index=False):
         lines.append(f"| {row.strategy} | {row.aulc_mean:.3f} | {row.aulc_std:.3f} | {row.final_accuracy:.3f} | "
-                     f"{row.labels_to_95:g} |")
+                     f"{row.labels_to_95:g} | {_figure(row.labels_vs_random, 2)} | "
+                     f"{_figure(row.labels_vs_best_random, 2)} |")
     if "flag_precision" in result.summary:
         lines += ["", label_check_caption(result.summary), "",
                   "| strategy | flipped | flags | precision | recall | random precision | random recall |",
@@ -414,7 +592,30 @@ def summary_markdown(result: SimulationResult) -> str:
         for row in result.summary.itertuples(index=False):
             lines.append(f"| {row.strategy} | {row.flipped:.1f} | {row.flags:.1f} | {row.flag_precision:.3f} | "
                          f"{row.flag_recall:.3f} | {row.random_precision:.3f} | {row.random_recall:.3f} |")
+    if "control_estimate" in result.summary:
+        lines += ["", estimate_caption(result.summary), "", "| " + " | ".join(ESTIMATE_HEADERS) + " |",
+                  "|---|" + "---:|" * (len(ESTIMATE_HEADERS) - 1)]
+        lines += ["| " + " | ".join(cells) + " |" for cells in estimate_rows(result.summary)]
     return "\n".join(lines)
+
+
+def _figure(value: float, digits: int = 3) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def estimate_rows(summary: pd.DataFrame) -> list[list[str]]:
+    """The cells of :data:`ESTIMATE_HEADERS` per strategy (means over seeds)."""
+    return [[row.strategy, _figure(row.true_accuracy), f"{row.control_n:.1f}",
+             f"{_figure(row.control_estimate)} [{_figure(row.control_low)}, {_figure(row.control_high)}]",
+             _figure(row.unblinded_estimate), _figure(row.label_error_rate)]
+            for row in summary.itertuples(index=False)]
+
+
+def estimate_caption(summary: pd.DataFrame) -> str:
+    """One line on the estimates under --automation-bias (means over seeds)."""
+    return (f"Automation bias {summary['automation_bias'].iloc[0]:g}: the final model's test accuracy vs its "
+            "estimate on the blind control answers, and had they been shown with the pre-label "
+            "(means over seeds; per seed in estimates.csv)")
 
 
 def label_check_caption(summary: pd.DataFrame) -> str:
@@ -444,11 +645,12 @@ def simulate_flow(data: str, out: str, text_col: str = "text", label_col: str = 
                   split_col: str | None = None, test_split: float | None = None,
                   strategies: list[str] = ["random", "margin", "default"],  # noqa: B006 - Prefect parameter
                   batch: int = 20, cycles: int = 25, init: int = 20, seeds: int = 5,
-                  config: str | None = None, noise: float = 0.0) -> dict:
+                  config: str | None = None, noise: float = 0.0, automation_bias: float | None = None) -> dict:
     """Replay the loop per strategy with a simulated annotator; curves and summary as
     files in ``out`` and as artifacts of this run."""
     result = simulate_flow_body(data_path=data, out_dir=out, text_col=text_col, label_col=label_col,
                                 split_col=split_col, test_split=test_split, strategies=strategies,
-                                batch=batch, cycles=cycles, init=init, seeds=seeds, config=config, noise=noise)
+                                batch=batch, cycles=cycles, init=init, seeds=seeds, config=config, noise=noise,
+                                automation_bias=automation_bias)
     return {"full_accuracy": result.full_accuracy, "out": str(result.out_dir),
             "summary": result.summary.replace({math.inf: "inf"}).to_dict("records")}

@@ -3,7 +3,7 @@
 * :func:`cohen_kappa`: two annotators' answers on the same items (chance-corrected).
 * :func:`krippendorff_alpha`: any number of annotators, answers missing allowed (nominal).
 * :func:`agreement_report`: both over the stored answers, per batch and overall, with each
-  annotator's agreement with the consensus (the effective label) and how often answers kept
+  annotator's agreement with the majority of the others and how often answers kept
   the pre-label shown with the item (automation bias).
 
 A missing answer is ``None`` or NaN; a ``skip`` is not an answer about the class, so the
@@ -13,6 +13,7 @@ report treats it as missing.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Sequence
 
 import numpy as np
@@ -25,25 +26,21 @@ def _missing(value) -> bool:
 
 
 def cohen_kappa(a: Sequence, b: Sequence) -> float:
-    """Cohen's kappa of two annotators' answers ``a`` and ``b`` (same length n, one per item).
+    """Cohen's kappa of two annotators' answers ``a`` and ``b`` (same length n, one per item),
+    by :func:`sklearn.metrics.cohen_kappa_score` on the items both answered.
 
-    Only items both answered count. kappa = (p_o - p_e) / (1 - p_e), with p_o the share of
-    those items they agree on and p_e the agreement expected by chance from each one's own
-    label frequencies. NaN when no item was answered by both, or when chance agreement is 1
-    (both always gave the same single label).
+    NaN when no item was answered by both, or when chance agreement is 1 (both always gave
+    the same single label).
     """
+    from sklearn.metrics import cohen_kappa_score
+
     if len(a) != len(b):
         raise ValueError(f"cohen_kappa needs answers for the same items: {len(a)} != {len(b)}")
     pairs = [(x, y) for x, y in zip(a, b) if not _missing(x) and not _missing(y)]
-    if not pairs:
+    if not pairs or len({x for x, _ in pairs} | {y for _, y in pairs}) < 2:
         return float("nan")
-    n = len(pairs)
-    observed = sum(x == y for x, y in pairs) / n
-    labels = {x for x, _ in pairs} | {y for _, y in pairs}
-    expected = sum((sum(x == c for x, _ in pairs) / n) * (sum(y == c for _, y in pairs) / n) for c in labels)
-    if expected == 1.0:
-        return float("nan")
-    return (observed - expected) / (1.0 - expected)
+    first, second = zip(*pairs)
+    return float(cohen_kappa_score([str(x) for x in first], [str(y) for y in second]))
 
 
 def krippendorff_alpha(data) -> float:
@@ -97,8 +94,8 @@ def agreement_of(answers) -> dict:
     prelabel}``: ``items_overlapping`` counts items with at least two (non-skip) answers;
     ``kappa`` is Cohen's kappa when exactly two annotators answered overlapping items, else
     None; ``alpha`` Krippendorff's alpha (nominal) over all annotators; ``per_annotator``:
-    ``{name: {answers, compared, agreement}}``, agreement with the consensus (the effective
-    label) on overlapping items; ``prelabel``: ``{shown, kept, agreement}``, how often an
+    ``{name: {answers, compared, agreement}}``, agreement with the majority of the other
+    annotators on overlapping items (:func:`agreement_with_others`); ``prelabel``: ``{shown, kept, agreement}``, how often an
     answer given with a pre-label kept it.
     """
     frame = answers[answers["label"] != SKIP] if len(answers) else answers
@@ -123,15 +120,34 @@ def agreement_of(answers) -> dict:
     report["alpha"] = _number(krippendorff_alpha(matrix))
     if len(coders) == 2:
         report["kappa"] = _number(cohen_kappa(matrix[0], matrix[1]))
-    on_overlap = frame[frame["item_id"].isin(overlapping.index) & frame["effective"].notna()]
     for name in report["annotators"]:
-        own = on_overlap[on_overlap["annotator"] == name]
+        agree, compared = agreement_with_others(overlapping, name)
         report["per_annotator"][name] = {
             "answers": int((frame["annotator"] == name).sum()),
-            "compared": int(len(own)),
-            "agreement": round(float((own["label"] == own["effective"]).mean()), 4) if len(own) else None,
+            "compared": compared,
+            "agreement": round(agree / compared, 4) if compared else None,
         }
     return report
+
+
+def agreement_with_others(wide, name: str) -> tuple[int, int]:
+    """How often annotator ``name`` agrees with the majority of the *other* annotators:
+    (agreements, items compared). ``wide``: items x annotators, one answer per cell (NaN:
+    none). Compared are the items ``name`` and at least one other answered; a tie among
+    the others counts as a disagreement (no majority to agree with)."""
+    if name not in wide.columns:
+        return 0, 0
+    agree = compared = 0
+    others = wide.drop(columns=[name])
+    for own, row in zip(wide[name], others.itertuples(index=False)):
+        votes = [v for v in row if not _missing(v)]
+        if _missing(own) or not votes:
+            continue
+        compared += 1
+        tally = Counter(votes).most_common()
+        if len(tally) == 1 or tally[0][1] > tally[1][1]:
+            agree += tally[0][0] == own
+    return agree, compared
 
 
 def agreement_report(store, batch_id: str | None = None, adjudication_threshold: float = 0.5) -> dict:

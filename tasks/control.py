@@ -1,27 +1,26 @@
-"""The random control slice: an honest estimate of the model's accuracy on the pool.
+"""The random control slice: an honest estimate of each model's quality on the pool.
 
 Actively chosen items are the ones the model finds hardest, so cross-validation on them
 (or accuracy on them) says little about the pool. Each batch therefore also carries a
 control slice (``query.control_share`` of it, at least one item): items drawn uniformly
 from the pool, in SQL, by a hash of (seed, batch number, item id), so a replayed query
-draws the same ones. They are labeled like the rest (picked_by ``control``) and train the
-model like every other answer.
+draws the same ones. They are labeled like the rest (picked_by ``control``) but shown
+**blind**: no pre-label, no model figure, in the form, the files and the terminal, so the
+answer is the reviewer's own and not an echo of the model it is to judge.
 
-What is estimated: each control item is compared with the prediction stored, when it was
-drawn, by the model that queried its batch (``batches.model_version``). That model had
-not seen the item (it was in the pool), and the item was a uniform draw from the pool it
-was pre-labeling, so each item is an unbiased Bernoulli trial of that model's accuracy on
-the pool. The model retrained afterwards *has* trained on it, so the item is never scored
-against a later model. Pooled over batches, the figure is the accuracy of the pre-labels
-the loop's models showed on the pool: unbiased for that mix, and conservative for the
-newest model while models still improve. Actively chosen (and rechecked) items never
-enter it; control items drawn on a cold start (no model) neither.
+What is estimated: the control answers form a growing random test set (``control_answers``:
+each item once, by its first non-skip answer given in a batch that drew it as control and
+did not expire). With ``query.control_trains = false`` (the default) no model trains on
+them, so every model, the newest included, is scored on all of them (its predictions are
+stored in ``control_predictions`` after it is trained). With ``control_trains = true`` they
+also train later models, and a model is scored only on the control answers given after its
+label watermark (the newest model then has none until the next batch is answered). The
+figure comes with a 95% interval: Wilson's for accuracy, a seeded bootstrap for macro F1.
 """
 
 from __future__ import annotations
 
 import math
-from statistics import NormalDist
 
 import numpy as np
 import pandas as pd
@@ -35,20 +34,34 @@ PICK_COLUMNS = ["item_id", "score", "prelabel", "confidence", "picked_by"]
 def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
     """The Wilson score interval of a binomial proportion: (low, high) in [0, 1].
 
-    ``successes`` of ``n`` trials; (nan, nan) when ``n`` is 0.
+    ``successes`` of ``n`` trials; (nan, nan) when ``n`` is 0. Computed by scipy.
     """
+    from scipy.stats import binomtest
+
     if n < 0 or not 0 <= successes <= n:
         raise ValueError(f"successes must be in 0..n, got {successes} of {n}")
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be between 0 and 1, got {confidence}")
     if n == 0:
         return math.nan, math.nan
-    z = NormalDist().inv_cdf(1.0 - (1.0 - confidence) / 2.0)
-    p = successes / n
-    denominator = 1.0 + z * z / n
-    center = (p + z * z / (2 * n)) / denominator
-    half = z * math.sqrt(p * (1.0 - p) / n + z * z / (4.0 * n * n)) / denominator
-    return max(0.0, center - half), min(1.0, center + half)
+    ci = binomtest(int(successes), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
+    return max(0.0, float(ci.low)), min(1.0, float(ci.high))
+
+
+def bootstrap_interval(truth: np.ndarray, predicted: np.ndarray, metric, seed: int, confidence: float = 0.95,
+                       resamples: int = 1000) -> tuple[float, float]:
+    """A percentile bootstrap interval of ``metric(truth, predicted)`` over items: (low, high).
+
+    ``truth`` / ``predicted``: arrays of n labels; ``metric``: a function of the two;
+    resampled ``resamples`` times with a generator seeded by ``seed``."""
+    n = len(truth)
+    if n == 0:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, n, size=(resamples, n))
+    values = np.array([metric(truth[d], predicted[d]) for d in draws])
+    tail = (1.0 - confidence) / 2.0
+    return float(np.quantile(values, tail)), float(np.quantile(values, 1.0 - tail))
 
 
 def control_size(share: float, k: int) -> int:
@@ -59,25 +72,16 @@ def control_size(share: float, k: int) -> int:
     return min(k, max(1, round(share * k)))
 
 
-def control_picks(store: Store, settings: Settings, model_version: int | None, n: int) -> pd.DataFrame:
+def control_picks(store: Store, settings: Settings, n: int) -> pd.DataFrame:
     """``n`` pool items drawn uniformly (:meth:`Store.control_draw`, seeded by the config's
-    seed and the number of batches so far), with the querying model's stored prediction as
-    the pre-label (none on a cold start)."""
+    seed and the number of batches so far), blind: no pre-label and no confidence, so
+    nothing the reviewer sees comes from the model the answers will judge."""
     if n <= 0:
         return pd.DataFrame(columns=PICK_COLUMNS)
     draw = int(store.scalar("SELECT count(*) FROM batches"))
     ids = store.control_draw(n, settings.seed, draw, settings.holdout_fraction)
-    frame = pd.DataFrame({"item_id": ids, "score": np.nan, "prelabel": None, "confidence": np.nan,
-                          "picked_by": CONTROL})
-    if model_version is not None and ids:
-        stored = store.query_df(
-            "SELECT item_id, label, list_max(proba) AS confidence FROM predictions "
-            "WHERE model_version = ? AND item_id IN (SELECT unnest(?::VARCHAR[]))",
-            [model_version, ids],
-        ).set_index("item_id")
-        frame["prelabel"] = [stored["label"].get(i) for i in ids]
-        frame["confidence"] = [float(stored["confidence"].get(i, np.nan)) for i in ids]
-    return frame
+    return pd.DataFrame({"item_id": ids, "score": np.nan, "prelabel": None, "confidence": np.nan,
+                         "picked_by": CONTROL})
 
 
 def compose_batch(store: Store, settings: Settings, model_version: int | None, active: pd.DataFrame,
@@ -94,7 +98,7 @@ def compose_batch(store: Store, settings: Settings, model_version: int | None, a
     q = settings.query
     n_recheck = int(q.recheck_share * k) if model_version is not None else 0
     recheck = recheck_picks(store, n_recheck)
-    control = control_picks(store, settings, model_version, control_size(q.control_share, k - len(recheck)))
+    control = control_picks(store, settings, control_size(q.control_share, k - len(recheck)))
     room = max(0, k - len(recheck) - len(control))
     if len(active):
         active = active[~active["item_id"].isin(set(control["item_id"]))].reset_index(drop=True)
@@ -107,22 +111,81 @@ def compose_batch(store: Store, settings: Settings, model_version: int | None, a
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=PICK_COLUMNS)
 
 
-def control_estimate(store: Store, confidence: float = 0.95) -> dict:
-    """The control slice's accuracy so far (see the module docstring for what it estimates):
-    ``{n, correct, accuracy, low, high, models}``; accuracy/low/high None while n is 0;
-    ``models``: the versions whose predictions were scored."""
-    outcomes = store.control_outcomes()
+def score_control(store: Store, model_version: int, model) -> int:
+    """Predict, with ``model`` (version ``model_version``), the control answers it has no
+    prediction for yet, and store them; returns how many were predicted."""
+    todo = store.unscored_control(model_version)
+    if todo.empty:
+        return 0
+    store.record_control_predictions(model_version, todo["item_id"].tolist(),
+                                     [str(v) for v in model.predict(todo["doc"].tolist())])
+    return len(todo)
+
+
+def control_estimate(store: Store, model_version: int | None, metric: str = "accuracy",
+                     classes: list[str] | None = None, seed: int = 0, confidence: float = 0.95) -> dict:
+    """Model ``model_version``'s quality on the control answers it never trained on
+    (:meth:`Store.control_outcomes`).
+
+    Returns ``{model_version, n, correct, accuracy, low, high, metric, value, value_low,
+    value_high, note}``: accuracy with its Wilson interval; ``metric`` (``accuracy`` or
+    ``macro_f1``) is the figure the target rule reads, ``value`` with its interval
+    (macro F1: a bootstrap seeded by ``seed``). Macro F1 needs an answer of every class in
+    ``classes``; without them the figure falls back to accuracy and ``note`` says why.
+    Figures are None while n is 0."""
+    from sklearn.metrics import f1_score
+
+    outcomes = store.control_outcomes(model_version) if model_version is not None else pd.DataFrame(
+        columns=["item_id", "batch_id", "label", "predicted"])
     n = len(outcomes)
     correct = int((outcomes["predicted"] == outcomes["label"]).sum()) if n else 0
     low, high = wilson_interval(correct, n, confidence)
-    return {"n": n, "correct": correct, "accuracy": correct / n if n else None,
-            "low": None if math.isnan(low) else low, "high": None if math.isnan(high) else high,
-            "models": sorted({int(v) for v in outcomes["model_version"]}) if n else []}
+    estimate = {"model_version": model_version, "n": n, "correct": correct,
+                "accuracy": correct / n if n else None,
+                "low": None if math.isnan(low) else low, "high": None if math.isnan(high) else high,
+                "metric": "accuracy", "note": None}
+    if metric == "macro_f1" and n:
+        missing = sorted(set(classes or []) - set(outcomes["label"]))
+        if missing:
+            estimate["note"] = f"macro_f1 needs a control answer of every class (none yet of {', '.join(missing)})"
+        else:
+            truth = outcomes["label"].to_numpy(dtype=object)
+            predicted = outcomes["predicted"].to_numpy(dtype=object)
+
+            def macro_f1(t, p):
+                return f1_score(t, p, labels=list(classes), average="macro", zero_division=0)
+
+            f_low, f_high = bootstrap_interval(truth, predicted, macro_f1, seed, confidence)
+            estimate.update(metric="macro_f1", value=float(macro_f1(truth, predicted)),
+                            value_low=f_low, value_high=f_high)
+    if estimate["metric"] == "accuracy":
+        estimate.update(value=estimate["accuracy"], value_low=estimate["low"], value_high=estimate["high"])
+    return estimate
+
+
+def current_estimate(store: Store, settings: Settings) -> dict:
+    """The control estimate of the newest model that has one (see :func:`control_estimate`):
+    with ``control_trains`` off that is the newest model; with it on, the newest model with
+    control answers given after it was trained. An empty estimate before any."""
+    versions = store.query_df("SELECT model_version FROM models ORDER BY model_version DESC LIMIT 5")
+    estimate = None
+    for version in versions["model_version"]:
+        estimate = control_estimate(store, int(version), settings.evaluation.metric, list(settings.labels),
+                                    settings.seed)
+        if estimate["n"]:
+            return estimate
+    return estimate or control_estimate(store, None)
 
 
 def estimate_line(estimate: dict) -> str:
-    """'0.912 [0.861, 0.946] on 57 control items' or why there is none yet."""
+    """'model v3: 0.912 [0.861, 0.946] accuracy (95% Wilson) on 57 control items', or why
+    there is none yet."""
     if not estimate["n"]:
         return "no control item answered yet"
-    return (f"{estimate['accuracy']:.3f} [{estimate['low']:.3f}, {estimate['high']:.3f}] (95% Wilson) "
-            f"on {estimate['n']} control items")
+    if estimate["metric"] == "macro_f1":
+        figure = (f"macro_f1 {estimate['value']:.3f} [{estimate['value_low']:.3f}, {estimate['value_high']:.3f}] "
+                  f"(95% bootstrap), accuracy {estimate['accuracy']:.3f}")
+    else:
+        figure = f"accuracy {estimate['accuracy']:.3f} [{estimate['low']:.3f}, {estimate['high']:.3f}] (95% Wilson)"
+    note = f"; {estimate['note']}" if estimate.get("note") else ""
+    return f"model v{estimate['model_version']}: {figure} on {estimate['n']} control items{note}"

@@ -15,13 +15,18 @@ from prefect.cache_policies import NONE
 from prefect.states import Failed
 
 from alflow.config import Settings
+from alflow.config.sources import NETWORK_SOURCES
 from alflow.connectors import SourceError, build_connector, to_columns
 from alflow.connectors.base import ITEM_COLUMNS
+from alflow.tasks.faults import fault_point
 from alflow.tasks.progress import _logger, track
 from alflow.tasks.retrying import is_transient
 from alflow.tasks.store import Store, utcnow
 
 WRITE_CHUNK = 20_000  # records per transaction: bounded memory, and a re-run resumes cheaply
+# A service's records come slowly and each one may have cost a quota: they are written a
+# page or so at a time, so a source that stops keeps what it read.
+NETWORK_WRITE_CHUNK = 20
 ITEM_SCHEMA = pa.schema([(column, pa.string()) for column in ITEM_COLUMNS])
 # Source settings that change how a source is read, not what it returns: changing them
 # keeps the source's cursor (any other change starts its next fetch afresh).
@@ -56,7 +61,14 @@ class IngestReport:
             return f"{self.error}{stored}"
         failed = f", {self.bad} failed" + (f" ({self.reasons()})" if self.bad else "")
         skipped = f", {self.skipped} seen before (skipped)" if self.skipped else ""
-        return f"{self.source}: {counts}{failed}{skipped}"
+        empty = "; the source is empty" if self.empty else ""
+        return f"{self.source}: {counts}{failed}{skipped}{empty}"
+
+    @property
+    def empty(self) -> bool:
+        """Read to its end and gave nothing at all (an empty file, a search without results):
+        worth a warning, since nothing can be labeled from it."""
+        return self.error is None and not (self.read or self.bad or self.skipped)
 
 
 class SourceFailed(SourceError):
@@ -87,12 +99,16 @@ def unknown_gold_message(source: str, labels: list[str], unknown: Counter, hint:
 
 def ingest_source(settings: Settings, source_name: str, ingest_id: str,
                   flow_run_id: str | None = None, full: bool = False) -> IngestReport:
-    """Fetch one source and upsert its records, ``WRITE_CHUNK`` per transaction.
+    """Fetch one source and upsert its records, ``WRITE_CHUNK`` per transaction (a network
+    source: ``NETWORK_WRITE_CHUNK``).
 
     Re-running is safe: items already stored (same content hash, from any source) count as
     duplicates. A source that fetches incrementally is given the cursor its last complete
     fetch left (unless ``full``, or its settings changed since), and the new cursor is
     stored in the transaction of the last chunk, so it never runs ahead of the items.
+    A network source that stops mid-fetch has its records read so far stored (one
+    transaction) before the error is raised, and its cursor left where it was: the next
+    fetch asks for everything after it again, the stored part deduplicated.
 
     Gold labels go through the source's ``label_map``; each chunk is checked before it is
     written, and a gold label outside ``labels`` stops the writes: the rest of the source
@@ -128,6 +144,8 @@ def _ingest(store: Store, settings: Settings, source, connector, report: IngestR
             flow_run_id: str | None, full: bool) -> None:
     started = utcnow()
     records: list = []
+    network = isinstance(source, NETWORK_SOURCES)
+    chunk_size = NETWORK_WRITE_CHUNK if network else WRITE_CHUNK
     classes = set(settings.labels)
     label_map = source.label_map
     unknown: Counter = Counter()
@@ -182,12 +200,20 @@ def _ingest(store: Store, settings: Settings, source, connector, report: IngestR
         try:
             for record in fetched:
                 records.append(record)
-                if len(records) >= WRITE_CHUNK:
+                if len(records) == 1:  # a chunk begun, nothing of it stored
+                    fault_point("ingest-mid-chunk")
+                if len(records) >= chunk_size:
                     rows, ok = chunk()
                     written()
                     writing = writer.submit(store.upsert_items, rows, ingest_id) if ok else None
-        except BaseException:
+        except Exception:
             with suppress(Exception):  # the source stopped: what it stored still counts
+                written()
+            if network and records:
+                keep_read(store, source.name, chunk()[0], ingest_id, report)
+            raise
+        except BaseException:  # interrupted: no more writes, but the one under way counts
+            with suppress(Exception):
                 written()
             raise
         rows, ok = chunk()
@@ -209,6 +235,19 @@ def _ingest(store: Store, settings: Settings, source, connector, report: IngestR
             rows, ingest_id, source.name, flow_run_id, started, counts,
             report.bad_reasons, cursor=next_cursor, settings_key=key,
         )
+    report.new += new
+    report.duplicate += duplicate
+
+
+def keep_read(store: Store, source: str, rows: pa.Table, ingest_id: str, report: IngestReport) -> None:
+    """Store the records a network source read before it stopped (one transaction) and
+    count them; a failure to store them is logged, never raised over the source's error."""
+    try:
+        new, duplicate = store.upsert_items(rows, ingest_id)
+    except Exception as exc:  # noqa: BLE001 - the source's own error is the one to raise
+        _logger().warning(f"source {source}: the {len(rows)} records read before it stopped "
+                          f"could not be stored: {type(exc).__name__}: {exc}")
+        return
     report.new += new
     report.duplicate += duplicate
 
@@ -248,7 +287,8 @@ def ingest_source_task(settings: Settings, source_name: str, ingest_id: str,
         report = ingest_source(settings, source_name, ingest_id, flow_run_id, full)
     except SourceFailed as exc:
         return Failed(message=exc.report.line() if exc.report else str(exc), data=exc)
-    get_run_logger().info(report.line())
+    logger = get_run_logger()
+    (logger.warning if report.empty else logger.info)(report.line())
     return report
 
 

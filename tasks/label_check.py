@@ -68,7 +68,7 @@ def check_labels(store: Store, settings: Settings, model_version: int) -> int:
     """Flag likely label errors among the effective labels and store them with
     ``model_version``; returns the number of flags (0 when too few labels per class)."""
     holdout = settings.holdout_fraction
-    frame, _ = store.training_set(holdout)
+    frame, _ = store.training_set(holdout, settings.query.control_trains)
     frame = frame[frame["label"].isin(settings.labels)].reset_index(drop=True)
     classes = [c for c in settings.labels if (frame["label"] == c).sum() >= MIN_PER_CLASS]
     frame = frame[frame["label"].isin(classes)].reset_index(drop=True)

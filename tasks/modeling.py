@@ -18,6 +18,7 @@ import numpy as np
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.metrics import accuracy_score, f1_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.pipeline import Pipeline
 
 from alflow.config import ModelSettings, import_object
@@ -97,25 +98,120 @@ def trainable(labels: Sequence[str]) -> str | None:
 
 
 def fit(settings: ModelSettings, docs: Sequence[str], labels: Sequence[str],
-        pool_docs: Sequence[str] | None = None, features: Pipeline | None = None) -> Pipeline:
+        pool_docs: Sequence[str] | None = None, features: Pipeline | None = None,
+        corpus: "Corpus | None" = None) -> Pipeline:
     """A fitted pipeline. ``docs``: n texts; ``labels``: n class names.
 
     With ``vectorizer_fit = "pool"`` the features are not fitted on ``docs`` alone:
     ``features`` (already fitted by :func:`fit_features`, reused as is) or else fitted on
-    ``pool_docs`` + ``docs``; only the classifier learns from the labels.
+    ``pool_docs`` + ``docs``; only the classifier learns from the labels. ``corpus``: the
+    token counts of every doc, computed once (:class:`Corpus`; simulate), so fitting and
+    transforming read them instead of tokenizing again (same features).
     """
     reason = trainable(labels)
     if reason:
         raise ModelError(reason)
-    if settings.vectorizer_fit == "labeled":
-        model = build_model(settings)
-        model.fit(list(docs), list(labels))
-        return model
     if features is None:
-        features = fit_features(settings, (list(pool_docs) if pool_docs is not None else []) + list(docs))
+        features = (labeled_features(settings, docs, corpus) if settings.vectorizer_fit == "labeled"
+                    else fit_features(settings, (list(pool_docs) if pool_docs is not None else []) + list(docs)))
     classifier = build_model(settings).steps[-1][1]
     classifier.fit(features.transform(list(docs)), list(labels))
     return Pipeline(list(features.steps) + [("clf", classifier)])
+
+
+def labeled_features(settings: ModelSettings, docs: Sequence[str], corpus: "Corpus | None" = None) -> Pipeline:
+    """The feature steps of ``vectorizer_fit = "labeled"`` fitted on ``docs``: TF-IDF of
+    the labeled items (from ``corpus``' counts when it has them all, the same features)."""
+    if corpus is not None and corpus.serves(settings, docs):
+        return Pipeline([("tfidf", CorpusTfidf(corpus).fit(docs))])
+    features = build_model(settings)[:-1]
+    features.named_steps["tfidf"].fit(list(docs))
+    return features
+
+
+class Corpus:
+    """Every doc of a fixed corpus (simulate's pool and test set) tokenized once: the
+    n-gram counts of the configured TF-IDF over the whole corpus (sorted vocabulary, as
+    scikit-learn's). A TF-IDF fitted on any subset of it is then a column selection and a
+    re-weighting of these rows (:class:`CorpusTfidf`), the same features as
+    ``TfidfVectorizer(**vectorizer_params).fit(subset)`` without tokenizing again."""
+
+    # vectorizer_params under which the equivalence holds (no df cut-offs, no vocabulary cap)
+    SAFE = {"ngram_range", "sublinear_tf", "lowercase", "token_pattern", "stop_words", "strip_accents",
+            "norm", "use_idf", "smooth_idf", "binary", "analyzer"}
+
+    def __init__(self, settings: ModelSettings, docs: Sequence[str]):
+        from sklearn.feature_extraction.text import CountVectorizer
+
+        params = _vectorizer_params(settings.vectorizer_params)
+        self.params = params
+        self.usable = set(params) <= self.SAFE and isinstance(params.get("analyzer", "word"), str)
+        self.key = json.dumps(settings.vectorizer_params, sort_keys=True, default=str)
+        self.index: dict[str, int] = {}
+        if not self.usable:
+            return
+        count_params = {k: v for k, v in params.items()
+                        if k not in {"sublinear_tf", "norm", "use_idf", "smooth_idf"}}
+        self.vectorizer = CountVectorizer(**count_params)
+        docs = list(docs)
+        self.counts = self.vectorizer.fit_transform(docs).tocsr()
+        self.counts.sort_indices()
+        for i, doc in enumerate(docs):
+            self.index.setdefault(doc, i)
+
+    def serves(self, settings: ModelSettings, docs: Sequence[str]) -> bool:
+        return (self.usable and settings.vectorizer_fit == "labeled"
+                and json.dumps(settings.vectorizer_params, sort_keys=True, default=str) == self.key
+                and all(d in self.index for d in docs))
+
+    def rows(self, docs: Sequence[str]):
+        """Count rows of ``docs`` (a doc outside the corpus is tokenized now)."""
+        import scipy.sparse as sp
+
+        docs = list(docs)
+        known = [self.index.get(d, -1) for d in docs]
+        if min(known, default=0) >= 0:
+            return self.counts[known]
+        return sp.vstack([self.counts[k] if k >= 0 else self.vectorizer.transform([d])
+                          for d, k in zip(docs, known)]).tocsr()
+
+
+class CorpusTfidf(TransformerMixin, BaseEstimator):
+    """A TF-IDF step over a :class:`Corpus`: ``fit(docs)`` keeps the columns of the terms
+    ``docs`` use and their IDF, ``transform(docs)`` re-weights their count rows; the same
+    matrix ``TfidfVectorizer`` would give, in the same column order."""
+
+    def __init__(self, corpus: Corpus):
+        self.corpus = corpus
+
+    def fit(self, docs, y=None):
+        counts = self.corpus.rows(docs)
+        df = np.bincount(counts.indices, minlength=counts.shape[1])
+        self.columns_ = np.flatnonzero(df)
+        n, df = counts.shape[0], df[self.columns_].astype(float)
+        params = self.corpus.params
+        if params.get("use_idf", True):
+            smooth = int(params.get("smooth_idf", True))
+            self.idf_ = np.log((n + smooth) / (df + smooth)) + 1.0
+        else:
+            self.idf_ = None
+        return self
+
+    def transform(self, docs):
+        from sklearn.preprocessing import normalize
+
+        x = self.corpus.rows(docs)[:, self.columns_].astype(np.float64)
+        params = self.corpus.params
+        if params.get("sublinear_tf", False):
+            np.log(x.data, out=x.data)
+            x.data += 1.0
+        if self.idf_ is not None:
+            x = x.multiply(self.idf_).tocsr()
+        norm = params.get("norm", "l2")
+        return normalize(x, norm=norm, copy=False) if norm else x
+
+    def fit_transform(self, docs, y=None):
+        return self.fit(docs).transform(docs)
 
 
 def confident_picks(predicted: Sequence[str], confidence: np.ndarray, label_counts: Mapping[str, int],
@@ -150,30 +246,300 @@ def confident_picks(predicted: Sequence[str], confidence: np.ndarray, label_coun
     return np.concatenate(picks).astype(np.int64) if picks else np.empty(0, dtype=np.int64)
 
 
+# Self-training "auto": the share it uses when it is used, and how far its out-of-fold score
+# must beat the plain model's, in standard errors of the paired difference, to be used. One
+# SE, not two: the out-of-fold items are the ones the query picked, hard boundary items, so
+# the evidence understates what pseudo-labels add to a class's interior; on AG News two SE
+# kept it off through the first 120-220 labels and margin needed 620 labels instead of 570
+# (README, Performance). Before every class has two labels there are no folds, hence no
+# evidence: then it is used (AUTO_WITHOUT_EVIDENCE); on an imbalanced AG News, where a rare
+# class has one label for the first cycles, that took the AULC from 0.832 to 0.838.
+AUTO_SHARE = 1.0
+AUTO_MARGIN_SE = 1.0
+AUTO_WITHOUT_EVIDENCE = True
+AUTO_FOLDS = 5
+AUTO_BOOTSTRAP = 200
+# Evidence is gathered again once the human labels have grown by this factor since the
+# evidence the last decision rests on (else that decision stands): a retrain after a batch
+# of 20 on top of 1,000 labels would decide on nearly the same folds again.
+AUTO_REFRESH = 1.5
+
+
+def self_training_mode(settings: ModelSettings) -> tuple[str, float]:
+    """("auto" | "on" | "off", the share of pseudo-labels per human label when used)."""
+    value = settings.self_training
+    if value == "auto":
+        return "auto", AUTO_SHARE
+    return ("on" if float(value) > 0 else "off"), float(value)
+
+
+@dataclass
+class SelfTrained:
+    """What :func:`self_train` fitted: the model, its pseudo-labels, and the decision
+    (``mode``, ``used``, ``share``, ``oof_with``/``oof_without``/``se``: the out-of-fold
+    ``metric`` of the labels with and without pseudo-labels and the standard error of
+    their paired difference (auto only), ``reason``)."""
+
+    model: Pipeline
+    pseudo_docs: list
+    pseudo_labels: list
+    decision: dict
+    plain: Pipeline | None = None  # the model of the human labels alone (== model when not used)
+
+
+def _clf(settings: ModelSettings):
+    return build_model(settings).steps[-1][1]
+
+
+def _extra_clf(settings: ModelSettings):
+    """The classifier of the evidence's fold models: the configured one, except that a
+    LogisticRegression on scikit-learn's default solver (lbfgs) is solved with newton-cg:
+    the same L2-regularised objective, about 6x faster on wide sparse TF-IDF rows (AG
+    News, 700 labels, 27k terms: 0.05 s vs 0.29 s). The evidence compares two such fits
+    with each other, so it does not need the configured solver's exact stopping point."""
+    from sklearn.linear_model import LogisticRegression
+
+    clf = _clf(settings)
+    if type(clf) is LogisticRegression and clf.get_params().get("solver") == "lbfgs":
+        clf.set_params(solver="newton-cg")
+    return clf
+
+
+def _terms(features: Pipeline) -> np.ndarray | None:
+    step = features.steps[0][1]
+    if isinstance(step, CorpusTfidf):
+        return step.columns_
+    vocabulary = getattr(step, "vocabulary_", None)
+    if vocabulary is None or len(features.steps) > 1:
+        return None
+    terms = np.empty(len(vocabulary), dtype=object)
+    for term, column in vocabulary.items():
+        terms[column] = term
+    return terms
+
+
+def _final_clf(settings: ModelSettings, base, base_features: Pipeline, final_features: Pipeline,
+               warm: Pipeline | None = None):
+    """The classifier of the self-trained model: the configured one (not the faster solver
+    of :func:`_extra_clf`: on AG News newton-cg's self-trained models scored 0.004 AULC
+    below lbfgs's, on an imbalanced AG News they needed 220 labels instead of 180); a
+    LogisticRegression starts from the coefficients of ``warm`` (the last retrain's
+    self-trained model, same classes) or else of the plain model, mapped term by term (a
+    term the start never saw starts at 0), which saves a fifth to a half of its iterations."""
+    from sklearn.linear_model import LogisticRegression
+
+    clf = _clf(settings)
+    if (warm is not None and type(warm.steps[-1][1]) is LogisticRegression
+            and list(warm.steps[-1][1].classes_) == list(base.classes_) and _terms(Pipeline(warm.steps[:-1])) is not None):
+        base, base_features = warm.steps[-1][1], Pipeline(warm.steps[:-1])
+    old, new = _terms(base_features), _terms(final_features)
+    if type(clf) is not LogisticRegression or old is None or new is None:
+        return clf
+    index = {t: i for i, t in enumerate(new.tolist())}
+    coef = np.zeros((base.coef_.shape[0], len(new)))
+    cols = np.array([index.get(t, -1) for t in old.tolist()])
+    keep = cols >= 0
+    coef[:, cols[keep]] = base.coef_[:, keep]
+    clf.set_params(warm_start=True)
+    clf.coef_, clf.intercept_ = coef, base.intercept_.copy()
+    return clf
+
+
+def _paired_scores(y: np.ndarray, a: np.ndarray, b: np.ndarray, n_classes: int, metric: str,
+                   weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``metric`` of predictions ``a`` and ``b`` (int codes) against ``y``, once per row of
+    ``weights`` (resample counts per item): two (B,) arrays."""
+    def score(pred):
+        hit = (pred == y).astype(float)
+        if metric == "accuracy":
+            return weights @ hit / weights.sum(axis=1)
+        f1 = np.zeros((weights.shape[0], n_classes))
+        present = np.zeros((weights.shape[0], n_classes), dtype=bool)
+        for c in range(n_classes):
+            tp = weights @ ((pred == c) & (y == c)).astype(float)
+            fp = weights @ ((pred == c) & (y != c)).astype(float)
+            fn = weights @ ((pred != c) & (y == c)).astype(float)
+            denom = 2 * tp + fp + fn
+            f1[:, c] = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+            present[:, c] = denom > 0  # scikit-learn's macro F1 averages the labels present
+        return (f1 * present).sum(axis=1) / np.maximum(present.sum(axis=1), 1)
+
+    return score(a), score(b)
+
+
+def self_training_evidence(settings: ModelSettings, x, y: np.ndarray, pool_x, share: float, metric: str,
+                           seed: int, folds: int = AUTO_FOLDS) -> dict:
+    """Out-of-fold evidence for self-training on the labeled rows ``x`` (features already
+    fitted: the final model's), labels ``y``: stratified folds; in each, a model of the
+    fold's training labels predicts the held-out fold (``without``), and the same model's
+    surest predictions among ``pool_x`` (:func:`confident_picks`) train a second one that
+    predicts it too (``with``). Only human labels are scored.
+
+    Returns {oof_with, oof_without, se, folds}: the two ``metric`` figures and the
+    bootstrap standard error of their paired difference (items resampled, both arms on
+    the same resample); or {reason} when the labels are too few for folds.
+    """
+    import scipy.sparse as sp
+
+    classes, codes = np.unique(np.asarray(y, dtype=object).astype(str), return_inverse=True)
+    counts = np.bincount(codes)
+    k = min(folds, int(counts.min()))
+    if len(classes) < 2 or k < 2:
+        return {"reason": f"too few labels for out-of-fold evidence (smallest class has {int(counts.min())})"}
+    y = np.asarray(y, dtype=object)
+    without = np.empty(len(y), dtype=np.int64)
+    with_ = np.empty(len(y), dtype=np.int64)
+    index = {c: i for i, c in enumerate(classes)}
+    for train, test in StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(y)), codes):
+        base = _extra_clf(settings).fit(x[train], y[train])
+        without[test] = [index[str(c)] for c in base.predict(x[test])]
+        proba = base.predict_proba(pool_x)
+        fold_classes = np.asarray(base.classes_, dtype=object)
+        predicted = fold_classes[proba.argmax(axis=1)]
+        picks = confident_picks(predicted, proba.max(axis=1), class_counts(y[train].tolist()), share)
+        if picks.size == 0:
+            with_[test] = without[test]
+            continue
+        st = _extra_clf(settings).fit(sp.vstack([x[train], pool_x[picks]]).tocsr(),
+                                np.concatenate([y[train], predicted[picks]]))
+        with_[test] = [index[str(c)] for c in st.predict(x[test])]
+    weights = np.random.default_rng([seed, 26]).multinomial(len(y), np.full(len(y), 1.0 / len(y)),
+                                                             size=AUTO_BOOTSTRAP).astype(float)
+    full_with, full_without = _paired_scores(codes, with_, without, len(classes), metric, np.ones((1, len(y))))
+    boot_with, boot_without = _paired_scores(codes, with_, without, len(classes), metric, weights)
+    return {"oof_with": float(full_with[0]), "oof_without": float(full_without[0]),
+            "se": float(np.std(boot_with - boot_without, ddof=1)), "folds": k}
+
+
+def self_train(settings: ModelSettings, docs: Sequence[str], labels: Sequence[str],
+               pool_docs: Sequence[str] | None, features: Pipeline | None = None, *,
+               metric: str = "macro_f1", seed: int = 0, corpus: "Corpus | None" = None,
+               previous: Mapping | None = None, warm: Pipeline | None = None) -> SelfTrained:
+    """The model of a retrain, self-trained or not as ``settings.self_training`` says.
+
+    The features are fitted once (``features`` as given with ``vectorizer_fit = "pool"``;
+    else the TF-IDF of the human-labeled ``docs``) and the plain model and the evidence read
+    them: a model of the human labels; with self-training it predicts ``pool_docs``
+    (unlabeled items, transformed once) and its surest predictions (:func:`confident_picks`)
+    train the final model beside the human labels (its TF-IDF, with ``"labeled"``, refitted
+    on both texts; its classifier started from ``warm``, the last self-trained model, else
+    from the plain one). The pseudo-labels always come from a model of human labels only,
+    so a mistake is not fed back cycle after cycle. ``corpus``: the token counts of every
+    doc (:class:`Corpus`, simulate).
+
+    ``"auto"``: self-trained only where :func:`self_training_evidence` (out-of-fold
+    ``metric`` on the human labels with and without pseudo-labels) says it wins by more
+    than :data:`AUTO_MARGIN_SE` standard errors of the difference; a number forces it
+    (0: off; > 0: on with that share). ``previous``: the last retrain's decision (its
+    ``decision`` dict); its evidence stands until the labels have grown :data:`AUTO_REFRESH`
+    times past the count it was gathered on (``evidence_labels``).
+
+    BLAS runs on one thread here: the fits are many small dense products on coefficient
+    matrices, which threads do not speed up and, on a busy machine, slow down many times
+    over (one retrain on 200 AG News labels: 0.26 s on one thread, 6.9 s on two busy cores
+    with OpenBLAS's default).
+    """
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _self_train(settings, docs, labels, pool_docs, features, metric=metric, seed=seed, corpus=corpus,
+                           previous=previous, warm=warm)
+
+
+def _self_train(settings: ModelSettings, docs: Sequence[str], labels: Sequence[str],
+                pool_docs: Sequence[str] | None, features: Pipeline | None = None, *,
+                metric: str = "macro_f1", seed: int = 0, corpus: "Corpus | None" = None,
+                previous: Mapping | None = None, warm: Pipeline | None = None) -> SelfTrained:
+    """The body of :func:`self_train`."""
+    import scipy.sparse as sp
+
+    mode, share = self_training_mode(settings)
+    reason = trainable(labels)
+    if reason:
+        raise ModelError(reason)
+    docs, y = list(docs), np.asarray(list(labels), dtype=object)
+    if features is None:
+        features = (labeled_features(settings, docs, corpus) if settings.vectorizer_fit == "labeled"
+                    else fit_features(settings, docs))
+    x = features.transform(docs)
+    base = _clf(settings).fit(x, y)
+    decision = {"mode": mode, "used": False, "share": share}
+
+    def done(classifier, extra_docs=(), extra_labels=(), final_features=features, **extra):
+        model = Pipeline(list(final_features.steps) + [("clf", classifier)])
+        plain = model if classifier is base else Pipeline(list(features.steps) + [("clf", base)])
+        return SelfTrained(model, list(extra_docs), list(extra_labels), dict(decision, **extra), plain)
+
+    if mode == "off":
+        return done(base, reason="self_training = 0")
+    if pool_docs is None or not len(pool_docs):
+        return done(base, reason="no unlabeled pool items")
+    pool_docs = list(pool_docs)
+    pool_x = features.transform(pool_docs)
+    if mode == "auto":
+        reusable = (previous is not None and previous.get("mode") == "auto" and previous.get("metric") == metric
+                    and "oof_with" in previous
+                    and int(previous.get("evidence_labels") or 0) <= len(y)
+                    < AUTO_REFRESH * int(previous.get("evidence_labels") or 0))
+        if reusable:
+            evidence = {k: previous[k] for k in ("oof_with", "oof_without", "se", "folds", "evidence_labels")}
+        else:
+            evidence = self_training_evidence(settings, x, y, pool_x, share, metric, seed)
+            evidence["evidence_labels"] = len(y)
+        decision.update(evidence, metric=metric)
+        if "reason" in evidence:  # no folds yet
+            if not AUTO_WITHOUT_EVIDENCE:
+                return done(base)
+            decision["reason"] = f"{evidence['reason']}: used until there is"
+        else:
+            gain = evidence["oof_with"] - evidence["oof_without"]
+            margin = AUTO_MARGIN_SE * evidence["se"]
+            figures = (f"out-of-fold {metric} {evidence['oof_with']:.3f} with, {evidence['oof_without']:.3f} "
+                       f"without on {evidence['evidence_labels']} labels")
+            if not gain > margin:
+                return done(base, reason=f"{figures}: {gain:+.3f}, it hurts (noise ±{margin:.3f})" if gain < -margin
+                            else f"{figures}: {gain:+.3f} is within its noise (±{margin:.3f})")
+            decision["reason"] = f"{figures}: {gain:+.3f} beats its noise ({margin:.3f})"
+    else:
+        decision["reason"] = f"self_training = {share:g}"
+    proba = base.predict_proba(pool_x)
+    predicted = np.asarray(base.classes_, dtype=object)[proba.argmax(axis=1)]
+    picks = confident_picks(predicted, proba.max(axis=1), class_counts(y.tolist()), share)
+    if picks.size == 0:
+        return done(base, reason="no confident pool predictions")
+    extra_docs = [pool_docs[i] for i in picks]
+    final_features, train_x = features, sp.vstack([x, pool_x[picks]]).tocsr()
+    if settings.vectorizer_fit == "labeled":
+        # the final model's TF-IDF also reads the pseudo-labeled texts, their words too (with
+        # the plain model's TF-IDF, AG News margin: AULC 0.806 and 620 labels, not 0.812 and 570)
+        final_features = labeled_features(settings, docs + extra_docs, corpus)
+        train_x = final_features.transform(docs + extra_docs)
+    final = _final_clf(settings, base, features, final_features, warm)
+    final.fit(train_x, np.concatenate([y, predicted[picks]]))
+    if getattr(final, "warm_start", False):
+        final.set_params(warm_start=False)
+    decision["used"] = True
+    return done(final, extra_docs, predicted[picks].tolist(), final_features=final_features)
+
+
+def self_training_note(decision: Mapping | None) -> str | None:
+    """What a cycle says of its retrain's self-training (a model's ``metrics["self_training"]``):
+    "+N self-training pseudo-labels", with "auto" why (the two out-of-fold figures), or
+    "no self-training: why"; None when it was off by configuration (or never recorded)."""
+    decision = decision or {}
+    pseudo = decision.get("pseudo_labels")
+    why = f": {decision['reason']}" if decision.get("mode") == "auto" and decision.get("reason") else ""
+    if pseudo:
+        return f"+{pseudo} self-training pseudo-labels{why}"
+    return f"no self-training{why}" if why else None
+
+
 def fit_self_trained(settings: ModelSettings, docs: Sequence[str], labels: Sequence[str],
                      pool_docs: Sequence[str] | None, features: Pipeline | None = None,
                      ) -> tuple[Pipeline, tuple[list[str], list[str]]]:
-    """:func:`fit` on the human labels, then, with ``settings.self_training`` > 0, again on
-    them plus the pseudo-labels that first model is surest of among ``pool_docs``
-    (unlabeled items, e.g. a seeded pool sample; :func:`confident_picks`).
-
-    Returns (model, (pseudo_docs, pseudo_labels)). The pseudo-labels always come from a
-    model of human labels only, never from one that itself learned from pseudo-labels,
-    so a mistake is not fed back cycle after cycle.
-    """
-    base = fit(settings, docs, labels, features=features)
-    if not settings.self_training or pool_docs is None or not len(pool_docs):
-        return base, ([], [])
-    pool_docs = list(pool_docs)
-    classes = sorted(set(labels))
-    proba = predict_proba(base, pool_docs, classes)
-    predicted = np.asarray(classes, dtype=object)[proba.argmax(axis=1)]
-    picks = confident_picks(predicted, proba.max(axis=1), class_counts(labels), settings.self_training)
-    if picks.size == 0:
-        return base, ([], [])
-    extra_docs, extra_labels = [pool_docs[i] for i in picks], predicted[picks].tolist()
-    model = fit(settings, list(docs) + extra_docs, list(labels) + extra_labels, features=features)
-    return model, (extra_docs, extra_labels)
+    """:func:`self_train`, returning (model, (pseudo_docs, pseudo_labels))."""
+    trained = self_train(settings, docs, labels, pool_docs, features=features)
+    return trained.model, (trained.pseudo_docs, trained.pseudo_labels)
 
 
 def predict_proba(model, docs: Sequence[str], classes: Sequence[str]) -> np.ndarray:
@@ -211,39 +577,42 @@ def metrics(y_true: Sequence[str], y_pred: Sequence[str]) -> dict[str, float]:
 
 
 def out_of_fold(settings: ModelSettings, docs: Sequence[str], labels: Sequence[str], splitter, seed: int,
-                features: Pipeline | None = None, method: str = "predict",
+                vocabulary: Sequence[str] | None = None, method: str = "predict",
                 pool_docs: Sequence[str] | None = None) -> np.ndarray:
     """The configured model's out-of-fold ``method`` over the folds of ``splitter``: (n,)
     predictions, or with ``method="predict_proba"`` (n, c) probabilities whose columns are
-    the sorted classes of ``labels``. With ``vectorizer_fit = "pool"``, ``features`` (else
-    features fitted on ``docs``, without labels) stay fixed and only the classifier is
-    refitted per fold. ``pool_docs``: unlabeled items for self-training; each fold's model
-    is then :func:`fit_self_trained` on its own training labels, as the real model is."""
-    if settings.vectorizer_fit == "pool":
-        features = features if features is not None else fit_features(settings, docs, seed)
-    if settings.self_training and pool_docs is not None and len(pool_docs):
-        docs, labels = np.asarray(list(docs), dtype=object), np.asarray(list(labels), dtype=object)
-        classes = sorted(set(labels.tolist()))
-        out = np.empty(len(docs), dtype=object) if method == "predict" else np.zeros((len(docs), len(classes)))
-        for train, test in splitter.split(docs, labels):
+    the sorted classes of ``labels``. Each fold's model is fitted without its test fold:
+    with ``vectorizer_fit = "pool"`` its features too, on ``vocabulary`` (the unlabeled
+    pool sample the real model's features read) plus the fold's training docs, so no fold
+    is scored with features that have read its own test items. ``pool_docs``: unlabeled
+    items for self-training; each fold's model is then :func:`fit_self_trained` on its own
+    training labels, as the real model is."""
+    docs, labels = np.asarray(list(docs), dtype=object), np.asarray(list(labels), dtype=object)
+    classes = sorted(set(labels.tolist()))
+    pool_fit = settings.vectorizer_fit == "pool"
+    self_train = self_training_mode(settings)[0] != "off" and pool_docs is not None and len(pool_docs) > 0
+    if not (pool_fit or self_train):
+        return cross_val_predict(build_model(settings), docs.tolist(), labels.tolist(), cv=splitter, method=method)
+    out = np.empty(len(docs), dtype=object) if method == "predict" else np.zeros((len(docs), len(classes)))
+    for train, test in splitter.split(docs, labels):
+        features = fit_features(settings, list(vocabulary or []) + docs[train].tolist(), seed) if pool_fit else None
+        if self_train:
             model, _ = fit_self_trained(settings, docs[train].tolist(), labels[train].tolist(), pool_docs,
                                         features=features)
-            out[test] = (model.predict(docs[test].tolist()) if method == "predict"
-                         else predict_proba(model, docs[test].tolist(), classes))
-        return out
-    if settings.vectorizer_fit == "pool":
-        return cross_val_predict(build_model(settings).steps[-1][1], features.transform(list(docs)),
-                                 list(labels), cv=splitter, method=method)
-    return cross_val_predict(build_model(settings), list(docs), list(labels), cv=splitter, method=method)
+        else:
+            model = fit(settings, docs[train].tolist(), labels[train].tolist(), features=features)
+        out[test] = (model.predict(docs[test].tolist()) if method == "predict"
+                     else predict_proba(model, docs[test].tolist(), classes))
+    return out
 
 
 def evaluate_cv(settings: ModelSettings, docs: Sequence[str], labels: Sequence[str],
-                folds: int, seed: int, features: Pipeline | None = None,
+                folds: int, seed: int, vocabulary: Sequence[str] | None = None,
                 pool_docs: Sequence[str] | None = None) -> tuple[dict | None, np.ndarray | None, str | None]:
-    """Stratified k-fold estimates on the labeled set. With ``vectorizer_fit = "pool"``,
-    ``features`` (the model's pool-fitted features, unsupervised, so no label leaks) are
-    kept and only the classifier is refitted per fold. ``pool_docs``: the unlabeled sample
-    self-training draws from (:func:`out_of_fold`); only human labels are scored.
+    """Stratified k-fold estimates on the labeled set; every fold refitted without its test
+    items (:func:`out_of_fold`; ``vocabulary``: the pool sample pool-fitted features read).
+    ``pool_docs``: the unlabeled sample self-training draws from; only human labels are
+    scored.
 
     Returns (metrics, out_of_fold_predictions (n,), None), or (None, None, reason) when
     the labels are too few. The fold count drops to the smallest class's size.
@@ -254,7 +623,7 @@ def evaluate_cv(settings: ModelSettings, docs: Sequence[str], labels: Sequence[s
     if len(counts) < 2 or k < 2:
         return None, None, f"cross-validation needs 2 labels in each of 2 classes, have {counts}"
     splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
-    predicted = out_of_fold(settings, docs, labels, splitter, seed, features, pool_docs=pool_docs)
+    predicted = out_of_fold(settings, docs, labels, splitter, seed, vocabulary, pool_docs=pool_docs)
     result = metrics(labels, predicted)
     result.update({"method": "cv", "folds": k, "n_eval": len(labels)})
     return result, predicted, None

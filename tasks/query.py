@@ -18,6 +18,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from alflow.config import ModelSettings, QuerySettings, Settings
 from alflow.tasks import strategies
 from alflow.tasks.control import compose_batch
+from alflow.tasks.faults import fault_point
 from alflow.tasks.retrying import is_transient
 from alflow.tasks.review import plan_review
 from alflow.tasks.store import Store
@@ -271,10 +272,13 @@ def query_batch(store: Store, settings: Settings, model_version: int | None,
             return None
         picks = picks.assign(rank=np.arange(1, len(picks) + 1))
         try:
-            return store.create_batch(flow_run_id, strategy_label(settings, model_version), model_version, picks)
+            batch_id = store.create_batch(flow_run_id, strategy_label(settings, model_version), model_version, picks)
         except PoolChangedError:
             if attempt == QUERY_ATTEMPTS:
                 raise
+            continue
+        fault_point("query-after-batch")
+        return batch_id
     return None  # not reached: the last attempt returns or raises
 
 

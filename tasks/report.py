@@ -49,20 +49,22 @@ def _fmt(value) -> str:
 
 
 def batch_rows(batch: pd.DataFrame, text_chars: int = 160) -> list[dict]:
-    """The batch as table rows for the UI (rank, pre-label, confidence, score, text).
+    """The batch as table rows for the UI (rank, pre-label, confidence, score, text), as a
+    reviewer may see them: no pre-label for a control item (blind) or an item asked again,
+    and ``picked_by`` only for the latter (see :func:`~alflow.tasks.review.reviewer_reason`).
 
     The UI renders each cell as Markdown: text cells go through :func:`markdown_text`.
     """
-    from alflow.tasks.review import trim
+    from alflow.tasks.review import reviewer_reason, shown_prelabel, trim
 
     return [
         {
             "rank": int(r.rank),
             "source": markdown_text(r.source),
-            "prelabel": markdown_text(r.prelabel) if isinstance(r.prelabel, str) else "",
-            "confidence": _fmt(r.confidence),
+            "prelabel": markdown_text(shown_prelabel(r) or ""),
+            "confidence": _fmt(r.confidence if shown_prelabel(r) else None),
             "score": _fmt(r.score),
-            "picked_by": r.picked_by,
+            "picked_by": reviewer_reason(r.picked_by),
             "text": markdown_text(trim(r.text, text_chars)),
             "item_id": r.item_id,
         }
@@ -121,11 +123,15 @@ def cycle_markdown(counts: dict, cycles: pd.DataFrame, train: dict | None, batch
     if annotators is not None:  # alflow.tasks.agreement.agreement_report
         lines += annotator_lines(annotators)
     if train:
-        pseudo = ((train.get("metrics") or {}).get("self_training") or {}).get("pseudo_labels")
+        decision = (train.get("metrics") or {}).get("self_training") or {}
+        pseudo = decision.get("pseudo_labels")
         lines.append(f"- model: v{train['model_version']} — "
                      f"{'promoted' if train['promoted'] else 'not promoted'} ({train['reason']})"
                      + (f"; trained on {train['n_labels']} labels + {pseudo} self-training pseudo-labels"
                         if pseudo else ""))
+        if decision.get("mode") == "auto":  # which it chose and why (alflow.tasks.modeling.self_train)
+            lines.append(f"- self-training (auto): {'on' if decision.get('used') else 'off'}"
+                         + (f" — {markdown_text(decision['reason'])}" if decision.get("reason") else ""))
     else:
         lines.append("- model: none yet")
     if len(cycles):
@@ -171,7 +177,7 @@ def quality_lines(quality: dict) -> list[str]:
     (most likely wrong first) and each stopping rule's state."""
     from alflow.tasks.control import estimate_line
 
-    lines = [f"- unbiased accuracy (random control slice): **{estimate_line(quality['control'])}**"]
+    lines = [f"- honest estimate (blind random control slice): **{estimate_line(quality['control'])}**"]
     flagged = quality.get("flagged") or []
     lines.append(f"- label check: **{quality['flags']}** likely label errors flagged"
                  + (f"; {len(flagged)} offered for re-review next:" if flagged else ""))
@@ -232,32 +238,61 @@ def write_file_atomically(path: Path, data: bytes) -> None:
     os.replace(partial, path)
 
 
-def publish_learning_curve(cycles: pd.DataFrame, metric: str | None, database: Path) -> str | None:
-    """Draw the learning curve, write it beside ``database`` (:data:`LEARNING_CURVE_PNG`)
-    and add a version of the keyed artifact :data:`LEARNING_CURVE_KEY`. Returns the
-    picture as a ``data:`` URL for the cycle summary, or None when no cycle is recorded.
+def curve_picture(cycles: pd.DataFrame, metric: str | None, database: Path) -> tuple[str, Path]:
+    """Draw the learning curve of ``cycles``, write it beside ``database``
+    (:data:`LEARNING_CURVE_PNG`) and return it as a ``data:`` URL, with the file's path."""
+    from alflow.tasks.plots import learning_curve_png
+
+    png = learning_curve_png(cycles, metric)
+    path = Path(database).parent / LEARNING_CURVE_PNG
+    write_file_atomically(path, png)
+    return data_url(png), path
+
+
+def publish_learning_curve(cycles: pd.DataFrame, url: str, png_path: Path | None = None) -> str:
+    """Add a version of the keyed artifact :data:`LEARNING_CURVE_KEY` for the last of
+    ``cycles``, showing the picture at ``url`` (:func:`curve_picture`); returns its id.
 
     The picture is in the artifact's *description*, on its first line: the UI shows the
     first line of a description (as Markdown, images included) on the cards of the
     Artifacts page and of a run's Artifacts tab, and all of it on top of the key's page,
-    while a body shows only on the artifact's own page.
+    while a body shows only on the artifact's own page. The description starts with
+    :func:`curve_caption` ("**cycle N**: ..."), which tells whose cycle it is.
     """
     from prefect.artifacts import create_markdown_artifact
 
-    from alflow.tasks.plots import learning_curve_png
-
-    if not len(cycles):
-        return None
-    png = learning_curve_png(cycles, metric)
-    path = Path(database).parent / LEARNING_CURVE_PNG
-    write_file_atomically(path, png)
-    url = data_url(png)
-    create_markdown_artifact(key=LEARNING_CURVE_KEY, markdown=learning_curve_markdown(cycles, path),
-                             description=f"{curve_caption(cycles)} {curve_image(url)}")
-    return url
+    artifact_id = create_markdown_artifact(key=LEARNING_CURVE_KEY, markdown=learning_curve_markdown(cycles, png_path),
+                                           description=f"{curve_caption(cycles)} {curve_image(url)}")
+    return str(artifact_id)
 
 
-def publish_cycle(markdown: str) -> None:
+# The cycle-summary artifact's key, and its description (which names the cycle).
+SUMMARY_KEY = "cycle-summary"
+
+
+def summary_description(cycle: int) -> str:
+    return f"Active-learning cycle {cycle} summary"
+
+
+def publish_cycle(markdown: str, cycle: int) -> str:
+    """The cycle summary as a markdown artifact; returns its id."""
     from prefect.artifacts import create_markdown_artifact
 
-    create_markdown_artifact(key="cycle-summary", markdown=markdown, description="Active-learning cycle summary")
+    return str(create_markdown_artifact(key=SUMMARY_KEY, markdown=markdown, description=summary_description(cycle)))
+
+
+def find_artifact(flow_run_id: str | None, key: str, description_start: str) -> str | None:
+    """The id of an artifact ``flow_run_id`` created under ``key`` whose description starts
+    with ``description_start``, or None: how a run finds out whether an earlier attempt
+    (stopped before it could record the id) had already published it."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    if not flow_run_id:
+        return None
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(flow_run_id)])))
+    return next((str(a.id) for a in found if (a.description or "").startswith(description_start)), None)

@@ -10,8 +10,10 @@ def is_transient(task, task_run, state) -> bool:
     from alflow.connectors.base import SourceError
     from alflow.tasks.modeling import ModelError
     from alflow.tasks.review import ReviewError
+    from alflow.tasks.store.database import StoreUnwritableError
 
-    permanent = (ConfigError, SourceError, ModelError, ReviewError, ValueError, TypeError, KeyError)
+    permanent = (ConfigError, SourceError, ModelError, ReviewError, StoreUnwritableError, ValueError, TypeError,
+                 KeyError)
     try:
         error = state.result(raise_on_failure=False)
     except Exception as exc:  # the result could not be read: judge what was raised

@@ -27,6 +27,7 @@ from prefect.cache_policies import NONE
 
 from alflow.config import Settings
 from alflow.tasks.agreement import cohen_kappa
+from alflow.tasks.control import current_estimate
 from alflow.tasks.retrying import is_transient
 from alflow.tasks.store import Store, document
 
@@ -81,7 +82,7 @@ def evaluate_rules(settings: Settings, counts: dict, metrics: dict | None, contr
     """
     s = settings.stopping
     rules = []
-    spent = counts["labeled"] + counts["skipped"]
+    spent = counts["answered"]
     rules.append({"rule": "budget", "configured": s.budget is not None, "value": spent, "threshold": s.budget,
                   "fired": s.budget is not None and spent >= s.budget,
                   "detail": (f"budget of {s.budget} labels spent ({spent} given)"
@@ -94,10 +95,14 @@ def evaluate_rules(settings: Settings, counts: dict, metrics: dict | None, contr
                   "detail": minutes_text + (f" of a budget of {s.budget_minutes:g} min" if s.budget_minutes else "")})
     metric = settings.evaluation.metric
     if control["n"] >= s.target_min_control:
-        value = control["accuracy"]
-        estimate = (f"control-slice accuracy {value:.3f} [{control['low']:.3f}, {control['high']:.3f}] "
-                    f"on {control['n']} control items")
-        used = "control"
+        lower = s.target_bound == "lower"
+        value = control["value_low"] if lower else control["value"]
+        estimate = (f"control-slice {control['metric']} of model v{control['model_version']} "
+                    f"{control['value']:.3f} [{control['value_low']:.3f}, {control['value_high']:.3f}] on "
+                    f"{control['n']} control items, "
+                    + (f"lower bound {value:.3f}" if lower else f"point estimate {value:.3f}")
+                    + (f" ({control['note']})" if control.get("note") else ""))
+        used = f"control {control['metric']} ({'lower bound' if lower else 'point estimate'})"
     else:
         value = (metrics or {}).get(metric)
         method = (metrics or {}).get("method", settings.evaluation.method)
@@ -142,17 +147,34 @@ def flag_records(flags) -> list[dict]:
             for f in flags.itertuples(index=False)]
 
 
+def score_model_on_control(store: Store, settings: Settings, model_version: int) -> int:
+    """Store model ``model_version``'s predictions of the control answers it has none of
+    (loading its file only when there are some); returns how many it predicted."""
+    from alflow.tasks import modeling
+    from alflow.tasks.control import score_control
+    from alflow.tasks.train import model_file
+
+    if store.unscored_control(model_version).empty:
+        return 0
+    row = store.model_row(model_version)
+    model = modeling.load_model(model_file(settings, row), modeling.trusted_types(settings.model, settings.labels))
+    return score_control(store, model_version, model)
+
+
 def assess_cycle(store: Store, settings: Settings, cycle: int, model_version: int | None, counts: dict,
                  metrics: dict | None) -> dict:
     """After a cycle's retrain: the label check (:func:`alflow.tasks.label_check.check_labels`)
-    of its model, its stop-set kappa, the control estimate and every rule's state, stored
-    in ``cycle_quality``. Returns
-    ``{control, flags, flagged (the first FLAGS_SHOWN open flags), stop_kappa, rules, stop}``."""
-    from alflow.tasks.control import control_estimate
+    of its model, its stop-set kappa, the control estimate and every rule's state. Returns
+    ``{control, flags, flagged (the first FLAGS_SHOWN open flags), stop_kappa, rules, stop}``,
+    for the caller to store as the cycle's ``cycle_quality`` row with its report, in one
+    transaction (:meth:`Store.record_assessment`). What it stores on the way (label flags,
+    control and stop-set predictions) is keyed by model and written once, so running it
+    again for the same cycle adds nothing."""
     from alflow.tasks.label_check import check_labels
 
     if model_version is not None:
         check_labels(store, settings, model_version)
+        score_model_on_control(store, settings, model_version)
     previous = store.query_df("SELECT model_version FROM cycles WHERE cycle < ? AND model_version IS NOT NULL "
                               "ORDER BY cycle DESC LIMIT 1", [cycle])
     kappa = None
@@ -160,12 +182,11 @@ def assess_cycle(store: Store, settings: Settings, cycle: int, model_version: in
         kappa = stop_set_kappa(store, settings, model_version,
                                int(previous.iloc[0, 0]) if len(previous) else None)
     kappas = stored_kappas(store, before=cycle) + [kappa]
-    control = control_estimate(store)
+    control = current_estimate(store, settings)
     flags = store.label_flag_count(model_version) if model_version is not None else 0
     rules = evaluate_rules(settings, counts, metrics, control, kappas, labeling_minutes(store))
     stop = fired_rule(rules)
-    store.record_cycle_quality(cycle, model_version, control, flags, kappa, rules, stop)
-    flagged = flag_records(store.open_label_flags(FLAGS_SHOWN))
+    flagged = flag_records(store.open_label_flags(FLAGS_SHOWN, model_version))
     return {"control": control, "flags": flags, "flagged": flagged, "stop_kappa": kappa, "rules": rules,
             "stop": stop}
 
@@ -191,12 +212,10 @@ def current_rules(store: Store, settings: Settings, counts: dict | None = None) 
     newest cycle's metrics, the stop-set kappas, the control slice, the answers)."""
     import json
 
-    from alflow.tasks.control import control_estimate
-
     counts = counts or store.counts(settings.holdout_fraction)
     latest = store.query_df("SELECT metrics FROM cycles ORDER BY cycle DESC LIMIT 1")
     metrics = json.loads(latest.iloc[0, 0]) if len(latest) and isinstance(latest.iloc[0, 0], str) else None
-    return evaluate_rules(settings, counts, metrics, control_estimate(store), stored_kappas(store),
+    return evaluate_rules(settings, counts, metrics, current_estimate(store, settings), stored_kappas(store),
                           labeling_minutes(store))
 
 
@@ -204,13 +223,11 @@ def quality_status(store: Store, settings: Settings, counts: dict | None = None)
     """The label check, the control slice and the stopping rules for `alflow status`:
     ``{control, label_flags: {model_version, count, open}, stopping: {fired, rules}}``
     (``open``: up to FLAGS_SHOWN flags still to re-review, most likely wrong first)."""
-    from alflow.tasks.control import control_estimate
-
     newest = store.last_checked_model()
     open_flags = store.open_label_flags(FLAGS_SHOWN)
     rules = current_rules(store, settings, counts)
     return {
-        "control": control_estimate(store),
+        "control": current_estimate(store, settings),
         "label_flags": {"model_version": None if newest is None else int(newest),
                         "count": store.label_flag_count(),
                         "open": flag_records(open_flags)},

@@ -20,6 +20,7 @@ from prefect.cache_policies import NONE
 
 from alflow.config import Settings
 from alflow.tasks import modeling
+from alflow.tasks.faults import fault_point
 from alflow.tasks.retrying import is_transient
 from alflow.tasks.store import Store
 
@@ -183,7 +184,8 @@ def _retrain(store: Store, settings: Settings, flow_run_id: str | None,
     ``replaces``: the newest promoted model is unusable; train anew and promote.
     """
     holdout = settings.holdout_fraction
-    frame, watermark = store.training_set(holdout)
+    control_trains = settings.query.control_trains
+    frame, watermark = store.training_set(holdout, control_trains)
     frame = frame[frame["label"].isin(settings.labels)].reset_index(drop=True)
     labels = frame["label"].tolist()
     counts = modeling.class_counts(labels)
@@ -195,8 +197,9 @@ def _retrain(store: Store, settings: Settings, flow_run_id: str | None,
     if replaces is None:
         existing = store.query_df(
             """SELECT * FROM models WHERE label_watermark = ? AND params = ?::JSON AND labels = ?::JSON
+              AND coalesce(json_extract(metrics, '$.control_trains')::BOOLEAN, true) = ?
             ORDER BY model_version DESC""",
-            [watermark, json.dumps(params, default=str), json.dumps(list(settings.labels))],
+            [watermark, json.dumps(params, default=str), json.dumps(list(settings.labels)), control_trains],
         )
         for row in existing.to_dict("records"):
             if model_file(settings, row).is_file():
@@ -205,16 +208,21 @@ def _retrain(store: Store, settings: Settings, flow_run_id: str | None,
                                    "already trained on these labels", counts), None
 
     docs = frame["doc"].tolist()
-    features = None
+    features, vocabulary = None, None
     if settings.model.vectorizer_fit == "pool":  # unsupervised: the pool's words, not its labels
         vocabulary = store.sample_pool(settings.model.vectorizer_sample, settings.seed, holdout)["doc"].tolist()
         features = modeling.fit_features(settings.model, vocabulary + docs)
     unlabeled = None
-    if settings.model.self_training:  # held-out items are never in the pool, so never pseudo-labeled
+    if settings.model.self_training != 0:  # held-out items are never in the pool, so never pseudo-labeled
         unlabeled = store.sample_pool(settings.model.self_training_sample, settings.seed, holdout)["doc"].tolist()
-    model, (pseudo_docs, _) = modeling.fit_self_trained(settings.model, docs, labels, unlabeled, features=features)
     current = find_usable_model(store, settings, logger)[0] if replaces is None else None
     current_model = current.model if current is not None else None
+    previous = _previous_self_training(store, params, settings.labels)
+    trained = modeling.self_train(settings.model, docs, labels, unlabeled, features=features,
+                                  metric=settings.evaluation.metric, seed=settings.seed, previous=previous,
+                                  # the self-trained fit starts where the current self-trained model ended
+                                  warm=current_model if current is not None and _self_trained(current.row) else None)
+    model, pseudo_docs = trained.model, trained.pseudo_docs
     metric = settings.evaluation.metric
 
     evaluating = time.perf_counter()
@@ -233,15 +241,21 @@ def _retrain(store: Store, settings: Settings, flow_run_id: str | None,
         new_score = metrics[metric]
     else:
         metrics, oof, why = modeling.evaluate_cv(
-            settings.model, docs, labels, settings.evaluation.cv_folds, settings.seed, features=model[:-1],
+            # each fold as the model was trained: self-trained (on its own labels) or not, as decided
+            settings.model.model_copy(update={"self_training": trained.decision["share"]
+                                              if trained.decision["used"] else 0.0}),
+            docs, labels, settings.evaluation.cv_folds, settings.seed, vocabulary=vocabulary,
             pool_docs=unlabeled,
         )
         if metrics is None:
             metrics = {"method": "cv", "note": why}
         new_score, current_score, compared = None, None, 0
         if current_model is not None and oof is not None:
+            # items first labeled after the incumbent was trained: neither model has seen them
+            # (an item asked again, a recheck or an adjudication, the incumbent trained on)
             fresh = store.query_df(
-                "SELECT DISTINCT item_id FROM labels WHERE label_id > ?", [int(current.row["label_watermark"])]
+                "SELECT item_id FROM labels GROUP BY item_id HAVING min(label_id) > ?",
+                [int(current.row["label_watermark"])],
             )["item_id"]
             mask = frame["item_id"].isin(set(fresh)).to_numpy()
             compared = int(mask.sum())
@@ -262,17 +276,42 @@ def _retrain(store: Store, settings: Settings, flow_run_id: str | None,
     else:
         decision = modeling.should_promote(new_score, current_score if current is not None else None,
                                            metric, compared)
-    metrics = dict(metrics,
-                   self_training={"pseudo_labels": len(pseudo_docs), "pool_sample": len(unlabeled or [])},
+    metrics = dict(metrics, control_trains=control_trains,
+                   self_training=dict(trained.decision, pseudo_labels=len(pseudo_docs),
+                                      pool_sample=len(unlabeled or [])),
                    promotion={"promoted": decision.promoted, "reason": decision.reason,
                               "compared_on": compared, "new": new_score, "current": current_score})
 
+    # The file first, then its row: a process stopped between the two leaves a file no row
+    # names, which the next retrain (same version number) writes over, atomically.
     version = store.next_model_version()
     path = modeling.save_model(model, settings.models_dir / f"model-{version:04d}.skops")
+    fault_point("retrain-after-file")
     store.register_model(version, path.name, settings.model.classifier, params, len(frame),
                          watermark, metrics, decision.promoted, flow_run_id, labels=list(settings.labels))
+    fault_point("promotion")
     return TrainResult(version, len(frame), metrics, decision.promoted, decision.reason, counts,
                        evaluate_seconds), model
+
+
+def _previous_self_training(store: Store, params: dict, labels) -> dict | None:
+    """The self-training decision of the newest model trained with these settings and
+    classes (its evidence may stand: :func:`modeling.self_train`), or None."""
+    rows = store.query_df(
+        "SELECT metrics FROM models WHERE params = ?::JSON AND labels = ?::JSON ORDER BY model_version DESC LIMIT 1",
+        [json.dumps(params, default=str), json.dumps(list(labels))],
+    )
+    if rows.empty or rows["metrics"].iloc[0] is None:
+        return None
+    metrics = rows["metrics"].iloc[0]
+    metrics = json.loads(metrics) if isinstance(metrics, str) else metrics
+    return (metrics or {}).get("self_training")
+
+
+def _self_trained(row: dict) -> bool:
+    metrics = row.get("metrics") or {}
+    metrics = json.loads(metrics) if isinstance(metrics, str) else metrics
+    return bool(((metrics or {}).get("self_training") or {}).get("used"))
 
 
 def holdout_fingerprint(item_ids, labels) -> str:

@@ -82,9 +82,33 @@ def test_agreement_of_answers_per_annotator_and_prelabel():
     assert report["items_overlapping"] == 2  # i3's skip is no answer, i4 has one
     assert report["kappa"] == pytest.approx(cohen_kappa(["x", "x"], ["x", "y"]))
     assert report["alpha"] == pytest.approx(round(krippendorff_alpha([["x", "x"], ["x", "y"]]), 4))
-    assert report["per_annotator"]["ann"] == {"answers": 4, "compared": 2, "agreement": 1.0}
+    # each against the other's answer (the majority of the others), never against a
+    # consensus that counts their own vote
+    assert report["per_annotator"]["ann"] == {"answers": 4, "compared": 2, "agreement": 0.5}
     assert report["per_annotator"]["bo"] == {"answers": 2, "compared": 2, "agreement": 0.5}
     assert report["prelabel"] == {"shown": 5, "kept": 3, "agreement": 0.6}
+
+
+def test_agreement_with_the_others_counts_ties_as_disagreement():
+    """Finding 7: two annotators who agree on 1 item of 4 are reported 0.25 each (they were
+    reported 1.0: ties dropped, and each one's own vote counted in the consensus)."""
+    two = pd.DataFrame({"item_id": [f"i{k}" for k in (1, 1, 2, 2, 3, 3, 4, 4)],
+                        "annotator": ["ann", "bo"] * 4,
+                        "label": ["x", "x", "x", "y", "y", "x", "y", "x"],
+                        "prelabel_shown": None, "effective": None})
+    report = agreement_of(two)
+    assert report["per_annotator"]["ann"]["agreement"] == 0.25
+    assert report["per_annotator"]["bo"]["agreement"] == 0.25
+    # three annotators: cy's others tie (x vs y) on i1, so cy cannot agree there
+    three = pd.DataFrame({"item_id": ["i1", "i1", "i1", "i2", "i2", "i2"],
+                          "annotator": ["ann", "bo", "cy"] * 2,
+                          "label": ["x", "y", "x", "x", "x", "x"],
+                          "prelabel_shown": None, "effective": None})
+    report = agreement_of(three)
+    assert report["per_annotator"]["cy"] == {"answers": 2, "compared": 2, "agreement": 0.5}
+    assert report["per_annotator"]["bo"] == {"answers": 2, "compared": 2, "agreement": 0.5}  # i1: ann+cy say x
+    assert report["per_annotator"]["ann"] == {"answers": 2, "compared": 2, "agreement": 0.5}  # i1: bo y vs cy x
+
 
 
 # -- overlap, ties and adjudication from the terminal and files -------------------------------
@@ -153,8 +177,9 @@ def test_overlap_tie_goes_to_adjudication_and_is_resolved(overlap_project, tmp_p
     assert report["items_overlapping"] == 3 and report["annotators"] == ["ana", "bo"]
     expected = cohen_kappa(ana, bos)
     assert report["kappa"] == (None if math.isnan(expected) else pytest.approx(expected, abs=1e-4))
-    assert report["per_annotator"]["bo"]["compared"] == 2  # the tied item has no consensus
-    assert report["per_annotator"]["bo"]["agreement"] == 1.0
+    # against the other annotator's answer on all three, the tie a disagreement
+    assert report["per_annotator"]["bo"]["compared"] == 3
+    assert report["per_annotator"]["bo"]["agreement"] == pytest.approx(2 / 3, abs=1e-4)
     assert report["batches"][0]["batch_id"] == batch_id and report["batches"][0]["items_overlapping"] == 3
     assert report["adjudication_pending"] == 0  # not while its batch is still open
     store.close_batch(batch_id, "labeled")  # what the resumed run does
@@ -169,11 +194,12 @@ def test_overlap_tie_goes_to_adjudication_and_is_resolved(overlap_project, tmp_p
     path2 = tmp_path / "second.csv"
     assert runner.invoke(app, ["export", str(path2), "--config", str(config)]).exit_code == 0
     exported = pd.read_csv(path2, keep_default_na=False)
-    assert exported.loc[0, "answers"] == f"ana: {ana[2]}, bo: {bos[2]}"
+    assert exported.loc[0, "answers"] == f"Answers disagree, your answer decides. Given: ana: {ana[2]}, bo: {bos[2]}"
+    assert exported.loc[0, "label"] == "" and exported.loc[0, "picked_by"] == "adjudication"
     result = runner.invoke(app, ["label", "--config", str(config), "--annotator", "cy", "--no-resume"],
                            input=key_for(bos[2]) + "q")
     assert result.exit_code == 0, result.output
-    assert "answers disagree" in result.output and f"ana: {ana[2]}, bo: {bos[2]}" in result.output
+    assert "Answers disagree" in result.output and f"ana: {ana[2]}, bo: {bos[2]}" in result.output
     history = store.query_df("SELECT annotator, label, origin FROM labels WHERE item_id = ? ORDER BY label_id", [tied])
     assert history.values.tolist() == [["ana", ana[2], "import"], ["bo", bos[2], "cli"],
                                        ["cy", bos[2], "adjudication"]]  # nothing overwritten
@@ -235,7 +261,10 @@ def test_label_studio_export_import_round_trip(overlap_project, tmp_path):
 
     tasks[3]["annotations"] = [annotation("eggs")]
     path.write_text(json.dumps(tasks))
-    line = runner.invoke(app, ["import", str(path), "--config", str(config), "--batch", batch_id])
+    closed = runner.invoke(app, ["import", str(path), "--config", str(config), "--batch", batch_id])
+    assert closed.exit_code == 1 and f"batch {batch_id} is labeled since" in closed.output
+    assert "pass --late" in closed.output and len(closed.output.strip().splitlines()) == 1
+    line = runner.invoke(app, ["import", str(path), "--config", str(config), "--batch", batch_id, "--late"])
     assert line.exit_code == 1 and "tasks.json task 4" in line.output and "'eggs'" in line.output
 
 
@@ -271,6 +300,7 @@ def test_overlap_rounds_and_adjudication_through_pause_and_resume(tmp_path, smal
 
     monkeypatch.setenv("ALFLOW_REVIEW__OVERLAP", "2")
     monkeypatch.setenv("ALFLOW_REVIEW__OVERLAP_SHARE", "0.4")
+    monkeypatch.setenv("ALFLOW_QUERY__CONTROL_TRAINS", "true")  # every answer trains (the tie may be a control item)
     config = write_config(tmp_path, labels=["ham", "spam"], source_path=small_csv, batch_size=5)
     store = Store(load_config(config).database)
     flow = FlowThread(active_learning_cycle, str(config))
@@ -302,9 +332,14 @@ def test_overlap_rounds_and_adjudication_through_pause_and_resume(tmp_path, smal
     flow.join()
     assert flow.error is None, flow.error
     assert store.batch(batch["batch_id"])["status"] == "labeled"
-    rows = store.query_df("SELECT annotator, origin, seconds FROM labels WHERE batch_id = ?", [batch["batch_id"]])
+    rows = store.query_df("SELECT annotator, origin, seconds, form_seconds FROM labels WHERE batch_id = ?",
+                          [batch["batch_id"]])
     assert (rows["annotator"] == "ana").sum() == 5 and (rows["annotator"] == "bo").sum() == 2
-    assert rows["seconds"].notna().all() and set(rows["origin"]) == {"ui", "cli"}
+    assert set(rows["origin"]) == {"ui", "cli"}
+    # measured time (the terminal) in seconds; the form's wait apart, never labeling time
+    form, terminal = rows[rows["origin"] == "ui"], rows[rows["origin"] == "cli"]
+    assert form["seconds"].isna().all() and form["form_seconds"].notna().all()
+    assert terminal["seconds"].notna().all() and terminal["form_seconds"].isna().all()
     agreement = flow.result["agreement"]
     assert agreement["batch"]["items_overlapping"] == 2 and agreement["adjudication_pending"] == 1
     assert flow.result["n_labels"] == 4  # the tie has no label yet

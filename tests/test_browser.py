@@ -344,6 +344,16 @@ def choose(page, select_button, value: str) -> None:
     page.locator(".p-pop-over-content").get_by_role("option", name=value, exact=True).click()
 
 
+# What the test's reviewer chooses for the blind control item (the form offers nothing).
+BLIND_ANSWER = "ham"
+
+
+def batch_prelabels_ok(batch) -> bool:
+    """Every active pick shows a pre-label; the control slice (picked_by control) none."""
+    control = batch["picked_by"] == "control"
+    return bool(batch.loc[~control, "prelabel"].isin(CLASSES).all() and batch.loc[control, "prelabel"].isna().all())
+
+
 def check_table_artifact(page, artifact_url: str, batch) -> None:
     """The batch's table artifact shows each item's text, trimmed as typed, in its cell."""
     from playwright.sync_api import expect
@@ -401,8 +411,15 @@ def resume_in_browser(sync_playwright, chromium: str, run_url: str, batch, chang
                 shown = description.inner_text().strip()
                 assert shown == as_typed(row.text, text_chars), f"#{row.rank} shows {shown!r}"
                 assert_no_injection(page, description, f"the Resume form, item #{row.rank}")
-                # the pre-label is preselected
-                expect(field.locator("button.p-select-button__control")).to_have_text(row.prelabel)
+                select = field.locator("button.p-select-button__control")
+                if isinstance(row.prelabel, str):  # the pre-label is preselected
+                    expect(select).to_have_text(row.prelabel)
+                else:  # a control item is blind: nothing preselected, the reviewer must choose
+                    assert row.picked_by == "control", row
+                    for label in CLASSES:
+                        expect(select).not_to_have_text(label)
+                    choose(page, select, BLIND_ANSWER)
+                    expect(select).to_have_text(BLIND_ANSWER)
             annotator = fields.filter(has=page.locator(".schema-form-property__label", has_text="Annotator"))
             expect(annotator).to_have_count(1)
 
@@ -460,7 +477,7 @@ def test_resume_in_the_prefect_ui_records_the_changed_label(tmp_path: Path):
         assert batch_row is not None and batch_row["status"] == "open", batch_row
         batch_id = batch_row["batch_id"]
         batch = store.batch_items(batch_id)
-        assert len(batch) == BATCH_SIZE and batch["prelabel"].isin(CLASSES).all(), batch
+        assert len(batch) == BATCH_SIZE and batch_prelabels_ok(batch), batch
         assert sorted(batch["text"]) == sorted(" ".join(t.split()) for t in NASTY_TEXTS)  # as ingested
         assert batch["answer"].isna().all()
         changed = batch.iloc[0]
@@ -487,7 +504,7 @@ def test_resume_in_the_prefect_ui_records_the_changed_label(tmp_path: Path):
         suspended_batch = wait_suspended_batch(api_url, store, suspended_id, served, served_log)
         assert wait_gone(suspended_batch["owner"]), f"the suspended run's process {suspended_batch['owner']} still runs"
         batch3 = store.batch_items(suspended_batch["batch_id"])
-        assert len(batch3) == BATCH_SIZE and batch3["prelabel"].isin(CLASSES).all(), batch3
+        assert len(batch3) == BATCH_SIZE and batch_prelabels_ok(batch3), batch3
         changed3 = batch3.iloc[0]
         new_label3 = next(c for c in CLASSES if c != changed3["prelabel"])
         resume_in_browser(sync_playwright, chromium, f"{ui_url}/runs/flow-run/{suspended_id}",
@@ -501,7 +518,8 @@ def test_resume_in_the_prefect_ui_records_the_changed_label(tmp_path: Path):
     assert len(labels3) == BATCH_SIZE and labels3["item_id"].is_unique, labels3  # once, despite the replay
     assert set(labels3["origin"]) == {"ui"} and set(labels3["flow_run_id"]) == {suspended_id}
     got3 = dict(zip(labels3["item_id"], labels3["label"]))
-    assert got3 == {**dict(zip(batch3["item_id"], batch3["prelabel"])), changed3["item_id"]: new_label3}
+    offered3 = {i: p if isinstance(p, str) else BLIND_ANSWER for i, p in zip(batch3["item_id"], batch3["prelabel"])}
+    assert got3 == {**offered3, changed3["item_id"]: new_label3}
     assert store.batch(suspended_batch["batch_id"])["status"] == "labeled"
     assert (store.cycles()["flow_run_id"] == suspended_id).sum() == 1
 
@@ -514,9 +532,10 @@ def test_resume_in_the_prefect_ui_records_the_changed_label(tmp_path: Path):
     got = dict(zip(labels["item_id"], labels["label"]))
     assert got[changed["item_id"]] == new_label
     for row in batch.iloc[1:].itertuples(index=False):
-        assert got[row.item_id] == row.prelabel, f"item #{row.rank} should keep its pre-label"
-    shown = dict(zip(labels["item_id"], labels["prelabel_shown"]))
-    assert shown == dict(zip(batch["item_id"], batch["prelabel"]))  # what each field showed
+        expected = row.prelabel if isinstance(row.prelabel, str) else BLIND_ANSWER  # control: the choice made
+        assert got[row.item_id] == expected, f"item #{row.rank} should keep its pre-label"
+    shown = {i: v if isinstance(v, str) else None for i, v in zip(labels["item_id"], labels["prelabel_shown"])}
+    assert shown == {i: v if isinstance(v, str) else None for i, v in zip(batch["item_id"], batch["prelabel"])}
     assert store.batch(batch_id)["status"] == "labeled"
     cycles = store.cycles()
     assert (cycles["flow_run_id"] == run_id).sum() == 1, cycles

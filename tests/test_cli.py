@@ -43,6 +43,8 @@ def test_bad_config_value_names_the_key(tmp_path):
 @pytest.mark.parametrize("line, key", [
     ("self_training = -1", "model.self_training"),
     ('self_training = "lots"', "model.self_training"),
+    ("self_training = true", "model.self_training"),
+    ("self_training = 11", "model.self_training"),
     ("self_training_sample = 0", "model.self_training_sample"),
 ])
 def test_bad_self_training_names_the_key(tmp_path, line, key):
@@ -160,7 +162,8 @@ def test_status_json_has_the_named_keys(tmp_path):
     result = runner.invoke(app, ["status", "--config", str(config), "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
-    assert set(report) == {"items", "pool", "labeled", "skipped", "held_out", "models", "waiting", "cycles",
+    assert set(report) == {"items", "pool", "labeled", "adjudicated", "tied", "skipped", "held_out", "models",
+                           "waiting", "cycles",
                            "control", "label_flags", "stopping", "agreement"}
     assert report["agreement"]["items_overlapping"] == 0 and report["agreement"]["kappa"] is None
     assert (report["items"], report["pool"], report["held_out"], report["labeled"]) == (5160, 4128, 1012, 0)
@@ -169,7 +172,9 @@ def test_status_json_has_the_named_keys(tmp_path):
                                  "promoted": False, "strategy": "cold-start:coverage", "timings": None,
                                  "control_accuracy": None, "control_low": None, "control_high": None,
                                  "stop_kappa": None}]
-    assert report["control"] == {"n": 0, "correct": 0, "accuracy": None, "low": None, "high": None, "models": []}
+    assert report["control"] == {"model_version": None, "n": 0, "correct": 0, "accuracy": None, "low": None,
+                                 "high": None, "metric": "accuracy", "note": None, "value": None, "value_low": None,
+                                 "value_high": None}
     assert report["label_flags"] == {"model_version": None, "count": 0, "open": []}
     assert report["stopping"]["fired"] is None
     assert [r["rule"] for r in report["stopping"]["rules"]] == ["budget", "budget_minutes", "target", "stabilizing"]
@@ -242,6 +247,9 @@ def test_server_start_and_stop(tmp_path):
         assert f"Prefect UI: http://127.0.0.1:{port}" in started.stdout
         assert "prefect-server.log" in started.stderr
         assert httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=5).status_code == 200
+        served = httpx.get(f"http://127.0.0.1:{port}/api/admin/settings", timeout=5).json()["server"]
+        # no telemetry heartbeat, no analytics in the UI, no promotional content in it
+        assert served["analytics_enabled"] is False and served["ui"]["show_promotional_content"] is False
         again = subprocess.run(command + ["start", "--config", str(config)], env=env, cwd=REPO,
                                capture_output=True, text=True, timeout=60)
         assert "already running" in again.stdout
@@ -249,6 +257,46 @@ def test_server_start_and_stop(tmp_path):
         stopped = subprocess.run(command + ["stop", "--config", str(config)], env=env, cwd=REPO,
                                  capture_output=True, text=True, timeout=60)
     assert "Stopped the Prefect server" in stopped.stdout
+    # With analytics on, the server posts its first heartbeat as it starts; offline, that logs
+    # "Failed to send telemetry".
+    assert "telemetry" not in (tmp_path / "state" / "prefect-server.log").read_text().lower()
+
+
+def test_the_prefect_server_alflow_starts_and_the_cli_send_no_telemetry(tmp_path, monkeypatch):
+    """By Prefect's own reading of the environment: the server `alflow` launches has its
+    telemetry heartbeat, the UI's analytics and promotional content off, and the SDK in
+    the `alflow` process itself sends no usage events."""
+    from alflow.flows import prefect_server
+
+    launched = {}
+
+    class Exited:
+        pid, returncode = 0, 1
+
+        def poll(self):
+            return 1
+
+    def popen(command, **kwargs):
+        launched.update(command=command, env=kwargs["env"])
+        return Exited()
+
+    with monkeypatch.context() as patched:
+        patched.setattr(prefect_server.subprocess, "Popen", popen)
+        with pytest.raises(prefect_server.ServerError, match="exited with code 1"):
+            prefect_server.start_server(tmp_path, port=_free_port(), wait_seconds=5, echo=lambda message: None)
+    assert launched["command"][-5:-2] == ["start", "--host", "127.0.0.1"]
+    untold = {k: v for k, v in os.environ.items() if k not in prefect_server.NO_TELEMETRY}
+    read_back = ("from prefect._internal.analytics import is_telemetry_enabled\n"
+                 "from prefect.settings import get_current_settings\n"
+                 "server = get_current_settings().server\n"
+                 "print(server.analytics_enabled, server.ui.show_promotional_content, is_telemetry_enabled())\n")
+    server = subprocess.run([sys.executable, "-c", read_back], env=dict(untold, **launched["env"]),
+                            capture_output=True, text=True, timeout=120)
+    assert server.stdout.split() == ["False", "False", "False"], server.stderr
+    cli = subprocess.run([sys.executable, "-c", "import sys\nfrom alflow.flows import cli\nsys.argv = ['alflow', '--help']\n"
+                          "try:\n    cli.main()\nexcept SystemExit:\n    pass\n" + read_back],
+                         env=untold, capture_output=True, text=True, timeout=120)
+    assert cli.stdout.split()[-3:] == ["False", "False", "False"], cli.stderr
 
 
 def test_ingest_of_gold_labels_outside_labels_is_one_line_and_stores_nothing(tmp_path, prefect_api):
@@ -267,3 +315,122 @@ def test_ingest_of_gold_labels_outside_labels_is_one_line_and_stores_nothing(tmp
     result = runner.invoke(app, ["ingest", "--config", str(config)])
     assert result.exit_code == 0 and "30 read, 30 new" in result.output, result.output
     assert store.scalar("SELECT count(*) FROM items WHERE gold_label = 'spam'") == 10
+
+
+# -- `alflow run` failing: one line; the traceback in the log, or on the terminal with -v --------
+def _alflow(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The `alflow` command in its own process (its stderr is what a user sees, Prefect's
+    console logging included), on this session's Prefect test server."""
+    from prefect.settings import get_current_settings
+
+    env = dict(os.environ, PREFECT_API_URL=str(get_current_settings().api.url), **(env or {}))
+    return subprocess.run([sys.executable, "-m", "alflow.flows.cli", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow  # ~15 s: two `alflow run` processes
+def test_a_failing_run_is_one_stderr_line_and_its_traceback_goes_to_the_log(tmp_path, prefect_api):
+    """A source read with the wrong delimiter fails the cycle: stderr is the one line naming
+    the cause and the key to set (Prefect's traceback and failure report go to the log
+    file); with -v the traceback shows too."""
+    source = tmp_path / "semi.csv"
+    source.write_text("text;label\nhello;ham\nbye;spam\n", encoding="utf-8")
+    config = write_config(tmp_path, labels=["ham", "spam"], source_path=source)
+    expected = ("error: source corpus: semi.csv has no column 'text' for text_column (columns: text;label); "
+                "its header looks separated by ';', not ',': set delimiter = \";\"")
+
+    quiet = _alflow("run", "--config", str(config), "--auto", "--no-progress")
+    assert quiet.returncode == 1 and quiet.stderr.splitlines() == [expected], quiet.stderr
+    log = tmp_path / "state" / "logs" / "run.log"
+    assert "Traceback (most recent call last)" in log.read_text() and "IngestFailed" in log.read_text()
+    assert "logs/run.log" in _alflow("run", "--help").stdout  # where to look, said in --help
+
+    verbose = _alflow("run", "--config", str(config), "--auto", "--no-progress", "-v")
+    assert verbose.returncode == 1 and verbose.stderr.strip().splitlines()[-1] == expected
+    assert "Traceback (most recent call last)" in verbose.stderr
+
+
+def _one_error_line(result) -> str:
+    """The command failed with one error line, its last (Prefect's own progress and
+    warning lines may come before it when they reach this runner)."""
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and result.output.strip().splitlines()[-1] == errors[0], result.output
+    assert "Traceback" not in result.output, result.output
+    return errors[0]
+
+
+def test_an_empty_source_warns_at_ingest_and_the_run_names_it(tmp_path, prefect_api):
+    source = tmp_path / "empty.csv"
+    source.write_text("", encoding="utf-8")
+    config = write_config(tmp_path, labels=["ham", "spam"], source_path=source)
+    ingested = runner.invoke(app, ["ingest", "--config", str(config)])
+    assert ingested.exit_code == 0, ingested.output
+    assert "warning: corpus: 0 read, 0 new, 0 duplicates, 0 failed; the source is empty" in ingested.output
+    line = _one_error_line(runner.invoke(app, ["run", "--config", str(config), "--auto", "--no-progress"]))
+    assert line == "error: no item is stored, so nothing can be labeled: source corpus gave 0 records at the last ingest"
+
+
+def test_undecodable_and_oversized_rows_are_counted_naming_their_keys(tmp_path, prefect_api):
+    source = tmp_path / "latin.csv"
+    source.write_bytes("text,label\nfine,ham\ncaf\u00e9 cr\u00e8me,spam\n".encode("latin-1")
+                       + b"x" * 50 + b",ham\n")
+    config = write_config(tmp_path, labels=["ham", "spam"], source_path=source)
+    config.write_text(config.read_text() + "max_text_chars = 40\n")
+    result = runner.invoke(app, ["ingest", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert ("corpus: 1 read, 1 new, 0 duplicates, 2 failed (1 text longer than max_text_chars (40), "
+            "1 undecodable as utf-8: set encoding)") in result.output
+    config.write_text(config.read_text() + 'encoding = "latin-1"\n')
+    result = runner.invoke(app, ["ingest", "--config", str(config)])
+    assert "corpus: 2 read, 1 new, 1 duplicates, 1 failed (1 text longer than max_text_chars (40))" in result.output
+    assert Store(tmp_path / "state" / "alflow.duckdb").scalar(
+        "SELECT count(*) FROM items WHERE text = 'caf\u00e9 cr\u00e8me'") == 1
+
+
+@pytest.fixture
+def immutable():
+    """chattr +i: a file even root cannot write (chmod does not stop root); undone after."""
+    marked = []
+
+    def mark(path: Path) -> None:
+        if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+            pytest.skip("chattr +i is not available here")
+        marked.append(path)
+
+    yield mark
+    for path in marked:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def test_a_read_only_database_is_one_line(tmp_path, immutable):
+    config = write_config(tmp_path, labels=["ham", "spam"], source_path=SMS_CSV)
+    database = tmp_path / "state" / "alflow.duckdb"
+    Store(database).migrate()
+    immutable(database)
+    line = one_line_error(runner.invoke(app, ["run", "--config", str(config), "--auto"]))
+    assert line.startswith(f"error: database {database} is read-only (IO Error: Cannot open file ")
+    assert line.endswith("make the file and its folder writable, or set database to another path")
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 1.2 MB tmpfs: room for a new database's schema, not for the SMS corpus."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_full_disk_is_one_line_and_nothing_is_half_written(tmp_path, prefect_api, tiny_disk):
+    config = write_config(tmp_path, labels=["ham", "spam"], source_path=SMS_CSV)
+    database = tiny_disk / "alflow.duckdb"
+    config.write_text(config.read_text().replace('database = "state/alflow.duckdb"', f'database = "{database}"'))
+    line = one_line_error(runner.invoke(app, ["ingest", "--config", str(config)]))
+    assert line.startswith(f"error: source corpus: database {database}: the disk is full (")
+    assert "No space left on device" in line and line.endswith("free some space and run again")
+    store = Store(database)
+    assert store.scalar("SELECT count(*) FROM items") == 0 and store.scalar("SELECT count(*) FROM ingests") == 0

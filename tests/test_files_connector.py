@@ -80,7 +80,7 @@ def test_csv_bad_rows_are_counted_by_reason(tmp_path: Path):
     assert [r.external_id for r in records] == ["1", "7"]
     assert records[1].text == "quoted, with comma" and records[1].meta == {"note": "a note"}
     assert report.read == 2
-    assert report.bad == {"undecodable bytes": 2, "empty text": 2, "malformed CSV row": 1}
+    assert report.bad == {"undecodable as utf-8: set encoding": 2, "empty text": 2, "malformed CSV row": 1}
     assert report.n_bad == 5
     # What was read can be stored: every field encodes.
     for record in records:
@@ -93,7 +93,7 @@ def test_csv_other_encoding(tmp_path: Path):
     records, report = read(path, encoding="latin-1")
     assert [r.text for r in records] == ["café crème"] and report.n_bad == 0
     records, report = read(path)  # as UTF-8 the byte does not decode
-    assert records == [] and report.bad == {"undecodable bytes": 1}
+    assert records == [] and report.bad == {"undecodable as utf-8: set encoding": 1}
 
 
 def test_missing_column_raises_naming_it(tmp_path: Path):
@@ -149,7 +149,7 @@ def test_jsonl_bad_lines_are_counted_not_fatal(tmp_path: Path):
     assert records[1].meta == {"score": 0.5}
     assert report.read == 3
     assert report.bad == {"malformed JSON line": 1, "JSON line is not an object": 1,
-                          "no 'body' field": 1, "empty text": 1, "undecodable bytes": 1}
+                          "no 'body' field": 1, "empty text": 1, "lone surrogate in the text": 1}
     for record in records:
         json.dumps(to_row(record, "src"), ensure_ascii=False).encode("utf-8")
 
@@ -211,7 +211,7 @@ def test_txt_folder_with_labels_from_folders(tmp_path: Path):
     assert records["ham/lunch.txt"].gold_label == "ham"
     assert records["top.txt"].gold_label is None  # no class folder
     assert records["ham/lunch.txt"].meta == {}
-    assert connector.report.bad == {"undecodable bytes": 1, "empty text": 1}
+    assert connector.report.bad == {"undecodable as utf-8: set encoding": 1, "empty text": 1}
     assert connector.report.read == 3
 
     records, _ = read(root)  # without label_from_folder: no gold labels
@@ -300,3 +300,70 @@ def test_csv_rows_of_ascii_cells_give_the_records_of_the_general_rule(tmp_path: 
     assert records[0] == Record(text="plain text", title="A title", gold_label="ham",
                                 meta={"note": "second", "extra": " kept as is "})
     assert connector.report.bad == general.report.bad == {"empty text": 1}
+
+
+# -- a whole file read wrong: one line naming the key to set --------------------------------
+def test_texts_longer_than_max_text_chars_are_rejected_and_counted(tmp_path: Path):
+    """An unclosed quote swallows the rows after it into one cell: too long to be an item."""
+    path = tmp_path / "quote.csv"
+    path.write_text('text,label\nshort one,ham\n"never closed,spam\n' + "".join(f"row {n},ham\n" for n in range(50))
+                    + "caf\u00e9 " + "x" * 60 + ",ham\n", encoding="utf-8")
+    records, report = read(path, max_text_chars=40)
+    assert [r.text for r in records] == ["short one"]
+    assert report.bad == {"text longer than max_text_chars (40)": 1}  # the quote ate the rest of the file
+    path.write_text("text\nshort one\n" + "x" * 41 + "\n" + "\u00e9" * 41 + "\n", encoding="utf-8")
+    records, report = read(path, max_text_chars=40)  # ASCII rows and the general rule alike
+    assert [r.text for r in records] == ["short one"] and report.bad == {"text longer than max_text_chars (40)": 2}
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.txt").write_text("y" * 41, encoding="utf-8")
+    assert read(folder, max_text_chars=40)[1].bad == {"text longer than max_text_chars (40)": 1}
+    assert read(folder)[1].n_bad == 0  # the default (100,000) keeps it
+
+
+def test_a_header_split_by_another_delimiter_names_the_delimiter_key(tmp_path: Path):
+    path = tmp_path / "semi.csv"
+    path.write_text("text;label\nhello;ham\nbye, then;spam\n", encoding="utf-8")
+    with pytest.raises(SourceError) as info:
+        read(path, label_column="label")
+    assert str(info.value) == ("source src: semi.csv has no column 'text' for text_column (columns: text;label); "
+                               "its header looks separated by ';', not ',': set delimiter = \";\"")
+    records, report = read(path, label_column="label", delimiter=";")
+    assert [(r.text, r.gold_label) for r in records] == [("hello", "ham"), ("bye, then", "spam")]
+    path.write_text("text\tlabel\nhello\tham\n", encoding="utf-8")
+    with pytest.raises(SourceError, match=r'set delimiter = "\\t"$'):
+        read(path, label_column="label")
+    assert [r.text for r in read(path, label_column="label", delimiter="\t")[0]] == ["hello"]
+
+
+def test_a_header_that_does_not_decode_names_the_encoding_key(tmp_path: Path):
+    """A UTF-16 export (Excel's "Unicode text") or a Latin-1 header read as UTF-8: the file
+    is not read row by row into thousands of rejects, it stops naming `encoding`."""
+    path = tmp_path / "wide.csv"
+    path.write_bytes("text,label\nhello,ham\n".encode("utf-16"))
+    with pytest.raises(SourceError) as info:
+        read(path)
+    assert str(info.value) == ("source src: the header of wide.csv is not utf-8 text; "
+                               'set encoding on the source (e.g. "latin-1", "cp1252", "utf-16")')
+    assert [r.text for r in read(path, encoding="utf-16")[0]] == ["hello"]
+    path.write_bytes("r\u00e9sum\u00e9,text\nx,hello\n".encode("latin-1"))
+    with pytest.raises(SourceError, match="is not utf-8 text"):
+        read(path)
+
+
+def test_a_utf8_byte_order_mark_is_not_part_of_the_first_column(tmp_path: Path):
+    path = tmp_path / "excel.csv"
+    path.write_bytes("text,label\nhello,ham\n".encode("utf-8-sig"))
+    records, _ = read(path, label_column="label")
+    assert [(r.text, r.gold_label) for r in records] == [("hello", "ham")]
+
+
+def test_an_unknown_encoding_is_a_config_error_naming_the_key(tmp_path: Path):
+    from alflow.config import ConfigError, load_config
+
+    config = tmp_path / "alflow.toml"
+    config.write_text('labels = ["a", "b"]\n[[sources]]\ntype = "files"\nname = "f"\npath = "x.csv"\n'
+                      'encoding = "latin-9x"\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"sources\.0\.files\.encoding: 'latin-9x' is not a Python codec") as info:
+        load_config(config)
+    assert "\n" not in str(info.value)

@@ -86,9 +86,11 @@ def test_paused_cycle_resumed_with_run_input_fills_every_table(sms_config):
     flow = FlowThread(active_learning_cycle, str(sms_config), auto=False, ingest_sources=False)
     batch = wait_until_paused(store)
     items = store.batch_items(batch["batch_id"])
-    assert len(items) == 20 and items["prelabel"].notna().all()
+    control = items["picked_by"] == "control"  # the control slice: blind, no pre-label, no default
+    assert len(items) == 20 and items.loc[~control, "prelabel"].notna().all()
+    assert control.sum() == 1 and items.loc[control, "prelabel"].isna().all()
     assert items["answer"].isna().all()
-    values = {field_name(r.rank): r.prelabel for r in items.itertuples()}
+    values = {field_name(r.rank): r.prelabel if isinstance(r.prelabel, str) else "ham" for r in items.itertuples()}
     flipped = items.iloc[0]
     corrected = "spam" if flipped["prelabel"] == "ham" else "ham"
     values[field_name(1)] = corrected
@@ -107,8 +109,8 @@ def test_paused_cycle_resumed_with_run_input_fills_every_table(sms_config):
     by_item = dict(zip(labels["item_id"], labels["label"]))
     assert by_item[flipped["item_id"]] == corrected
     assert by_item[items.iloc[1]["item_id"]] == "skip"
-    for row in items.iloc[2:].itertuples():
-        assert by_item[row.item_id] == row.prelabel  # the defaults were accepted as given
+    for row in items.iloc[2:].itertuples():  # the defaults were accepted as given; the control item chosen
+        assert by_item[row.item_id] == (row.prelabel if isinstance(row.prelabel, str) else "ham")
 
     assert store.batch(batch["batch_id"])["status"] == "labeled"
     assert table_count(store, "items") == 5160  # 5574 rows, 414 exact duplicates
@@ -118,7 +120,8 @@ def test_paused_cycle_resumed_with_run_input_fills_every_table(sms_config):
     scored = store.scalar("SELECT count(*) FROM predictions WHERE model_version = 1")
     assert scored == store.counts(0.2)["pool"] + 20  # the pool as it was before this batch
     cycles = store.cycles()
-    assert list(cycles["n_labels"]) == [20, 39]  # one answer was a skip
+    # one answer was a skip, and each batch's control answer tests models, never trains them
+    assert list(cycles["n_labels"]) == [19, 37]
     assert cycles["accuracy"].notna().all()
     model = store.query_df("SELECT * FROM models WHERE model_version = 2").iloc[0]
     assert model["path"] == "model-0002.skops"  # a file name in models_dir: the project can move
@@ -133,7 +136,7 @@ def test_paused_cycle_resumed_with_run_input_fills_every_table(sms_config):
     assert {"review-batch", "review-form", "cycle-summary"} <= set(artifacts)
     assert artifacts["review-form"].data.endswith(f"/runs/flow-run/{batch['flow_run_id']})")
     summary_md = artifacts["cycle-summary"].data
-    assert "Learning curve" in summary_md and "| 2 | 39 |" in summary_md and "vs cycle 1" in summary_md
+    assert "Learning curve" in summary_md and "| 2 | 37 |" in summary_md and "vs cycle 1" in summary_md
     assert flipped["item_id"] in artifacts["review-batch"].data
 
     # Where each cycle's time went: stored with it, in `alflow status` (text and --json) and the summary.
@@ -204,9 +207,10 @@ def test_cli_export_import_resume(sms_config, tmp_path):
     assert store.batch(batch["batch_id"])["status"] == "labeled"
 
 
-def test_terminal_labeling_then_resume(ag_config):
+def test_terminal_labeling_then_resume(ag_config, monkeypatch):
     """`alflow label`: Enter accepts, a digit picks a class, s skips, b goes back; at the
     end it resumes the paused run itself. Four classes (AG News)."""
+    monkeypatch.setenv("ALFLOW_QUERY__RECHECK_SHARE", "0")  # no recheck first: Enter accepts item 1's pre-label
     active_learning_cycle(str(ag_config), auto=True)
     store = store_for(ag_config)
     flow = FlowThread(active_learning_cycle, str(ag_config), ingest_sources=False)
@@ -223,9 +227,10 @@ def test_terminal_labeling_then_resume(ag_config):
     answers = store.batch_items(batch["batch_id"])
     assert answers.iloc[1]["answer"] == "sports"  # the correction is the answer; both rows kept
 
-    # The rest: accept every pre-label; the command resumes the run when all are answered.
-    result = runner.invoke(app, ["label", "--config", str(ag_config), "--annotator", "cli-user"],
-                           input="\r" * len(items))
+    # The rest: accept every pre-label (Enter); the control item offers none, so it gets a
+    # digit; the command resumes the run when all are answered.
+    keys = "".join("\r" if isinstance(p, str) else "1" for p in items["prelabel"].iloc[3:])
+    result = runner.invoke(app, ["label", "--config", str(ag_config), "--annotator", "cli-user"], input=keys)
     assert result.exit_code == 0, result.output
     assert "Resumed run" in result.output
     flow.join()
@@ -240,7 +245,7 @@ def test_auto_three_cycles_accuracy_rises(sms_config):
     assert result.exit_code == 0, result.output
     cycles = store_for(sms_config).cycles()
     assert list(cycles["cycle"]) == [1, 2, 3]
-    assert list(cycles["n_labels"]) == [20, 40, 60]
+    assert list(cycles["n_labels"]) == [19, 38, 57]  # one control answer per batch: it trains no model
     # Measured (seed 7, gold holdout of 1,012): accuracy 0.846, 0.926, 0.929 and macro F1
     # 0.458, 0.838, 0.864. The cold-start model calls everything ham (ham is 84.6% of the
     # holdout, F1 0.458); two margin batches find the spam.
@@ -251,7 +256,7 @@ def test_auto_three_cycles_accuracy_rises(sms_config):
     assert list(cycles["strategy"]) == ["cold-start:coverage"] + ["margin+exploration(0.1)"] * 2
     labels = store_for(sms_config).labels()
     assert set(labels["origin"]) == {"simulated"} and len(labels) == 60
-    assert "cycle 3: 60 labels" in result.output
+    assert "cycle 3: 57 labels" in result.output
 
 
 def test_budget_stops_the_loop(tmp_path):
@@ -263,7 +268,7 @@ def test_budget_stops_the_loop(tmp_path):
     assert result.exit_code == 0, result.output
     assert "budget of 30 labels spent" in result.output
     cycles = store_for(config).cycles()
-    assert list(cycles["n_labels"]) == [20, 30]
+    assert list(cycles["n_labels"]) == [19, 28]  # 20 + 10 answers, of which 2 control answers
 
 
 def test_timed_out_review_keeps_stored_answers(tmp_path):
@@ -291,7 +296,7 @@ def test_timed_out_review_keeps_stored_answers(tmp_path):
     assert pool_before == 5160 - store.counts(0.2)["holdout"] - 5
 
     summary = active_learning_cycle(str(config), auto=True, ingest_sources=False)
-    assert summary["n_labels"] == 25  # the 5 stored answers plus the new batch
+    assert summary["n_labels"] == 24  # the 5 stored answers plus the new batch but its control answer
     assert set(store.labels()["label_id"]) >= set(range(1, 6))
 
 
@@ -304,16 +309,16 @@ def test_multiclass_cross_validation(ag_config, monkeypatch):
     store = store_for(ag_config)
     assert store.counts(None)["holdout"] == 0 and store.counts(None)["items"] == 800
     metrics = second["metrics"]
-    assert metrics["method"] == "cv" and metrics["folds"] == 5 and metrics["n_eval"] == 40
+    assert metrics["method"] == "cv" and metrics["folds"] == 5 and metrics["n_eval"] == 38  # 2 control answers
     # Measured: macro F1 0.434 on 40 labels (4 classes: chance is 0.25), 0.731 on the 20
     # cold-start labels (0.229 without self-training). Scored on human labels only, by fold
     # models self-trained as the real one: the 20 margin picks are the hard items, so the
     # estimate drops although the model improves (the control slice is the unbiased figure).
     assert metrics["macro_f1"] >= 0.35 and metrics["accuracy"] >= 0.38
     assert first["metrics"]["macro_f1"] >= 0.5
-    assert metrics["self_training"]["pseudo_labels"] == 40 and first["metrics"]["self_training"]["pseudo_labels"] == 20
+    assert metrics["self_training"]["pseudo_labels"] == 38 and first["metrics"]["self_training"]["pseudo_labels"] == 19
     promotion = second["metrics"]["promotion"]
-    assert promotion["compared_on"] == 20  # the new batch: unseen by the old model
+    assert promotion["compared_on"] == 19  # the new batch but its control answer: unseen by the old model
     assert first["cycle"] == 1 and second["cycle"] == 2
 
 
@@ -398,7 +403,7 @@ def test_killed_paused_run_is_taken_over(sms_config):
     assert len(store.labels()) == 1  # --skip-rest wrote nothing for an abandoned batch
 
     summary = active_learning_cycle(str(sms_config), auto=True, ingest_sources=False)
-    assert summary["n_labels"] == 21
+    assert summary["n_labels"] == 20  # the stored answer and the new batch but its control answer
 
 
 def test_holdout_without_gold_labels_fails_before_asking(tmp_path):
@@ -452,7 +457,7 @@ def test_gold_labels_outside_labels_fail_at_ingest_then_label_map_fixes_them(tmp
     config.write_text(config.read_text() + 'label_map = { HAM = "ham", Spam = "spam" }\n')
     result = runner.invoke(app, ["run", "--config", str(config), "--auto", "--no-progress"])
     assert result.exit_code == 0, result.output
-    assert "cycle 1: 20 labels, model v1" in result.output
+    assert "cycle 1: 19 labels, model v1" in result.output  # 20 answers, one of them the control slice's
     assert set(store.labels()["label"]) <= {"ham", "spam"} and len(store.labels()) == 20
     gold = store.query_df("SELECT gold_label, count(*) AS n FROM items GROUP BY gold_label ORDER BY gold_label")
     assert gold["gold_label"].tolist() == ["ham", "spam"] and gold["n"].sum() == table_count(store, "items")
@@ -591,7 +596,8 @@ def test_the_cycle_lock_keeps_one_cycle_at_a_time(tmp_path, small_csv, monkeypat
     with get_client(sync_client=True) as client:  # a holder on another host whose run has failed
         ended = client.create_flow_run(flow=prefect_flow(name="lock-holder")(lambda: None), state=Failed())
     with store.transaction() as con:
-        con.execute("INSERT INTO locks VALUES ('cycle', 'elsewhere:1', ?, now())", [str(ended.id)])
+        con.execute("INSERT INTO locks (name, owner, flow_run_id, acquired_at) VALUES ('cycle', 'elsewhere:1', ?, now())",
+                    [str(ended.id)])
     summary = active_learning_cycle(str(config), auto=True, ingest_sources=False)
     assert summary["cycle"] == 2 and store.lock_holder("cycle") is None
 

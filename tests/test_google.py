@@ -8,21 +8,24 @@ must appear in no log line, exception message or record.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import re
+import socket
 import textwrap
 import time
 from pathlib import Path
 
 import pytest
+import urllib3.util.connection
 from werkzeug.wrappers import Request, Response
 
 from alflow.config import ConfigError, load_config
 from alflow.config.sources import GoogleSource
 from alflow.connectors import Connector, SourceError, build_connector
 from alflow.connectors.google import GoogleConnector
-from alflow.connectors.http import retry_after_seconds
+from alflow.connectors.http import resolve_addresses, retry_after_seconds
 
 DATA = Path(__file__).resolve().parent / "data" / "google"
 KEY = "AIzaSyD-T3st_K3y-0123456789abcdefghijkl"
@@ -31,19 +34,61 @@ TOKENS = ["CBMiXkFVX3lxTE5HbGFjaWVyc0FscHNSZWNvcmRMb3NzMjAyNQ",
           "CBMiVkFVX3lxTE9waW5pb25SaXZlclRvd25z"]
 CX = "017576662512468239146:omuauf_lfve"
 JSON = "application/json; charset=UTF-8"
+METADATA = "http://169.254.169.254/latest/meta-data/iam/security-credentials/"
+
+
+def article(title: str, n: int) -> str:
+    """A small news page whose main text trafilatura finds (three paragraphs on station n)."""
+    paragraphs = "".join(
+        f"<p>{title}, part {i}: the glacier measurements of station {n} show a loss of {3 * i + n} "
+        "metres of ice since the survey began, according to the field team.</p>" for i in range(3))
+    return (f"<html><head><title>{title}</title></head><body><nav>Home | News</nav><article>"
+            f"<h1>{title}</h1>{paragraphs}</article><footer>Privacy</footer></body></html>")
+
+
+def rss(items: list[tuple[str, str, str]]) -> str:
+    """An RSS 2.0 feed of (title, RFC 822 pubDate, link) items, as Google News shapes them."""
+    body = "".join(f"<item><title>{title} - Station Times</title><link>{link}</link>"
+                   f'<guid isPermaLink="false">{link}</guid><pubDate>{date}</pubDate>'
+                   '<source url="https://stations.example">Station Times</source></item>'
+                   for title, date, link in items)
+    return f'<?xml version="1.0" encoding="UTF-8"?><rss version="2.0"><channel><title>t</title>{body}</channel></rss>'
 
 
 class FakeGoogle:
-    """News RSS, the Custom Search API and a small web site with a robots.txt."""
+    """News RSS, the Custom Search API and a small web site with a robots.txt.
+
+    ``faults`` are answered first by the API; ``page_faults[path]`` first for that path.
+    ``feed`` replaces the recorded RSS; ``results[q]`` are the links the API answers for
+    the query ``q`` (one page); ``sites[path]`` is an HTML page, ``redirects[path]`` a 302.
+    """
 
     def __init__(self, base: str):
         self.base = base
         self.requests: list[tuple[float, str, dict, dict]] = []
-        self.faults: list[tuple[int, str, dict]] = []  # answered first by the API
+        self.faults: list[tuple[int, str, dict]] = []
+        self.page_faults: dict[str, list[tuple[int, dict]]] = {}
+        self.feed: str | None = None
+        self.results: dict[str, list[str]] = {}
+        self.sites: dict[str, str] = {}
+        self.redirects: dict[str, str] = {}
 
     def __call__(self, request: Request) -> Response:
         self.requests.append((time.monotonic(), request.path, dict(request.args), dict(request.headers)))
         path = request.path
+        if self.page_faults.get(path):
+            status, headers = self.page_faults[path].pop(0)
+            return Response("busy", status=status, headers=headers)
+        if path in self.redirects:
+            return Response("", status=302, headers={"Location": self.redirects[path]})
+        if path in self.sites:
+            return Response(self.sites[path], content_type="text/html; charset=utf-8")
+        if path == "/rss/search" and self.feed is not None:
+            return Response(self.feed, content_type="application/xml; charset=utf-8")
+        if path == "/customsearch/v1" and not self.faults and request.args["q"] in self.results:
+            items = [{"title": f"Result {rank}", "link": link, "snippet": f"Snippet {rank}."}
+                     for rank, link in enumerate(self.results[request.args["q"]], start=1)]
+            return Response(json.dumps({"items": items}), content_type=JSON)
         if path == "/rss/search":
             body = (DATA / "news_glacier.rss").read_text(encoding="utf-8")
             return Response(body.replace("https://news.google.com", self.base),
@@ -85,6 +130,36 @@ def httpserver_listen_address():
 
 
 @pytest.fixture
+def loopback_only(monkeypatch):
+    """Every connection the test opens (requests and httpx alike) must go to a loopback
+    address; any other is refused before it is made and listed in the returned list."""
+    refused: list[str] = []
+
+    def guard(create):
+        def create_connection(address, *args, **kwargs):
+            host, port = address[0], address[1]
+            addresses = {ipaddress.ip_address(info[4][0]) for info in socket.getaddrinfo(host, port)}
+            if not all(ip.is_loopback for ip in addresses):
+                refused.append(f"{host}:{port}")
+                raise ConnectionRefusedError(f"test guard: no connection to {host}")
+            return create(address, *args, **kwargs)
+        return create_connection
+
+    monkeypatch.setattr(urllib3.util.connection, "create_connection",
+                        guard(urllib3.util.connection.create_connection))
+    monkeypatch.setattr(socket, "create_connection", guard(socket.create_connection))
+    return refused
+
+
+def public_localhost(host: str) -> list:
+    """A resolver under which ``localhost`` passes for a public host (its pages are still
+    fetched from 127.0.0.1), so a redirect from it to 127.0.0.1 can be tested."""
+    if host == "localhost":
+        return [ipaddress.ip_address("93.184.216.34")]
+    return resolve_addresses(host)
+
+
+@pytest.fixture
 def google(httpserver):
     fake = FakeGoogle(httpserver.url_for("/").rstrip("/"))
     httpserver.expect_request(re.compile(".*")).respond_with_handler(fake)
@@ -95,6 +170,8 @@ def news(google, **kw) -> GoogleConnector:
     kw.setdefault("search", "glacier")
     kw.setdefault("retry_wait_seconds", 0.0)
     kw.setdefault("page_delay_seconds", 0.0)
+    if kw.get("fetch_pages"):
+        kw.setdefault("allow_private_addresses", True)  # the pages are on 127.0.0.1
     settings = GoogleSource(type="google", name=kw.pop("name", "news"),
                             rss_url=f"{google.base}/rss/search", **kw)
     return GoogleConnector(settings)
@@ -105,6 +182,8 @@ def cse(google, environ=None, **kw) -> GoogleConnector:
     kw.setdefault("retry_wait_seconds", 0.0)
     kw.setdefault("page_delay_seconds", 0.0)
     kw.setdefault("api_key_env", "TEST_CSE_KEY")
+    if kw.get("fetch_pages"):
+        kw.setdefault("allow_private_addresses", True)  # the pages are on 127.0.0.1
     settings = GoogleSource(type="google", name=kw.pop("name", "cse"), backend="custom_search",
                             cx=CX, endpoint=f"{google.base}/customsearch/v1", **kw)
     return GoogleConnector(settings, environ={"TEST_CSE_KEY": KEY} if environ is None else environ)
@@ -256,6 +335,79 @@ def test_page_fetches_wait_the_per_domain_delay(google):
     assert min(gaps) >= 0.29, gaps
 
 
+# -- retryable failures hold the cursor; pages only from public addresses -------------------------
+def test_news_cursor_stays_before_a_page_that_answered_503(google):
+    dates = ["Tue, 06 May 2025 12:00:00 GMT", "Mon, 05 May 2025 12:00:00 GMT", "Sun, 04 May 2025 12:00:00 GMT"]
+    google.feed = rss([(f"Station {n} report", date, f"{google.base}/site/{n}.html")
+                       for n, date in zip((1, 2, 3), dates, strict=True)])
+    google.sites = {f"/site/{n}.html": article(f"Station {n} report", n) for n in (1, 2, 3)}
+    google.page_faults = {"/site/2.html": [(503, {})]}
+    first = news(google, fetch_pages=True, retries=0)
+    assert [r.title for r in first.fetch()] == ["Station 1 report", "Station 3 report"]
+    assert dict(first.report.bad) == {"page fetch failed: HTTP 503": 1}
+    assert first.next_cursor == "2025-05-05T12:00:00Z"  # not past station 2, whose page may come later
+
+    healed = news(google, fetch_pages=True, retries=0)
+    records = list(healed.fetch(cursor=first.next_cursor))
+    assert [r.title for r in records] == ["Station 1 report", "Station 2 report"]
+    assert "station 2 show a loss" in records[1].text and healed.skipped_by_cursor == 1
+    assert healed.next_cursor == "2025-05-06T12:00:00Z"
+
+    # A page that is gone for good (404) is counted and passed, as before.
+    google.page_faults = {"/site/2.html": [(404, {})]}
+    gone = news(google, fetch_pages=True, retries=0)
+    assert len(list(gone.fetch())) == 2 and gone.next_cursor == "2025-05-06T12:00:00Z"
+
+
+def test_custom_search_page_fetch_refuses_a_redirect_to_the_metadata_address(google, loopback_only):
+    google.results["metadata"] = [f"{google.base}/go/credentials", f"{google.base}/site/1.html",
+                                  "http://169.254.169.254/latest/user-data"]
+    google.redirects = {"/go/credentials": METADATA}
+    google.sites = {"/site/1.html": article("Station 1 report", 1)}
+    # allow_private_addresses (the pages are on 127.0.0.1) never opens link-local addresses.
+    connector = cse(google, search="metadata", fetch_pages=True)
+    records = list(connector.fetch())
+    assert [r.url for r in records] == [f"{google.base}/site/1.html"]
+    assert dict(connector.report.bad) == {"private address": 2}
+    assert loopback_only == []  # refused before connecting: no attempt reached the guard
+    assert connector.next_cursor == [f"{google.base}/site/1.html"]  # the refused are not "read"
+
+
+def test_pages_on_private_addresses_are_refused_unless_allowed(google, loopback_only):
+    port = google.base.rsplit(":", 1)[1]
+    public = f"http://localhost:{port}"
+    google.results["intranet"] = [f"{public}/go/internal", f"{public}/site/1.html", f"{google.base}/site/2.html"]
+    google.redirects = {"/go/internal": f"{google.base}/internal/secret.html"}
+    google.sites = {"/site/1.html": article("Station 1 report", 1), "/site/2.html": article("Station 2 report", 2),
+                    "/internal/secret.html": article("INTERNAL ONLY payroll", 9)}
+    settings = GoogleSource(type="google", name="cse", backend="custom_search", cx=CX, search="intranet",
+                            endpoint=f"{google.base}/customsearch/v1", api_key_env="TEST_CSE_KEY",
+                            fetch_pages=True, page_delay_seconds=0, retry_wait_seconds=0)
+    assert settings.allow_private_addresses is False
+    connector = GoogleConnector(settings, environ={"TEST_CSE_KEY": KEY}, resolve=public_localhost)
+    records = list(connector.fetch())
+    assert [r.url for r in records] == [f"{public}/site/1.html"]
+    assert dict(connector.report.bad) == {"private address": 2}  # the redirect, and 127.0.0.1 itself
+    assert "/internal/secret.html" not in google.paths() and "/site/2.html" not in google.paths()
+    assert not any("INTERNAL" in r.text for r in records) and loopback_only == []
+
+    allowed = cse(google, search="intranet", fetch_pages=True, allow_private_addresses=True)
+    assert len(list(allowed.fetch())) == 3 and "/internal/secret.html" in google.paths()
+
+
+def test_custom_search_retry_after_beyond_the_cap_fails_at_once_saying_when(google):
+    google.faults = [(429, (DATA / "cse_error_429.json").read_text(), {"Retry-After": "86400"})]
+    slept: list[float] = []
+    settings = GoogleSource(type="google", name="cse", backend="custom_search", cx=CX, search="glacier mass balance",
+                            endpoint=f"{google.base}/customsearch/v1", api_key_env="TEST_CSE_KEY", retries=3)
+    connector = GoogleConnector(settings, environ={"TEST_CSE_KEY": KEY}, sleep=slept.append)
+    with pytest.raises(SourceError) as info:
+        list(connector.fetch())
+    assert re.fullmatch(r"source cse: the Custom Search API asked to wait 86400 s \(Retry-After\), more than "
+                        r"max_retry_wait_seconds = 120; retry after \d{4}-\d\d-\d\d \d\d:\d\d UTC", str(info.value))
+    assert slept == [] and len(google.api_calls()) == 1
+
+
 # -- the key stays secret -------------------------------------------------------------------------
 def test_the_key_appears_in_no_log_line_error_or_record(google, caplog):
     google.faults = [(429, json.dumps({"error": {"code": 429, "message": f"quota for key {KEY} exceeded",
@@ -352,6 +504,9 @@ def test_config_defaults(tmp_path):
     ('search = "x"\nbackend = "bing"\n', "sources.0.google.backend"),
     ('search = "x"\nrss_url = "news.google.com/rss/search"\n', "sources.0.google.rss_url"),
     ('backend = "news_rss"\n', "sources.0.google.search: required key is missing"),
+    ('search = "x"\nallow_private_addresses = true\n',
+     "sources.0.google.allow_private_addresses: only applies with fetch_pages = true"),
+    ('search = "x"\nmax_retry_wait_seconds = -1\n', "sources.0.google.max_retry_wait_seconds"),
 ])
 def test_config_errors(tmp_path, body, expected):
     assert expected in config_error(tmp_path, body)

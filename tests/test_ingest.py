@@ -48,8 +48,12 @@ class Services:
         self.news_down = False  # answer 503 to every RSS request
         self.news_extra = ""  # an <item> added to the top of the feed
         self.texts_down = False  # answer 500 to every TextExtracts request
+        self.quota_from: int | None = None  # Custom Search answers 429 from this start index on
 
     def __call__(self, request: Request) -> Response:
+        if request.path == "/customsearch/v1" and self.quota_from and int(request.args["start"]) >= self.quota_from:
+            return Response((GOOGLE_DATA / "cse_error_429.json").read_text(), status=429,
+                            content_type="application/json")
         if request.path == "/w/api.php" and self.texts_down and request.args.get("prop") == "extracts":
             return Response("upstream error", status=500)
         if request.path == "/w/api.php":
@@ -282,7 +286,7 @@ def test_the_cycle_goes_on_when_some_sources_fail_and_fails_when_all_do(tmp_path
         """)
     config = write_config(tmp_path, labels=["ham", "spam"], source_path=small_csv, extra=news)
     summary = active_learning_cycle(str(config), auto=True)
-    assert summary["cycle"] == 1 and summary["n_labels"] == 20  # the files source was enough
+    assert summary["cycle"] == 1 and summary["n_labels"] == 19  # the files source was enough (20 answers, 1 control)
     run = latest_run(config)
     assert run.state.is_failed() and run.state.message.startswith("1 of 2 sources failed: source news: ")
     cycle = latest_run(config, "active-learning-cycle")
@@ -299,7 +303,13 @@ def test_the_cycle_goes_on_when_some_sources_fail_and_fails_when_all_do(tmp_path
 
 # -- ingest_source: cursors and transactions, without Prefect ---------------------------------
 def wiki_settings(tmp_path: Path, base: str, **changes):
-    extra = sources_toml(base).split("[[sources]]")[1]
+    return source_settings(tmp_path, base, 1, **changes)
+
+
+def source_settings(tmp_path: Path, base: str, n: int, **changes):
+    """A config (in ``tmp_path``) of the files source and the n-th source of sources_toml."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    extra = sources_toml(base).split("[[sources]]")[n]
     for key, value in changes.items():
         line = f"{key} = {value}"
         extra = re.sub(rf"(?m)^{key} = .*$", line, extra) if f"\n{key} = " in extra else extra + line + "\n"
@@ -347,6 +357,57 @@ def test_a_failed_fetch_stores_no_cursor_and_reports_what_it_stored(tmp_path, se
     assert info.value.report.error == str(info.value)
     store = Store(settings.database)
     assert store.source_cursor("wiki") is None and store.scalar("SELECT count(*) FROM ingests") == 0
+
+
+def stored_items(settings) -> list[tuple]:
+    """Every stored item but when and by which run it was fetched, in item_id order."""
+    return Store(settings.database).query_df(
+        "SELECT item_id, source, external_id, url, title, text, meta::VARCHAR FROM items ORDER BY item_id"
+    ).values.tolist()
+
+
+def test_a_search_that_stops_at_page_two_keeps_page_one_and_the_next_run_completes_it(
+        tmp_path, services, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, KEY)
+    clean = source_settings(tmp_path / "clean", services.base, 3)
+    ingest_source(clean, "cse", "clean-1")
+    settings = source_settings(tmp_path / "quota", services.base, 3)
+
+    services.quota_from = 11  # the daily quota runs out at the second page of ten results
+    with pytest.raises(SourceFailed) as info:
+        ingest_source(settings, "cse", "ingest-1")
+    assert str(info.value).startswith("source cse: Custom Search API quota exceeded (HTTP 429 RESOURCE_EXHAUSTED)")
+    assert info.value.report.line().endswith("(10 read, 10 new, 0 duplicates before it stopped)")
+    store = Store(settings.database)
+    assert store.scalar("SELECT count(*) FROM items WHERE source = 'cse'") == 10  # the first page, kept
+    assert store.source_cursor("cse") is None  # not moved past the second page, never read
+
+    services.quota_from = None  # the next day
+    report = ingest_source(settings, "cse", "ingest-2")
+    assert (report.read, report.new, report.duplicate) == (12, 2, 10)
+    assert stored_items(settings) == stored_items(clean)  # as a clean run, none twice
+    assert len(store.source_cursor("cse").value) == 12
+
+
+def test_a_wiki_that_fails_at_its_third_text_keeps_the_first_two(tmp_path, services):
+    clean = source_settings(tmp_path / "clean", services.base, 1)
+    ingest_source(clean, "wiki", "clean-1")
+    settings = source_settings(tmp_path / "failing", services.base, 1)
+    services.wiki.fail = lambda params: (Response("upstream error", status=500)
+                                         if params.get("excontinue") == "2" else None)
+    with pytest.raises(SourceFailed) as info:
+        ingest_source(settings, "wiki", "ingest-1")
+    assert info.value.report.line() == (f"source wiki: HTTP 500 from {services.base}/w/api.php after 1 retry "
+                                        "(2 read, 2 new, 0 duplicates before it stopped)")
+    store = Store(settings.database)
+    assert sorted(store.query_df("SELECT title FROM items WHERE source = 'wiki'")["title"]) == [
+        "Chlorophyll", "Photosynthesis"]
+    assert store.source_cursor("wiki") is None
+
+    services.wiki.fail = lambda params: None
+    report = ingest_source(settings, "wiki", "ingest-2")
+    assert (report.read, report.new, report.duplicate) == (3, 1, 2)
+    assert stored_items(settings) == stored_items(clean)
 
 
 class ListConnector:
@@ -448,7 +509,7 @@ def test_a_file_is_read_in_chunks_and_an_unchanged_file_is_not_read_again(tmp_pa
 
     first = ingest_source(settings, "corpus", "ingest-1")
     assert first.line() == ("corpus: 6 read, 4 new, 2 duplicates, 3 failed "
-                            "(1 empty text, 1 malformed CSV row, 1 undecodable bytes)")
+                            "(1 empty text, 1 malformed CSV row, 1 undecodable as utf-8: set encoding)")
     items = store.query_df("SELECT item_id, title, text, gold_label, meta::VARCHAR AS meta, ingest_run "
                            "FROM items ORDER BY text")
     assert items["text"].tolist() == ["Glacier retreats again", "Rain all week", "Storm in the north",
@@ -467,7 +528,7 @@ def test_a_file_is_read_in_chunks_and_an_unchanged_file_is_not_read_again(tmp_pa
         patched.setattr(FilesConnector, "fetch", no_read)
         again = ingest_source(settings, "corpus", "ingest-2")
     assert again.line() == ("corpus: 6 read, 0 new, 6 duplicates, 3 failed "
-                            "(1 empty text, 1 malformed CSV row, 1 undecodable bytes)")
+                            "(1 empty text, 1 malformed CSV row, 1 undecodable as utf-8: set encoding)")
     assert store.scalar("SELECT count(*) FROM items WHERE ingest_run = 'ingest-2'") == 0
     assert store.query_df("SELECT n_read, n_new, n_duplicate, n_bad FROM ingests WHERE ingest_id = 'ingest-2'"
                           ).values.tolist() == [[6, 0, 6, 3]]

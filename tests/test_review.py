@@ -248,7 +248,9 @@ def test_resume_form_keeps_untouched_defaults_and_records_changes(trained, tmp_p
     batch = wait_until_paused(store)
     batch_id = batch["batch_id"]
     items = store.batch_items(batch_id)
-    assert len(items) == 8 and items["prelabel"].isin(CLASSES).all()
+    # the last item is the control slice's: blind, so it has no pre-label and no default
+    assert len(items) == 8 and items["prelabel"].iloc[:7].isin(CLASSES).all()
+    assert items["picked_by"].iloc[7] == "control" and items["prelabel"].isna().iloc[7]
     pre = items["prelabel"].tolist()
     ids = items["item_id"].tolist()
     digit = {c: str(i) for i, c in enumerate(CLASSES, start=1)}
@@ -261,6 +263,7 @@ def test_resume_form_keeps_untouched_defaults_and_records_changes(trained, tmp_p
     values = {field_name(r.rank): r.prelabel for r in items.itertuples()}  # the form's defaults
     values[field_name(2)] = other(pre[1])  # deliberately changed: a correction of ana's answer
     values[field_name(3)] = "skip"
+    values[field_name(8)] = CLASSES[0]  # the control item has no default: ana chooses
     values["annotator"] = "ana"
     resume_flow_run(UUID(batch["flow_run_id"]), run_input=values)
     flow.join()
@@ -271,11 +274,13 @@ def test_resume_form_keeps_untouched_defaults_and_records_changes(trained, tmp_p
     assert history[ids[0]] == [[other(pre[0]), "cli"]]  # the untouched default is not recorded
     assert history[ids[1]] == [[pre[1], "cli"], [other(pre[1]), "ui"]]  # the change is
     assert history[ids[2]] == [["skip", "ui"]]
-    for i, p in zip(ids[3:], pre[3:]):
+    for i, p in zip(ids[3:7], pre[3:7]):
         assert history[i] == [[p, "ui"]]
+    assert history[ids[7]] == [[CLASSES[0], "ui"]]
     assert set(labels["annotator"]) == {"ana"}
     # every row, terminal or form, keeps the pre-label its item was shown with
-    assert labels["prelabel_shown"].tolist() == [pre[ids.index(i)] for i in labels["item_id"]]
+    shown = [None if not isinstance(v, str) else v for v in labels["prelabel_shown"]]
+    assert shown == [pre[ids.index(i)] if isinstance(pre[ids.index(i)], str) else None for i in labels["item_id"]]
     assert store.batch(batch_id)["status"] == "labeled"
     effective = store.query_df("SELECT item_id, label FROM effective_labels WHERE item_id IN (?, ?)", ids[:2])
     assert dict(effective.values.tolist()) == {ids[0]: other(pre[0]), ids[1]: other(pre[1])}
@@ -283,11 +288,11 @@ def test_resume_form_keeps_untouched_defaults_and_records_changes(trained, tmp_p
     written = flow.result["labels_written"]
     assert (written["new"], written["corrections"], written["kept"]) == (6, 1, 1)
     assert LabelWrite(**written).summary() == \
-        "6 new, 1 corrections (5 kept the pre-label, 1 changed it, 1 skipped), 1 already answered in this batch (kept)"
+        "6 new, 1 corrections (4 kept the pre-label, 1 changed it, 1 skipped), 1 already answered in this batch (kept)"
     assert store.prelabel_agreement(batch_id) == {
-        "answers": 8, "shown": 8, "kept": 5, "changed": 2, "skipped": 1, "not_shown": 0}
+        "answers": 8, "shown": 7, "kept": 4, "changed": 2, "skipped": 1, "not_shown": 1}
     summary = run_artifacts(batch["flow_run_id"])["cycle-summary"].data
-    assert "- pre-labels: 5 of 8 answers shown a pre-label kept it, **2 changed it**, 1 skipped" in summary
+    assert "- pre-labels: 4 of 7 answers shown a pre-label kept it, **2 changed it**, 1 skipped" in summary
 
 
 @pytest.mark.slow

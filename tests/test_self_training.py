@@ -99,15 +99,16 @@ def test_a_cycle_self_trains_on_pool_items_only_and_says_so(tmp_path, monkeypatc
     from alflow.config import load_config
 
     seen: list[tuple[list[str], list[str] | None, int]] = []
-    real = modeling.fit_self_trained
+    real = modeling.self_train
 
-    def spy(settings, docs, labels, pool_docs, features=None):
-        model, pseudo = real(settings, docs, labels, pool_docs, features=features)
-        seen.append((list(docs), None if pool_docs is None else list(pool_docs), len(pseudo[0])))
-        return model, pseudo
+    def spy(settings, docs, labels, pool_docs, features=None, **kwargs):
+        trained = real(settings, docs, labels, pool_docs, features=features, **kwargs)
+        seen.append((list(docs), None if pool_docs is None else list(pool_docs), len(trained.pseudo_docs)))
+        return trained
 
-    monkeypatch.setattr(modeling, "fit_self_trained", spy)
-    config = write_config(tmp_path, labels=["ham", "spam"], source_path=SMS_CSV)
+    monkeypatch.setattr(modeling, "self_train", spy)
+    # forced on (a number): no out-of-fold test, always self-trained
+    config = write_config(tmp_path, labels=["ham", "spam"], source_path=SMS_CSV, extra="\n[model]\nself_training = 1\n")
     result = runner.invoke(app, ["run", "--config", str(config), "--auto", "--cycles", "2", "--no-progress"])
     assert result.exit_code == 0, result.output
     settings = load_config(config)
@@ -119,8 +120,9 @@ def test_a_cycle_self_trains_on_pool_items_only_and_says_so(tmp_path, monkeypatc
         assert n_pseudo == len(docs)  # share 1.0: as many as the human labels, class by class
     metrics = store.cycles()["metrics"].iloc[-1]
     metrics = metrics if isinstance(metrics, dict) else json.loads(metrics)
-    assert metrics["self_training"]["pseudo_labels"] == 40
-    assert "cycle 2: 40 labels" in result.output and "(+40 self-training pseudo-labels)" in result.output
+    assert metrics["self_training"]["pseudo_labels"] == 38  # 40 answers, 2 of them control answers
+    assert metrics["self_training"]["mode"] == "on" and metrics["self_training"]["used"]
+    assert "cycle 2: 38 labels" in result.output and "(+38 self-training pseudo-labels)" in result.output
 
     (tmp_path / "off").mkdir()
     off = write_config(tmp_path / "off", labels=["ham", "spam"], source_path=SMS_CSV,
@@ -150,3 +152,65 @@ def test_simulate_replays_self_training_as_configured(tmp_path):
     pd.testing.assert_frame_equal(curves["on"], curves["on-again"])
     assert not curves["on"]["accuracy"].equals(curves["off"]["accuracy"])
     assert set(curves["on"]["strategy"]) == {"cluster_margin"}
+
+
+# -- "auto": decided per data set from out-of-fold evidence ---------------------------------------
+def test_auto_self_training_stays_off_where_pseudo_labels_hurt_and_forcing_overrides_it(ag):
+    """A constructed case where pseudo-labels hurt: the unlabeled items are all sports
+    stories, so every pseudo-label of the other three classes is wrong. The out-of-fold
+    macro F1 of the 200 human labels is lower with them by more than its noise: "auto"
+    trains on the human labels only and says why; a number forces it either way."""
+    docs, labels = ag
+    rng = np.random.default_rng(103)
+    rows = rng.choice(len(docs), 200, replace=False)
+    rest = np.setdiff1d(np.arange(len(docs)), rows)
+    human_docs, human_labels = [docs[i] for i in rows], [labels[i] for i in rows]
+    pool = [docs[i] for i in rest if labels[i] == "sports"]
+
+    auto = modeling.self_train(ModelSettings(), human_docs, human_labels, pool, seed=7)
+    decision = auto.decision
+    assert decision["mode"] == "auto" and not decision["used"] and auto.pseudo_docs == []
+    assert decision["oof_with"] < decision["oof_without"] - decision["se"], decision
+    assert decision["reason"].startswith(f"out-of-fold macro_f1 {decision['oof_with']:.3f} with, "
+                                         f"{decision['oof_without']:.3f} without on 200 labels")
+    assert ", it hurts (noise" in decision["reason"]
+    plain = modeling.fit(ModelSettings(), human_docs, human_labels)
+    np.testing.assert_allclose(auto.model.predict_proba(pool[:20]), plain.predict_proba(pool[:20]))
+
+    forced = modeling.self_train(ModelSettings(self_training=1), human_docs, human_labels, pool, seed=7)
+    assert forced.decision["used"] and forced.pseudo_docs and "oof_with" not in forced.decision
+    off = modeling.self_train(ModelSettings(self_training=0), human_docs, human_labels, pool, seed=7)
+    assert not off.decision["used"] and off.decision["reason"] == "self_training = 0"
+    # Its evidence stands for the next retrains until the labels have grown 1.5 times.
+    more = [int(i) for i in rest if labels[i] != "sports"][:100]
+    for extra, gathered_on in ((50, 200), (100, 300)):
+        later = modeling.self_train(ModelSettings(), human_docs + [docs[i] for i in more[:extra]],
+                                    human_labels + [labels[i] for i in more[:extra]], pool, seed=7, previous=decision)
+        assert later.decision["evidence_labels"] == gathered_on
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_auto_self_training_is_used_where_out_of_fold_evidence_says_it_helps(tmp_path):
+    """`alflow run --auto` with the default self_training = "auto": on AG News the
+    out-of-fold macro F1 of the human labels is far higher with pseudo-labels, so the model
+    is self-trained (where they hurt it is not: the test above). The model records both
+    figures, and the cycle line and the cycle summary say which and why."""
+    from alflow.config import load_config
+    from alflow.tasks.store import Store
+
+    from test_flows import run_artifacts
+
+    config = write_config(tmp_path, labels=["world", "sports", "business", "scitech"], source_path=AG_NEWS_CSV,
+                          batch_size=60)
+    result = runner.invoke(app, ["run", "--config", str(config), "--auto", "--cycles", "1", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    cycle = Store(load_config(config).database).cycles().iloc[-1]
+    metrics = cycle["metrics"] if isinstance(cycle["metrics"], dict) else json.loads(cycle["metrics"])
+    decision = metrics["self_training"]
+    assert decision["mode"] == "auto" and decision["used"] and decision["pseudo_labels"] == 57, decision
+    assert decision["oof_with"] - decision["oof_without"] > decision["se"] > 0  # 57 labels: 3 answers are control
+    figures = f"out-of-fold macro_f1 {decision['oof_with']:.3f} with, {decision['oof_without']:.3f} without on 57 labels"
+    printed = " ".join(result.output.split())  # the console wraps long lines
+    assert f"(+57 self-training pseudo-labels: {figures}" in printed, printed
+    summary = run_artifacts(cycle["flow_run_id"])["cycle-summary"].data.replace("\\", "")
+    assert f"self-training (auto): on — {figures}" in summary, summary

@@ -53,7 +53,7 @@ def test_cycle_lock_is_one_holder_at_a_time(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     with store.transaction() as con:
-        con.execute("INSERT INTO locks VALUES ('cycle', ?, 'run-9', now())",
+        con.execute("INSERT INTO locks (name, owner, flow_run_id, acquired_at) VALUES ('cycle', ?, 'run-9', now())",
                     [f"{process_owner().rpartition(':')[0]}:{dead.pid}"])
     assert store.try_lock("cycle", "run-3") is None  # its process is gone: taken over
 
@@ -216,7 +216,8 @@ def test_prefect_yaml_on_a_process_work_pool(stack, tmp_path):
     labels = store.labels()
     assert len(labels) == 5 and set(labels["origin"]) == {"cli"} and set(labels["annotator"]) == {"pat"}
     [row] = store.cycles().to_dict("records")
-    assert (row["flow_run_id"], row["batch_id"], row["n_labels"]) == (cycle_run, batch["batch_id"], 5)
+    # 5 answers, one of them the control slice's: it tests the model and never trains it
+    assert (row["flow_run_id"], row["batch_id"], row["n_labels"]) == (cycle_run, batch["batch_id"], 4)
     # The cycle's time spans both processes: the first one's query (not redone by the
     # replay), the wait until the resume, then the retrain in the second.
     from alflow.tasks.timings import STEPS
@@ -295,8 +296,9 @@ def test_alflow_serve_one_cycle_at_a_time_with_a_minute_schedule(stack, tmp_path
     cycles = store.cycles()
     [row] = cycles[cycles["flow_run_id"] == suspended["id"]].to_dict("records")
     effective = set(store.query_df("SELECT item_id FROM effective_labels")["item_id"])
-    assert row["batch_id"] == batch["batch_id"] and row["n_labels"] == 5 == len(effective)
-    assert effective == set(labels["item_id"])
+    control = set(store.query_df("SELECT item_id FROM control_answers")["item_id"])
+    assert row["batch_id"] == batch["batch_id"] and row["n_labels"] == 4 == len(effective - control)
+    assert effective == set(labels["item_id"]) and len(control) == 1
 
     stack.serve.send_signal(signal.SIGINT)  # Ctrl-C
     assert stack.serve.wait(60) == 0, tail(log)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import math
 import re
 
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import AG_NEWS_CSV
 from typer.testing import CliRunner
 
 from alflow.flows.cli import app
-from alflow.flows.simulate import CURVE_COLUMNS, SUMMARY_COLUMNS, read_settings, summarize
+from alflow.flows.simulate import CURVE_COLUMNS, PLAIN_RANDOM, SUMMARY_COLUMNS, read_settings, summarize
 
 runner = CliRunner()
 
@@ -41,10 +42,17 @@ def test_simulate_writes_curves_summary_and_plot_deterministically(sample_csv, t
     summary = pd.read_csv(out / "summary.csv")
     assert list(curves.columns) == CURVE_COLUMNS
     assert list(summary.columns) == SUMMARY_COLUMNS
-    names = list(dict.fromkeys(["random", "margin", "badge", default]))  # `default` under its real name
+    assert not (out / "estimates.csv").exists()  # only with --automation-bias
+    # `default` under its real name; random also with the plain model (self-training is on by default)
+    names = list(dict.fromkeys(["random", PLAIN_RANDOM, "margin", "badge", default]))
     assert summary["strategy"].tolist() == names
     assert "default" not in set(curves["strategy"])
     assert len(curves) == len(names) * 2 * 4  # strategies x seeds x (cycles + 1)
+    # labels to 95% over random's with the same model, and over the better random arm
+    best = summary.set_index("strategy").loc[["random", PLAIN_RANDOM], "labels_to_95"].min()
+    if math.isfinite(best):
+        np.testing.assert_allclose(summary["labels_vs_best_random"], summary["labels_to_95"] / best)
+    assert "÷ best random" in first.output
     assert sorted(curves["n_labels"].unique().tolist())[:2] == [12, 22]
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "full-pool accuracy" in first.output and "labels_to_95" in first.output
@@ -65,6 +73,8 @@ def test_simulate_writes_curves_summary_and_plot_deterministically(sample_csv, t
         (["--strategies", "margin,smartest"], "unknown strategy 'smartest'"),
         (["--test-split", "1.5"], "--test-split 1.5"),
         (["--split-col", "split", "--test-split", "0.3"], "--split-col 'split' and --test-split 0.3"),
+        (["--automation-bias", "1"], "--automation-bias 1.0: must be at least 0 and below 1"),
+        (["--automation-bias", "-0.1"], "--automation-bias -0.1"),
     ],
 )
 def test_simulate_bad_input_is_one_line(sample_csv, tmp_path, more, needle):
@@ -177,3 +187,96 @@ def test_simulate_fits_pool_features_once_and_runs_cluster_margin(sample_csv, tm
     summary = pd.read_csv(tmp_path / "out" / "summary.csv")
     assert summary["strategy"].tolist() == ["cluster_margin"]
     assert pd.read_csv(tmp_path / "out" / "curves.csv")["n_labels"].tolist() == [12, 22, 32]
+
+
+def biased_config(tmp_path, **keys):
+    """The shipped alflow.toml with [query]/[model] ``keys`` replaced. The tests below take
+    control_share = 0.5 (its maximum) for control answers enough to test an interval on,
+    and, for speed, no self-training, unigrams and a random cold start: what they test is
+    the annotator and the control slice, not the model."""
+    from conftest import copy_repo_config
+
+    config = copy_repo_config(tmp_path)
+    text = config.read_text(encoding="utf-8").replace("ngram_range = [1, 2]", "ngram_range = [1, 1]")
+    keys = {"control_share": "0.5", "self_training": "0", "cold_start": '"random"', **keys}
+    for key, value in keys.items():
+        text, found = re.subn(rf"(?m)^{key} = .*$", f"{key} = {value}", text)
+        assert found == 1, key
+    config.write_text(text, encoding="utf-8")
+    return config
+
+
+def bias_args(config, out, bias, *more):
+    """AG News, 800 rows: half of them the test set (400: the truth's own standard error is
+    at most 0.025), half the pool; 5 batches of 20 (the cold start's included), 10 of each
+    the control slice: 50 blind answers per seed."""
+    from conftest import AG_NEWS_CSV
+
+    return ["simulate", "--data", str(AG_NEWS_CSV), "--test-split", "0.5", "--strategies", "default",
+            "--batch", "20", "--cycles", "4", "--init", "20", "--seeds", "3", "--config", str(config),
+            "--out", str(out), "--automation-bias", str(bias), "--no-progress", *more]
+
+
+def test_automation_bias_inflates_the_unblinded_estimate_not_the_blind_one(tmp_path):
+    """An annotator who accepts 80% of the pre-labels: the blind control slice still
+    estimates the final model's test accuracy, the same answers given with the pre-label
+    shown (the old design) overstate it by far, and many training labels are wrong."""
+    from alflow.flows.simulate import ESTIMATE_COLUMNS
+
+    out = tmp_path / "out"
+    result = runner.invoke(app, bias_args(biased_config(tmp_path), out, 0.8))
+    assert result.exit_code == 0, result.output
+    printed = " ".join(result.output.split())  # the console wraps long lines
+    assert "Automation bias 0.8" in printed and "unblinded" in printed, result.output
+    per_seed = pd.read_csv(out / "estimates.csv")
+    assert list(per_seed.columns) == ["strategy", "seed", *ESTIMATE_COLUMNS]
+    assert per_seed["seed"].tolist() == [0, 1, 2] and (per_seed["control_n"] == 50).all()
+    summary = pd.read_csv(out / "summary.csv")
+    assert list(summary.columns) == SUMMARY_COLUMNS + ESTIMATE_COLUMNS
+    row = summary.iloc[0]
+    assert row["automation_bias"] == 0.8 and row["true_accuracy"] == pytest.approx(row["final_accuracy"])
+    # The truth is a sample too (400 test items): the interval (mean bounds over seeds)
+    # holds it within two of the truth's standard errors.
+    truth = row["true_accuracy"]
+    slack = 2 * math.sqrt(truth * (1 - truth) / 400)
+    assert row["control_low"] - slack <= truth <= row["control_high"] + slack, row.to_dict()
+    assert row["control_low"] <= row["control_estimate"] <= row["control_high"]
+    # Unblinded, the annotator's echo of the pre-label counts as the model being right.
+    assert row["unblinded_estimate"] >= truth + 0.15, row.to_dict()
+    assert row["unblinded_estimate"] > row["control_high"], row.to_dict()
+    assert (per_seed["unblinded_estimate"] > per_seed["true_accuracy"]).all(), per_seed.to_dict("records")
+    assert row["label_error_rate"] >= 0.2, row.to_dict()
+
+
+def test_without_automation_bias_the_estimates_agree_and_no_label_is_wrong(tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, bias_args(biased_config(tmp_path), out, 0))
+    assert result.exit_code == 0, result.output
+    per_seed = pd.read_csv(out / "estimates.csv")
+    assert (per_seed["label_error_rate"] == 0).all()
+    # Nothing accepted: shown the pre-label or not, the same answers, the same estimate.
+    assert per_seed["unblinded_estimate"].tolist() == per_seed["control_estimate"].tolist()
+    row = pd.read_csv(out / "summary.csv").iloc[0]
+    truth = row["true_accuracy"]
+    slack = 2 * math.sqrt(truth * (1 - truth) / 400)
+    assert row["control_low"] - slack <= truth <= row["control_high"] + slack, row.to_dict()
+
+
+def test_automation_bias_runs_are_seeded_and_control_trains_scores_nothing(tmp_path):
+    """Same arguments, same numbers; with control_trains the control answers train every
+    later model, so the final model has none left to be scored on (as in a real run)."""
+    config = biased_config(tmp_path)
+    short = ["--seeds", "2", "--cycles", "2"]
+    first = runner.invoke(app, bias_args(config, tmp_path / "a", 0.5, *short))
+    second = runner.invoke(app, bias_args(config, tmp_path / "b", 0.5, *short))
+    assert first.exit_code == 0 and second.exit_code == 0, first.output + second.output
+    for name in ("estimates.csv", "summary.csv", "curves.csv"):
+        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "a" / name), pd.read_csv(tmp_path / "b" / name))
+    assert pd.read_csv(tmp_path / "a" / "estimates.csv")["label_error_rate"].gt(0).all()
+    (tmp_path / "c").mkdir()
+    trains = runner.invoke(app, bias_args(biased_config(tmp_path / "c", control_trains="true"), tmp_path / "d", 0.5,
+                                          *short, "--seeds", "1", "--cycles", "1"))
+    assert trains.exit_code == 0, trains.output
+    per_seed = pd.read_csv(tmp_path / "d" / "estimates.csv")
+    assert (per_seed["control_n"] == 0).all() and per_seed["control_estimate"].isna().all()
+    assert "n/a" in trains.output

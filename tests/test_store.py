@@ -356,7 +356,8 @@ def test_effective_labels_latest_per_annotator_then_majority(store: Store, abc):
     assert b not in frame.index                                            # 1 spam vs 1 ham: a tie
     assert frame.loc[c, "label"] == "spam" and frame.loc[c, "votes"] == 2  # 2 to 1
     assert d not in frame.index                                            # only skipped
-    assert frame.loc[e, "label"] == "ham"                                  # latest non-skip answer
+    assert e not in frame.index        # x's answer is now skip: one rule, an annotator's answer is their latest
+    assert store.counts()["skipped"] == 2                                  # d and e
 
     store.record_labels([Answer(b, "spam")], annotator="z", origin="cli")   # z breaks the tie
     assert effective(store)[b] == "spam"
@@ -616,7 +617,7 @@ def test_answers_and_batch_close_are_one_transaction(store: Store, abc):
                                   batch_id=batch_id, close_batch="labeled")
     assert written.new == 2 and store.batch(batch_id)["status"] == "labeled"
     assert store.batch(batch_id)["owner"].endswith(f":{os.getpid()}")
-    with pytest.raises(StoreError, match="close_batch needs a batch_id"):
+    with pytest.raises(StoreError, match="close_batch, review_round and late need a batch_id"):
         store.record_labels([Answer(abc[2], "ham")], annotator="a", origin="cli", close_batch="labeled")
     before = n_labels(store)
     other = store.create_batch("run-10", "margin", 1, picks_frame(abc[2:3]))

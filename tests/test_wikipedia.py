@@ -9,10 +9,13 @@ page), TextExtracts answers continued by ``excontinue``, category members contin
 
 from __future__ import annotations
 
+import email.utils
 import json
+import re
 import textwrap
 import time
 from pathlib import Path
+from typing import Callable
 
 import httpx
 import pytest
@@ -61,12 +64,14 @@ def route(params: dict[str, str]) -> tuple[int, str]:
 
 
 class FakeMediaWiki:
-    """Serves ROUTES; ``faults`` (a list of (status, body, headers)) are answered first."""
+    """Serves ROUTES; ``faults`` (a list of (status, body, headers), or of Responses) are
+    answered first; ``fail(params)`` may answer any request instead (None: served)."""
 
     def __init__(self):
         self.requests: list[dict[str, str]] = []
         self.headers: list[dict[str, str]] = []
-        self.faults: list[tuple[int, str, dict]] = []
+        self.faults: list[tuple[int, str, dict] | Response] = []
+        self.fail: Callable[[dict[str, str]], Response | None] = lambda params: None
         self.revisions: dict[int, int] = {}  # pageid -> a newer lastrevid to report
 
     def __call__(self, request: Request) -> Response:
@@ -74,8 +79,14 @@ class FakeMediaWiki:
         self.requests.append(params)
         self.headers.append(dict(request.headers))
         if self.faults:
-            status, body, headers = self.faults.pop(0)
+            fault = self.faults.pop(0)
+            if isinstance(fault, Response):
+                return fault
+            status, body, headers = fault
             return Response(body, status=status, headers=headers, content_type="application/json")
+        failed = self.fail(params)
+        if failed is not None:
+            return failed
         status, body = route(params)
         if self.revisions and params.get("prop") == "info|pageprops":
             data = json.loads(body)
@@ -205,13 +216,74 @@ def test_missing_category_is_a_source_error(wiki):
 
 
 # -- failures -------------------------------------------------------------------------------
-def test_429_retry_after_is_honoured_by_the_library(wiki):
+def test_429_retry_after_is_honoured(wiki):
     wiki.faults = [(429, '{"error": "too many requests"}', {"Retry-After": "1"})]
     connector = build_connector(source(wiki.api_url, search="photosynthesis", limit=3))
     started = time.monotonic()
     records, _ = read(connector)
     assert len(records) == 3
     assert time.monotonic() - started >= 1.0  # waited what the server said, not 0.01 s
+
+
+@pytest.mark.timeout(30)  # an unbounded wait would sleep for a day
+def test_retry_after_beyond_the_cap_fails_at_once_saying_when_to_retry(wiki):
+    wiki.faults = [(429, '{"error": "too many requests"}', {"Retry-After": "86400"})]
+    slept: list[float] = []
+    connector = WikipediaConnector(source(wiki.api_url, search="photosynthesis", retries=3), sleep=slept.append)
+    started = time.monotonic()
+    with pytest.raises(SourceError) as info:
+        read(connector)
+    host = wiki.api_url.split("/")[2]
+    assert re.fullmatch(rf"source wiki: {re.escape(host)} asked to wait 86400 s \(Retry-After\), more than "
+                        r"max_retry_wait_seconds = 120; retry after \d{4}-\d\d-\d\d \d\d:\d\d UTC", str(info.value))
+    due = time.strptime(str(info.value).rsplit("retry after ", 1)[1], "%Y-%m-%d %H:%M UTC")
+    assert 86400 <= time.mktime(due) - time.mktime(time.gmtime()) <= 86400 + 120
+    assert slept == [] and len(wiki.requests) == 1 and time.monotonic() - started < 5
+
+
+def test_retry_after_within_the_cap_is_waited_as_an_http_date_too(wiki):
+    soon = email.utils.formatdate(time.time() + 30, usegmt=True)
+    wiki.faults = [(503, "busy", {"Retry-After": soon}), (429, "{}", {"Retry-After": "2"}), (503, "busy", {})]
+    slept: list[float] = []
+    connector = WikipediaConnector(source(wiki.api_url, search="photosynthesis", limit=3, retries=3,
+                                          retry_wait_seconds=0.5, max_retry_wait_seconds=60), sleep=slept.append)
+    records, _ = read(connector)
+    assert len(records) == 3
+    assert 28 <= slept[0] <= 31 and slept[1:] == [2.0, 2.0]  # the date, the seconds, then backoff 0.5 * 2**2
+
+
+def test_the_default_endpoint_names_wikipedia_when_it_asks_for_too_long_a_wait():
+    def handler(request: httpx.Request) -> httpx.Response:
+        later = email.utils.formatdate(time.time() + 7200, usegmt=True)
+        return httpx.Response(503, text="busy", headers={"Retry-After": later})
+
+    settings = source(None, titles=["Mercury"], max_retry_wait_seconds=600)
+    connector = WikipediaConnector(settings, transport=httpx.MockTransport(handler), sleep=lambda s: None)
+    with pytest.raises(SourceError, match=r"^source wiki: Wikipedia asked to wait 7\d{3} s \(Retry-After\), more "
+                                          r"than max_retry_wait_seconds = 600; retry after .* UTC$"):
+        read(connector)
+
+
+def test_an_answer_that_breaks_off_is_retried(wiki):
+    truncated = Response('{"batchcomplete": true, "query"', content_type="application/json")
+    truncated.headers["Content-Length"] = "400"  # longer than the body: the connection ends early
+    wiki.faults = [truncated]
+    slept: list[float] = []
+    records, _ = read(WikipediaConnector(source(wiki.api_url, search="photosynthesis", limit=3), sleep=slept.append))
+    assert len(records) == 3 and slept == [0.01]
+
+
+def test_pages_read_before_a_failure_are_yielded_before_it(wiki):
+    """Whole texts come one per answer: a failure at the third answer keeps the first two."""
+    connector = build_connector(source(wiki.api_url, search="photosynthesis", limit=3, retries=0))
+    got = []
+    wiki.fail = lambda params: (Response("upstream error", status=500)
+                                if params.get("prop") == "extracts" and params.get("excontinue") == "2" else None)
+    with pytest.raises(SourceError, match="HTTP 500"):
+        for record in connector.fetch():
+            got.append(record.title)
+    assert got == ["Photosynthesis", "Chlorophyll"]  # in search order, the third never came
+    assert connector.next_cursor is None
 
 
 def test_503_after_retries_is_one_line_naming_the_source(wiki):
@@ -293,6 +365,7 @@ def test_config_loads_a_wikipedia_source(tmp_path):
     [wp] = load_config(path, environ={}).sources
     assert isinstance(wp, WikipediaSource)
     assert (wp.language, wp.content, wp.limit, wp.category_depth, wp.api_url) == ("en", "text", 100, 0, None)
+    assert wp.max_retry_wait_seconds == 120  # Retry-After is capped here too
 
 
 @pytest.mark.parametrize("agent_line, expected", [

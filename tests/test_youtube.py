@@ -276,6 +276,40 @@ def test_cursor_is_the_newest_upload_date(youtube):
     assert [p for p in youtube.paths("/api/timedtext") if "Mf8uQ1zHc6J" in p] == []
 
 
+def test_a_rate_limited_video_is_asked_for_again_by_the_next_fetch(youtube, monkeypatch):
+    monkeypatch.setitem(ERRORS, "Mf8uQ1zHc6J", "Unable to download API page: HTTP Error 429: Too Many Requests")
+    first = connector(search="climate", limit=6)
+    records = list(first.fetch(cursor="20241101"))
+    assert [r.external_id for r in records] == ["Xk3tW9pLq0A", "Bv7nR2sYt4E"]
+    assert first.report.bad["rate-limited by YouTube"] == 1
+    assert first.next_cursor == "20241101"  # its upload date is unknown: the cursor stays where it was
+
+    monkeypatch.delitem(ERRORS, "Mf8uQ1zHc6J")
+    healed = connector(search="climate", limit=6)
+    assert "Mf8uQ1zHc6J" in [r.external_id for r in healed.fetch(cursor=first.next_cursor)]
+    assert healed.next_cursor == "20250410"
+
+
+def test_a_subtitle_download_that_may_pass_holds_the_cursor_at_its_video(youtube):
+    youtube.faults = [(503, {})]  # the first track asked for: Bv7nR2sYt4E's, uploaded 2025-03-02
+    yt = connector(urls=["https://www.youtube.com/watch?v=Bv7nR2sYt4E",
+                         "https://www.youtube.com/watch?v=Xk3tW9pLq0A"], retries=0)
+    assert [r.external_id for r in yt.fetch()] == ["Xk3tW9pLq0A"]  # uploaded 2025-04-10
+    assert dict(yt.report.bad) == {"subtitle download failed: HTTP 503": 1}
+    assert yt.next_cursor == "20250302"
+
+
+def test_youtube_asking_for_too_long_a_wait_stops_the_source_saying_when(youtube):
+    youtube.faults = [(429, {"Retry-After": "86400"})]
+    slept: list[float] = []
+    settings = YouTubeSource(type="youtube", name="yt", urls=["https://www.youtube.com/watch?v=Xk3tW9pLq0A"],
+                             retries=3)
+    with pytest.raises(SourceError, match=r"^source yt: YouTube asked to wait 86400 s \(Retry-After\), more than "
+                                          r"max_retry_wait_seconds = 120; retry after \d{4}-\d\d-\d\d \d\d:\d\d UTC$"):
+        list(YouTubeConnector(settings, ydl_factory=RecordedYoutubeDL, sleep=slept.append).fetch())
+    assert slept == []
+
+
 # -- subtitle text ------------------------------------------------------------------------------
 def test_vtt_and_json3_of_the_same_captions_give_the_same_clean_text():
     vtt = (DATA / "subs" / "Xk3tW9pLq0A.en.vtt").read_bytes()

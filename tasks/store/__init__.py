@@ -27,7 +27,7 @@ from alflow.tasks.store.database import (
     StoreLockedError,
     utcnow,
 )
-from alflow.tasks.store.labels import ORIGINS, Answer, LabelStore, LabelWrite
+from alflow.tasks.store.labels import ORIGINS, Answer, BatchClosedError, LabelStore, LabelWrite
 from alflow.tasks.store.locks import LockHeldError, LockStore, describe_holder
 from alflow.tasks.store.models import ModelStore
 from alflow.tasks.store.pool import DOC_SQL, PoolStore, document, holdout_sql, title_adds
@@ -47,9 +47,17 @@ class Store(CursorStore, PoolStore, LabelStore, ModelStore, LockStore, QualitySt
 
             return {
                 "items": one("SELECT count(*) FROM items"),
+                # answered = labeled (of which adjudicated: a decision holds) + tied + skipped
+                "answered": one("SELECT count(DISTINCT item_id) FROM labels"),
                 "labeled": one("SELECT count(*) FROM effective_labels"),
+                "adjudicated": one("SELECT count(*) FROM decisions"),
+                "tied": one(
+                    "SELECT count(DISTINCT item_id) FROM votes WHERE label <> 'skip' "
+                    "AND item_id NOT IN (SELECT item_id FROM effective_labels)"
+                ),
                 "skipped": one(
-                    "SELECT count(DISTINCT item_id) FROM labels WHERE item_id NOT IN (SELECT item_id FROM effective_labels)"
+                    "SELECT count(DISTINCT item_id) FROM labels WHERE item_id NOT IN (SELECT item_id FROM effective_labels) "
+                    "AND item_id NOT IN (SELECT item_id FROM votes WHERE label <> 'skip')"
                 ),
                 "label_rows": one("SELECT count(*) FROM labels"),
                 "holdout": one(f"SELECT count(*) FROM items i WHERE {holdout_sql(holdout_fraction)}"),
@@ -69,6 +77,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "SKIP",
     "Answer",
+    "BatchClosedError",
     "BatchStore",
     "Database",
     "LabelStore",

@@ -94,7 +94,8 @@ class BatchStore(Database):
                 more = f" (and {len(taken) - 1} more picks)" if len(taken) > 1 else ""
                 raise PoolChangedError(f"cannot record the batch: item {item_id} {why}{more}")
             con.execute(
-                "INSERT INTO batches VALUES (?, ?, ?, ?, ?, 'open', ?, ?, NULL)",
+                "INSERT INTO batches (batch_id, flow_run_id, strategy, model_version, size, status, owner, "
+                "created_at) VALUES (?, ?, ?, ?, ?, 'open', ?, ?)",
                 [batch_id, flow_run_id, strategy, model_version, len(picks), process_owner(), utcnow()],
             )
             con.execute(
@@ -135,12 +136,36 @@ class BatchStore(Database):
             FROM batch_items bi JOIN items i USING (item_id)
             LEFT JOIN (
                 SELECT item_id, arg_max(label, label_id) AS label, arg_max(annotator, label_id) AS annotator,
-                       count(DISTINCT annotator) AS annotators
-                FROM labels WHERE batch_id = ? GROUP BY item_id
+                       count(*) AS annotators
+                FROM batch_answers WHERE batch_id = ? GROUP BY item_id
             ) l USING (item_id)
             WHERE bi.batch_id = ? ORDER BY bi.rank""",
             [batch_id, batch_id],
         )
+
+    def mark_offered(self, batch_id: str) -> None:
+        """Record that ``batch_id`` is being shown for review (the first time only): from now
+        on a run dying with it open expires it rather than handing it to the next cycle."""
+        with self.transaction() as con:
+            con.execute("UPDATE batches SET offered_at = ? WHERE batch_id = ? AND offered_at IS NULL",
+                        [utcnow(), batch_id])
+
+    def unoffered_batches(self) -> pd.DataFrame:
+        """The open batches nobody has been shown yet, oldest first."""
+        return self.query_df("SELECT * FROM batches WHERE status = 'open' AND offered_at IS NULL "
+                             "ORDER BY created_at, batch_id")
+
+    def adopt_batch(self, batch_id: str, from_run: str | None, flow_run_id: str | None) -> bool:
+        """Hand an open batch nobody was shown from the run ``from_run`` (gone) to
+        ``flow_run_id`` in this process; False if it changed meanwhile (closed, shown, or
+        adopted by another run first)."""
+        with self.transaction() as con:
+            adopted = con.execute(
+                "UPDATE batches SET flow_run_id = ?, owner = ? WHERE batch_id = ? AND status = 'open' "
+                "AND offered_at IS NULL AND flow_run_id IS NOT DISTINCT FROM ? RETURNING batch_id",
+                [flow_run_id, process_owner(), batch_id, from_run],
+            ).fetchall()
+        return bool(adopted)
 
     def close_batch(self, batch_id: str, status: str) -> None:
         """Mark an open batch labeled or expired (a closed batch stays as it is)."""

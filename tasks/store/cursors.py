@@ -20,6 +20,7 @@ from typing import Any
 
 import pandas as pd
 
+from alflow.tasks.faults import fault_point
 from alflow.tasks.store.database import utcnow
 from alflow.tasks.store.pool import PoolStore
 
@@ -60,6 +61,7 @@ class CursorStore(PoolStore):
             new, duplicate = self._insert_items(con, items, ingest_id)
             total = {**counts, "new": counts["new"] + new, "duplicate": counts["duplicate"] + duplicate}
             self._insert_ingest(con, ingest_id, source, flow_run_id, started_at, total, bad_reasons)
+            fault_point("ingest-after-write")  # items written, cursor not: the transaction keeps them together
             if cursor is not None:
                 con.execute(
                     "INSERT OR REPLACE INTO source_cursors VALUES (?, ?, ?, ?)",

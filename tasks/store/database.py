@@ -36,6 +36,30 @@ class StoreLockedError(StoreError):
     """Another process held the database file for longer than the lock timeout."""
 
 
+class StoreUnwritableError(StoreError):
+    """The OS refuses to write the database: it is read-only, or its disk is full.
+    Trying again at once fails the same way."""
+
+
+# How the OS refuses a write, as DuckDB passes it on.
+_READ_ONLY = ("Permission denied", "Operation not permitted", "Read-only file system")
+_FULL = ("No space left on device", "Disk quota exceeded")
+
+
+def unwritable(path: Path, exc: BaseException) -> StoreUnwritableError | None:
+    """A one-line error naming the database and why it cannot be written; None for any
+    other error."""
+    text = str(exc)
+    cause = text.splitlines()[0] if text else type(exc).__name__
+    if any(words in text for words in _FULL):
+        return StoreUnwritableError(f"database {path}: the disk is full ({cause}); nothing of this write was "
+                                    "stored: free some space and run again")
+    if any(words in text for words in _READ_ONLY):
+        return StoreUnwritableError(f"database {path} is read-only ({cause}); make the file and its folder "
+                                    "writable, or set database to another path")
+    return None
+
+
 def utcnow() -> datetime:
     """Naive UTC timestamp: every time column in the store is UTC."""
     return datetime.now(timezone.utc).replace(tzinfo=None)
@@ -92,7 +116,10 @@ class Database:
     @contextmanager
     def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """A connection for one operation, closed on exit (the file lock goes with it)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise unwritable(self.path, exc) or StoreError(f"{self.path}: cannot create its folder: {exc}") from exc
         if not self.path.exists():
             self._create()
         deadline = time.monotonic() + self.lock_timeout
@@ -104,7 +131,8 @@ class Database:
                 break
             except duckdb.IOException as exc:
                 if "lock" not in str(exc).lower():
-                    raise StoreError(f"{self.path}: cannot open database: {exc}") from None
+                    raise unwritable(self.path, exc) or StoreError(f"{self.path}: cannot open database: {exc}") \
+                        from None
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise StoreLockedError(
@@ -117,6 +145,11 @@ class Database:
                 delay = min(delay * 2, 1.0)
         try:
             yield con
+        except duckdb.Error as exc:  # a write the OS refused (in a statement, or at commit): one line
+            error = unwritable(self.path, exc)
+            if error is None:
+                raise
+            raise error from exc
         finally:
             con.close()
 

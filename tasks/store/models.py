@@ -1,4 +1,5 @@
-"""Models and cycles: every trained model version, and the learning curve."""
+"""Models and cycles: every trained model version, the learning curve, and the end of each
+cycle step by step (``cycle_reports``: assessed, artifacts published; alflow.tasks.finish)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from datetime import datetime
 import pandas as pd
 
 from alflow.tasks.store.database import Database, utcnow
+from alflow.tasks.store.quality import QualityStore
 
 
 @dataclass
@@ -77,8 +79,14 @@ class ModelStore(Database):
 
     def record_cycle(self, flow_run_id: str | None, batch_id: str | None, model_version: int | None,
                      strategy: str, n_labels: int, metrics: dict | None, promoted: bool) -> int:
+        """Record the cycle of ``batch_id`` and return its number: one row per batch, so a
+        re-run of a cycle that failed after this step returns the row already written."""
         metrics = metrics or {}
         with self.transaction() as con:
+            if batch_id is not None:
+                done = con.execute("SELECT min(cycle) FROM cycles WHERE batch_id = ?", [batch_id]).fetchone()[0]
+                if done is not None:
+                    return int(done)
             cycle = con.execute("SELECT coalesce(max(cycle), 0) + 1 FROM cycles").fetchone()[0]
             con.execute(
                 "INSERT INTO cycles VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -93,11 +101,17 @@ class ModelStore(Database):
         """Where the cycle that asked ``batch_id`` spent its time: before its review
         (``cycle`` None; read back by the process that resumes the run), or once recorded."""
         with self.transaction() as con:
-            con.execute(
-                "INSERT OR REPLACE INTO cycle_timings VALUES (?, ?, ?, ?, ?, ?)",
-                [batch_id, flow_run_id, cycle, timings.started_at, timings.asked_at or utcnow(),
-                 json.dumps(timings.seconds)],
-            )
+            self._write_timings(con, batch_id, flow_run_id, timings, cycle)
+
+    @staticmethod
+    def _write_timings(con, batch_id: str, flow_run_id: str | None, timings: CycleTimings,
+                       cycle: int | None) -> None:
+        """:meth:`record_timings` inside the caller's transaction."""
+        con.execute(
+            "INSERT OR REPLACE INTO cycle_timings VALUES (?, ?, ?, ?, ?, ?)",
+            [batch_id, flow_run_id, cycle, timings.started_at, timings.asked_at or utcnow(),
+             json.dumps(timings.seconds)],
+        )
 
     def batch_timings(self, batch_id: str) -> CycleTimings | None:
         """What :meth:`record_timings` stored for ``batch_id``, or None."""
@@ -113,3 +127,77 @@ class ModelStore(Database):
 
     def cycles(self) -> pd.DataFrame:
         return self.query_df("SELECT * FROM cycles ORDER BY cycle")
+
+    # -- the end of a cycle, step by step (schema v9; alflow.tasks.finish) ------------------
+    def cycle_of_batch(self, batch_id: str) -> dict | None:
+        """The cycle row of ``batch_id``, or None before its cycle is recorded."""
+        frame = self.query_df("SELECT * FROM cycles WHERE batch_id = ? ORDER BY cycle LIMIT 1", [batch_id])
+        return None if frame.empty else frame.iloc[0].to_dict()
+
+    def unfinished_cycles(self) -> pd.DataFrame:
+        """Cycle rows whose end an earlier run did not finish: not assessed, or artifacts
+        not (all) published; oldest first."""
+        return self.query_df(
+            """SELECT c.* FROM cycles c LEFT JOIN cycle_reports r USING (cycle)
+            WHERE r.published_at IS NULL ORDER BY c.cycle"""
+        )
+
+    def labeled_batch_without_cycle(self) -> dict | None:
+        """The oldest batch whose answers are all recorded but whose cycle is not, among
+        those newer than every batch that has a cycle: a run stopped between its review and
+        its cycle row. (An older one is no such run: its answers trained a later cycle.)"""
+        frame = self.query_df(
+            """SELECT b.* FROM batches b
+            WHERE b.status = 'labeled' AND b.batch_id NOT IN (SELECT batch_id FROM cycles WHERE batch_id IS NOT NULL)
+              AND b.created_at > coalesce((SELECT max(o.created_at) FROM batches o JOIN cycles c USING (batch_id)),
+                                          '-infinity'::TIMESTAMP)
+            ORDER BY b.created_at, b.batch_id LIMIT 1"""
+        )
+        return None if frame.empty else frame.iloc[0].to_dict()
+
+    def record_assessment(self, cycle: int, model_version: int | None, quality: dict, report: dict,
+                          batch_id: str | None, flow_run_id: str | None, timings: CycleTimings | None) -> None:
+        """One transaction: the cycle's quality row (:func:`alflow.tasks.stopping.assess_cycle`'s
+        figures), its report (what its summary shows, JSON-ready) and its timings. Once this
+        is written the cycle is assessed; a second call for it writes nothing."""
+        with self.transaction() as con:
+            if con.execute("SELECT 1 FROM cycle_reports WHERE cycle = ? AND report IS NOT NULL", [cycle]).fetchall():
+                return
+            QualityStore._insert_cycle_quality(con, cycle, model_version, quality["control"], quality["flags"],
+                                               quality["stop_kappa"], quality["rules"], quality["stop"])
+            con.execute("INSERT INTO cycle_reports (cycle, report) VALUES (?, ?) "
+                        "ON CONFLICT (cycle) DO UPDATE SET report = excluded.report",
+                        [cycle, json.dumps(report, allow_nan=False)])
+            if batch_id is not None and timings is not None:
+                self._write_timings(con, batch_id, flow_run_id, timings, cycle)
+
+    def cycle_report(self, cycle: int) -> dict | None:
+        """The end of ``cycle`` as recorded: ``{cycle, report (dict, None before it is
+        assessed), publishing_run, curve_artifact, summary_artifact, published_at}``; None
+        when nothing is."""
+        frame = self.query_df("SELECT * FROM cycle_reports WHERE cycle = ?", [cycle])
+        if frame.empty:
+            return None
+        row = frame.iloc[0].to_dict()
+        row = {k: (None if not isinstance(v, str) and pd.isna(v) else v) for k, v in row.items()}
+        row["report"] = json.loads(row["report"]) if row["report"] else None
+        return row
+
+    def start_publishing(self, cycle: int, flow_run_id: str | None) -> None:
+        """Record that ``flow_run_id`` publishes ``cycle``'s artifacts now, before it does:
+        a run stopped after creating one but before recording it is then looked up there."""
+        with self.transaction() as con:
+            con.execute("UPDATE cycle_reports SET publishing_run = ? WHERE cycle = ?", [flow_run_id, cycle])
+
+    def record_artifact(self, cycle: int, kind: str, artifact_id: str) -> bool:
+        """Record the Prefect artifact ``kind`` ('curve' or 'summary') of ``cycle``; when both
+        are recorded the cycle is published (finished). Returns whether it is."""
+        column, other = {"curve": ("curve_artifact", "summary_artifact"),
+                         "summary": ("summary_artifact", "curve_artifact")}[kind]
+        with self.transaction() as con:
+            row = con.execute(
+                f"""UPDATE cycle_reports SET {column} = ?,
+                    published_at = CASE WHEN {other} IS NOT NULL THEN coalesce(published_at, ?) END
+                WHERE cycle = ? RETURNING published_at""", [str(artifact_id), utcnow(), cycle]
+            ).fetchone()
+        return row is not None and row[0] is not None

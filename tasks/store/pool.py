@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from alflow.tasks.faults import fault_point
 from alflow.tasks.store.database import Database, utcnow
 
 # The text a model sees: the title when it adds something, then the body. The same rule as
@@ -202,7 +203,9 @@ class PoolStore(Database):
         # DuckDB would refuse it (the transaction is aborted) and hide the real error.
         with self.transaction() as con:
             con.register("incoming", frame)
-            return int(con.execute(sql, params).fetchone()[0])
+            written = int(con.execute(sql, params).fetchone()[0])
+            fault_point("prelabel-mid-write")  # inserted, not committed: the rows come all or none
+            return written
 
     def pool_predictions(self, model_version: int, n_classes: int,
                          holdout_fraction: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

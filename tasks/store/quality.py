@@ -7,7 +7,7 @@ import json
 import pandas as pd
 
 from alflow.tasks.store.database import Database, utcnow
-from alflow.tasks.store.pool import sample_order_sql
+from alflow.tasks.store.pool import DOC_SQL, sample_order_sql
 
 # batch_items.picked_by of the random control slice and of flagged items asked again.
 CONTROL = "control"
@@ -38,13 +38,15 @@ class QualityStore(Database):
         value = self.scalar("SELECT max(model_version) FROM cycle_quality")
         return None if value is None else int(value)
 
-    def open_label_flags(self, limit: int | None = None) -> pd.DataFrame:
-        """The newest check's flags still worth asking about, most likely wrong first: the
-        item's effective label is still the one flagged, and it was never asked again (a
-        recheck waits in an open batch, or was answered: confirmed or corrected; an expired
-        one does not count)."""
+    def open_label_flags(self, limit: int | None = None, model_version: int | None = None) -> pd.DataFrame:
+        """The newest check's flags (or ``model_version``'s) still worth asking about, most
+        likely wrong first: the item's effective label is still the one flagged, and it was
+        never asked again (a recheck waits in an open batch, or was answered: confirmed or
+        corrected; an expired one does not count)."""
+        newest = "SELECT max(model_version) AS v FROM cycle_quality" if model_version is None \
+            else f"SELECT {int(model_version)} AS v"
         return self.query_df(
-            f"""WITH newest AS (SELECT max(model_version) AS v FROM cycle_quality)
+            f"""WITH newest AS ({newest})
             SELECT f.item_id, f.label_id, f.given_label, f.suggested_label, f.score, f.rank, f.model_version
             FROM label_flags f JOIN newest ON f.model_version = newest.v
             JOIN effective_labels e ON e.item_id = f.item_id AND e.label = f.given_label
@@ -71,18 +73,45 @@ class QualityStore(Database):
             [n],
         )["item_id"].tolist()
 
-    def control_outcomes(self) -> pd.DataFrame:
-        """One row per answered control item whose batch was queried by a model: item_id,
-        batch_id, model_version (the model current when it was drawn), predicted (that
-        model's stored prediction), label (the item's effective label now; skipped items
-        and ties are left out)."""
+    def control_outcomes(self, model_version: int) -> pd.DataFrame:
+        """The control answers ``model_version`` never trained on, each with that model's
+        prediction: item_id, batch_id, label (the control answer: ``control_answers``, each
+        item once), predicted. Never trained on: given after its label watermark, or any
+        control answer when it was trained with ``control_trains`` off. The prediction is
+        the one scored for the control slice (``control_predictions``), else the model's
+        pre-label of the item while it was in the pool; items with neither are left out."""
         return self.query_df(
-            f"""SELECT bi.item_id, bi.batch_id, b.model_version, p.label AS predicted, e.label
-            FROM batch_items bi JOIN batches b USING (batch_id)
-            JOIN predictions p ON p.item_id = bi.item_id AND p.model_version = b.model_version
-            JOIN effective_labels e ON e.item_id = bi.item_id
-            WHERE bi.picked_by = '{CONTROL}' ORDER BY b.created_at, bi.rank"""
+            """WITH m AS (
+                SELECT label_watermark AS watermark,
+                       coalesce(json_extract(metrics, '$.control_trains')::BOOLEAN, true) AS trained
+                FROM models WHERE model_version = ?
+            )
+            SELECT c.item_id, c.batch_id, c.label, coalesce(cp.label, p.label) AS predicted
+            FROM control_answers c CROSS JOIN m
+            LEFT JOIN control_predictions cp ON cp.item_id = c.item_id AND cp.model_version = ?
+            LEFT JOIN predictions p ON p.item_id = c.item_id AND p.model_version = ?
+            WHERE (NOT m.trained OR c.label_id > m.watermark) AND coalesce(cp.label, p.label) IS NOT NULL
+            ORDER BY c.label_id""",
+            [model_version, model_version, model_version],
         )
+
+    def unscored_control(self, model_version: int) -> pd.DataFrame:
+        """The control answers ``model_version`` has no prediction for yet (item_id, doc)."""
+        return self.query_df(
+            f"""SELECT c.item_id, {DOC_SQL} AS doc FROM control_answers c JOIN items i USING (item_id)
+            WHERE c.item_id NOT IN (SELECT item_id FROM control_predictions WHERE model_version = ?)
+              AND c.item_id NOT IN (SELECT item_id FROM predictions WHERE model_version = ?)
+            ORDER BY c.label_id""",
+            [model_version, model_version],
+        )
+
+    def record_control_predictions(self, model_version: int, item_ids: list[str], labels: list[str]) -> None:
+        """Store a model's predictions of control items (a re-run adds nothing)."""
+        frame = pd.DataFrame({"model_version": model_version, "item_id": list(item_ids), "label": list(labels)})
+        with self.transaction() as con:
+            con.register("incoming", frame)
+            con.execute("INSERT INTO control_predictions BY NAME SELECT * FROM incoming ON CONFLICT DO NOTHING")
+            con.unregister("incoming")
 
     # -- the stop set --------------------------------------------------------------------
     def stop_set_ids(self, size: int, seed: int) -> list[str]:
@@ -112,14 +141,16 @@ class QualityStore(Database):
         return pd.Series(frame["label"].to_numpy(), index=frame["item_id"].to_numpy(), dtype=object)
 
     # -- per cycle -----------------------------------------------------------------------
-    def record_cycle_quality(self, cycle: int, model_version: int | None, control: dict, flags: int,
-                             stop_kappa: float | None, rules: list[dict], stop: str | None) -> None:
-        with self.transaction() as con:
-            con.execute(
-                """INSERT OR REPLACE INTO cycle_quality VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-                [cycle, model_version, control["n"], control["correct"], control["accuracy"],
-                 control["low"], control["high"], flags, stop_kappa, json.dumps(rules), stop, utcnow()],
-            )
+    @staticmethod
+    def _insert_cycle_quality(con, cycle: int, model_version: int | None, control: dict, flags: int,
+                              stop_kappa: float | None, rules: list[dict], stop: str | None) -> None:
+        """The cycle's quality row, inside the caller's transaction: the one that also writes
+        its report (:meth:`alflow.tasks.store.models.ModelStore.record_assessment`)."""
+        con.execute(
+            """INSERT OR REPLACE INTO cycle_quality VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+            [cycle, model_version, control["n"], control["correct"], control["accuracy"],
+             control["low"], control["high"], flags, stop_kappa, json.dumps(rules), stop, utcnow()],
+        )
 
     def cycle_quality(self) -> pd.DataFrame:
         frame = self.query_df("SELECT * FROM cycle_quality ORDER BY cycle")

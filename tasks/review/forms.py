@@ -1,0 +1,151 @@
+"""The Prefect Resume form of a review round: building it, and reading what came back."""
+
+from __future__ import annotations
+
+from typing import Literal
+from uuid import UUID
+
+import pandas as pd
+from pydantic import ConfigDict, Field, create_model
+
+from alflow.config import SKIP
+from alflow.tasks.report import markdown_text
+from alflow.tasks.review.items import (
+    ADJUDICATION,
+    ReviewError,
+    field_name,
+    item_heading,
+    prelabel_seen,
+    reasked_note,
+    shown_prelabel,
+    trim,
+)
+from alflow.tasks.store import Answer, document
+
+STORED_ANSWERS = "stored_answers"
+
+
+def _ui_schema(schema: dict) -> None:
+    # A field with a default shows as "(Optional)" in the UI; every item needs an answer
+    # (the default only makes agreeing free), so the schema marks them all required.
+    # `stored_answers` is for `alflow resume` only: the UI neither shows nor sends it.
+    schema.get("properties", {}).pop(STORED_ANSWERS, None)
+    schema.pop("additionalProperties", None)
+    schema["required"] = list(schema.get("properties", {}))
+
+
+def build_review_form(batch: pd.DataFrame, classes: list[str], text_chars: int, annotator: str | None,
+                      shown: dict[str, str | None] | None = None,
+                      given: dict[str, list[tuple[str, str]]] | None = None, independent: bool = False):
+    """A ``RunInput`` subclass for one batch (rows of :meth:`Store.batch_items`).
+
+    One field per item, in rank order: its heading as the title, its text (trimmed to
+    ``text_chars``) as the description, the classes plus ``skip`` as the choices and the
+    pre-label (or an answer already stored for it) as the default. An item without a
+    pre-label (a cold start, a control item: :func:`shown_prelabel`) has no default and
+    must be chosen. A last field names the annotator.
+
+    The UI shows titles as plain text and renders descriptions as Markdown, so the text
+    goes through :func:`~alflow.tasks.report.markdown_text` and the title does not.
+    A hidden ``stored_answers`` flag (not in the UI's schema) is set by `alflow resume`:
+    its values are the answers already stored, not a reviewer's.
+
+    ``shown`` (field -> default, None for none; see :func:`shown_form_defaults`) rebuilds
+    the form a run showed when it stopped for review: a replayed run must judge what was
+    untouched against those defaults, not against answers stored since.
+
+    Items asked again (adjudications, first in the batch, and rechecks) show every answer
+    given and who gave it (``given``: item_id -> [(annotator, answer)]) and, for a recheck,
+    the model's suggestion; they have no default.
+    ``independent``: a later round of an overlap review, asking a further annotator for
+    items others answered: defaults are the pre-labels, never others' answers, and the
+    annotator (``None``: no default) must be someone new.
+    """
+    from prefect.input import RunInput
+
+    class ReviewForm(RunInput):
+        model_config = ConfigDict(json_schema_extra=_ui_schema)
+
+        stored_answers: bool = False
+
+    choices = Literal[tuple(classes) + (SKIP,)]  # type: ignore[valid-type]
+    fields = {}
+    for row in batch.itertuples(index=False):
+        text = document(row.title, row.text, sep=" — ")
+        default = row.answer if isinstance(row.answer, str) and not independent else shown_prelabel(row)
+        description = markdown_text(trim(text, text_chars))
+        note = reasked_note(row, (given or {}).get(row.item_id, []))
+        if note is not None:  # no default but an answer given in this batch: the reviewer chooses
+            head, _, rest = note.partition(". ")
+            description = f"**{markdown_text(head)}.** {markdown_text(rest)}\n\n{description}"
+            default = row.answer if isinstance(row.answer, str) else None
+        if shown is not None:
+            default = shown.get(field_name(row.rank))
+        fields[field_name(row.rank)] = (
+            choices,
+            Field(default if isinstance(default, str) else ..., title=item_heading(row), description=description),
+        )
+    who = ("Who is answering; stored with every label." if not independent else
+           "Who is answering: these items need an independent answer from someone who has not answered them yet.")
+    fields["annotator"] = (
+        str,
+        Field(annotator if annotator else ..., title="Annotator", description=who, min_length=1, max_length=64),
+    )
+    return create_model("ReviewBatch", __base__=ReviewForm, **fields)
+
+
+# The key of the one stop for review in a cycle run: a replayed run (resumed after a
+# suspension) calls suspend_flow_run with it again and gets the submitted input back.
+REVIEW_PAUSE_KEY = "review"
+
+
+def review_key(round_: int) -> str:
+    """The pause key of a review round: 'review', then 'review-2', 'review-3', ... (a batch
+    with review.overlap stops again until the further annotators' answers are in)."""
+    return REVIEW_PAUSE_KEY if round_ == 1 else f"{REVIEW_PAUSE_KEY}-{round_}"
+
+
+def shown_form_defaults(flow_run_id: str, suspended: bool,
+                        key: str = REVIEW_PAUSE_KEY) -> dict[str, str | None] | None:
+    """The defaults (field -> value, None for a required field) of the form the run saved
+    when it stopped for review (round ``key``), as the UI showed them; None if it saved none."""
+    from prefect.input import keyset_from_base_key
+    from prefect.input.actions import read_flow_run_input
+
+    keyset = keyset_from_base_key(f"{'suspended' if suspended else 'paused'}-{key}")
+    schema = read_flow_run_input(keyset["schema"], flow_run_id=UUID(flow_run_id))
+    if not isinstance(schema, dict):
+        return None
+    return {name: spec.get("default") for name, spec in schema.get("properties", {}).items()}
+
+
+def answers_from_form(values: dict, batch: pd.DataFrame, form_seconds: float | None = None) -> list[Answer]:
+    """The form's values (field -> label) as answers, in rank order, each with the model's
+    label its field showed (:func:`prelabel_seen`); adjudication items' answers have origin
+    'adjudication'. ``form_seconds``: each answer's share of the form's wait (not labeling
+    time: the form may have sat open)."""
+    answers = []
+    for row in batch.itertuples(index=False):
+        name = field_name(row.rank)
+        if name not in values:
+            raise ReviewError(f"the review input has no field {name} (item {row.item_id})")
+        origin = ADJUDICATION if row.picked_by == ADJUDICATION else None
+        answers.append(Answer(row.item_id, values[name], prelabel_seen(row), origin=origin, form_seconds=form_seconds))
+    return answers
+
+
+def form_defaults(form, values: dict, batch: pd.DataFrame) -> dict[str, str | None]:
+    """item_id -> what the submitted value counts as untouched against (for
+    :meth:`Store.record_labels`): the default its field had when ``form`` (a class from
+    :func:`build_review_form`) was built, None for a field without one. When `alflow
+    resume` sent the stored answers (``stored_answers``), every value counts as untouched."""
+    defaults = {}
+    for row in batch.itertuples(index=False):
+        name = field_name(row.rank)
+        if values.get(STORED_ANSWERS):
+            defaults[row.item_id] = values.get(name)
+            continue
+        field = form.model_fields.get(name)
+        default = None if field is None or field.is_required() else field.default
+        defaults[row.item_id] = default if isinstance(default, str) else None
+    return defaults

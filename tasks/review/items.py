@@ -1,0 +1,168 @@
+"""What a review asks: the items of a batch and of each round, their headings, and its errors."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from alflow.config import SKIP, Settings
+from alflow.tasks.store import CONTROL, RECHECK, Store
+
+# picked_by of an item whose answers tie or disagree: its answer is an adjudication.
+ADJUDICATION = "adjudication"
+
+
+class ReviewError(ValueError):
+    """Answers cannot be taken; the one-line message names the row, item or value."""
+
+
+def field_name(rank: int) -> str:
+    """The form field of the item at ``rank``: item_001, item_002, ..."""
+    return f"item_{int(rank):03d}"
+
+
+def trim(text: str, limit: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+def given_text(given: list[tuple[str, str]]) -> str:
+    """'alice: spam, bob: ham': every answer given to an item and who gave it."""
+    return ", ".join(f"{who}: {label}" for who, label in given)
+
+
+def shown_prelabel(row) -> str | None:
+    """The pre-label a reviewer is offered for ``row`` (a batch item) as the default answer,
+    or None. Never for an item asked again (an adjudication or a recheck: the earlier
+    answers and the model's suggestion are shown beside it, and the reviewer chooses) nor
+    for a control item (blind: its answer judges the model, so nothing of the model's is
+    shown with it)."""
+    if getattr(row, "picked_by", None) in (ADJUDICATION, RECHECK, CONTROL):
+        return None
+    return row.prelabel if isinstance(row.prelabel, str) else None
+
+
+def prelabel_seen(row) -> str | None:
+    """The model's label a reviewer saw with ``row``, recorded as the answer's
+    ``prelabel_shown``: the offered pre-label (:func:`shown_prelabel`), or for a recheck the
+    model's suggestion shown beside it."""
+    if getattr(row, "picked_by", None) == RECHECK:
+        return row.prelabel if isinstance(row.prelabel, str) else None
+    return shown_prelabel(row)
+
+
+def item_heading(row) -> str:
+    """'#3 · sms_spam · pre-label spam (62%)': rank, source, and how sure the model is;
+    '#4 · sms_spam · no pre-label' (a cold start, a control item: the two look alike);
+    'ADJUDICATE #1 · sms_spam' for an item whose answers tie or disagree; 'RECHECK #2 ·
+    sms_spam' for a label the label check doubts."""
+    if getattr(row, "picked_by", None) == ADJUDICATION:
+        return f"ADJUDICATE #{row.rank} · {row.source}"
+    if getattr(row, "picked_by", None) == RECHECK:
+        return f"RECHECK #{row.rank} · {row.source}"
+    head = f"#{row.rank} · {row.source}"
+    prelabel = shown_prelabel(row)
+    if prelabel is not None:
+        return f"{head} · pre-label {prelabel} ({row.confidence:.0%})"
+    return f"{head} · no pre-label"
+
+
+def reasked_note(row, given: list[tuple[str, str]]) -> str | None:
+    """For an item asked again, what the reviewer is told beside it (plain text): the
+    answers given and who gave them, and for a recheck the model's suggestion; None for
+    any other item."""
+    answers = given_text(given) or "none"
+    if getattr(row, "picked_by", None) == ADJUDICATION:
+        return f"Answers disagree, your answer decides. Given: {answers}"
+    if getattr(row, "picked_by", None) == RECHECK:
+        suggestion = f"; the model suggests {row.prelabel}" if isinstance(row.prelabel, str) else ""
+        return f"Asked again: the label check doubts the answer given. Given: {answers}{suggestion}"
+    return None
+
+
+def reviewer_reason(picked_by: str | None) -> str:
+    """``picked_by`` as a reviewer may see it: why an item is asked again ('adjudication',
+    'recheck'), else '' (so a control item cannot be told from an active pick)."""
+    return picked_by if picked_by in (ADJUDICATION, RECHECK) else ""
+
+
+# -- overlap rounds and adjudication -------------------------------------------------------
+def plan_review(store: Store, settings: Settings, picks: pd.DataFrame, rng) -> pd.DataFrame:
+    """The batch as it is reviewed, ranked: first the items waiting for adjudication
+    (answers tied, or disagreeing above review.adjudication_threshold; at most
+    query.batch_size of them, picked_by 'adjudication', no pre-label: the adjudicator
+    chooses), then ``picks``; review.overlap independent answers are asked for a
+    review.overlap_share of the picks (at least one when the share is above 0), drawn with
+    ``rng`` (a numpy Generator). Returns the rows with ``rank`` and ``overlap`` added."""
+    import numpy as np
+
+    from alflow.tasks.store.batches import REASKED_PICKS
+
+    r = settings.review
+    columns = ["item_id", "score", "prelabel", "confidence", "picked_by"]
+    picks = picks.copy() if len(picks) else pd.DataFrame(columns=columns)
+    pending = store.needs_adjudication(r.adjudication_threshold)
+    pending = pending[~pending["item_id"].isin(set(picks["item_id"]))].head(settings.query.batch_size)
+    adjudicate = pd.DataFrame({"item_id": pending["item_id"].to_numpy(dtype=object),
+                               "score": pending["disagreement"].to_numpy(dtype=float),
+                               "prelabel": None, "confidence": np.nan, "picked_by": ADJUDICATION, "overlap": 1})
+    overlap = np.ones(len(picks), dtype=int)
+    eligible = np.flatnonzero(~picks["picked_by"].isin(REASKED_PICKS).to_numpy())
+    if r.overlap > 1 and r.overlap_share > 0 and len(eligible):
+        n = min(len(eligible), max(1, math.ceil(r.overlap_share * len(eligible) - 1e-9)))
+        overlap[rng.choice(eligible, size=n, replace=False)] = r.overlap
+    picks["overlap"] = overlap
+    parts = [p for p in (adjudicate, picks) if len(p)]
+    if not parts:
+        return pd.DataFrame(columns=columns + ["overlap", "rank"])
+    planned = pd.concat(parts, ignore_index=True)
+    return planned.assign(rank=np.arange(1, len(planned) + 1))
+
+
+def review_round_items(store: Store, batch_id: str, round_: int,
+                       shown: dict[str, str | None] | None = None) -> pd.DataFrame:
+    """The items a review round asks about: round 1 the whole batch; a later round the
+    items still short of their review.overlap answers (:meth:`Store.batch_needs`), or, when
+    replaying (``shown``: the form the run saved), exactly the fields that form had."""
+    batch = store.batch_items(batch_id)
+    if round_ == 1:
+        return batch
+    if shown is not None:
+        keep = [field_name(r) in shown for r in batch["rank"]]
+    else:
+        keep = batch["item_id"].isin(set(store.batch_needs(batch_id)["item_id"])).to_numpy()
+    return batch[keep].reset_index(drop=True)
+
+
+def _check_label(label: str, classes: list[str], where: str) -> None:
+    if label not in classes and label != SKIP:
+        raise ReviewError(f"{where}: label {label!r} is not one of {classes + [SKIP]}")
+
+
+def _only_open_batch(store: Store) -> str:
+    open_batches = store.batches("open")
+    if len(open_batches) == 1:
+        return str(open_batches["batch_id"].iloc[0])
+    if open_batches.empty:
+        raise ReviewError("no batch is waiting for review")
+    ids = ", ".join(open_batches["batch_id"])
+    raise ReviewError(f"{len(open_batches)} batches are waiting ({ids}); pass --batch")
+
+
+def pick_batch(store: Store, batch_id: str | None) -> dict:
+    """The batch named, or the only open one; a clear error otherwise."""
+    batch_id = batch_id or _only_open_batch(store)
+    batch = store.batch(batch_id)
+    if batch is None:
+        raise ReviewError(f"batch {batch_id} does not exist")
+    return batch
+
+
+def closed_batch_check(batch: dict, late: bool) -> None:
+    """One line when answers are offered to a batch that is no longer open, unless ``late``."""
+    if batch["status"] != "open" and not late:
+        closed = batch.get("closed_at")
+        since = f" since {str(closed)[:19]} UTC" if closed is not None and not pd.isna(closed) else ""
+        raise ReviewError(f"batch {batch['batch_id']} is {batch['status']}{since}: nothing waits for answers; "
+                          "pass --late to record them anyway")
