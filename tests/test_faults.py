@@ -520,6 +520,12 @@ def served_and_stopped(reference: dict, point: str) -> dict:
         return outcome
     finally:
         processes.stop_all()
+    return judged(outcome, config, reference)
+
+
+def judged(outcome: dict, config: Path, reference: dict) -> dict:
+    """``outcome`` with the store of ``config`` compared with the fault-free run's second
+    cycle, and its defects (cycle 2's artifacts included)."""
     outcome["differences"] = differences(content(config), second_cycle(reference))
     outcome["defects"] = defects(config) + artifacts_of(config, [2])
     return outcome
@@ -565,9 +571,7 @@ def worker_killed(reference: dict, point: str) -> dict:
         return outcome
     finally:
         processes.stop_all()
-    outcome["differences"] = differences(content(config), second_cycle(reference))
-    outcome["defects"] = defects(config) + artifacts_of(config, [2])
-    return outcome
+    return judged(outcome, config, reference)
 
 
 @pytest.mark.slow

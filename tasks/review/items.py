@@ -160,9 +160,10 @@ def pick_batch(store: Store, batch_id: str | None) -> dict:
 
 
 def closed_batch_check(batch: dict, late: bool) -> None:
-    """One line when answers are offered to a batch that is no longer open, unless ``late``."""
+    """One line when answers are offered to a batch that is no longer open, unless ``late``:
+    the store's own refusal (:meth:`Store.record_labels`), said before a file is read or a
+    terminal session starts."""
+    from alflow.tasks.store.labels import closed_batch_line
+
     if batch["status"] != "open" and not late:
-        closed = batch.get("closed_at")
-        since = f" since {str(closed)[:19]} UTC" if closed is not None and not pd.isna(closed) else ""
-        raise ReviewError(f"batch {batch['batch_id']} is {batch['status']}{since}: nothing waits for answers; "
-                          "pass --late to record them anyway")
+        raise ReviewError(closed_batch_line(batch["batch_id"], batch["status"], batch.get("closed_at")))

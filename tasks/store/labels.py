@@ -23,6 +23,12 @@ class BatchClosedError(StoreError):
     """Answers for a batch that is no longer open (labeled or expired), given without ``late``."""
 
 
+def closed_batch_line(batch_id: str, status: str, closed_at) -> str:
+    """The one line that refuses answers for a batch that is no longer open."""
+    since = f" since {str(closed_at)[:19]} UTC" if closed_at is not None and not pd.isna(closed_at) else ""
+    return f"batch {batch_id} is {status}{since}: nothing waits for these answers; pass --late to record them anyway"
+
+
 @dataclass
 class LabelWrite:
     """What a label write did.
@@ -246,9 +252,7 @@ class LabelStore(BatchStore):
             raise StoreError(f"batch {batch_id} does not exist")
         status, closed_at = rows[0]
         if status != "open" and not late:
-            since = f" since {str(closed_at)[:19]} UTC" if closed_at is not None else ""
-            raise BatchClosedError(f"batch {batch_id} is {status}{since}: nothing waits for these answers; "
-                                   "pass --late to record them anyway")
+            raise BatchClosedError(closed_batch_line(batch_id, status, closed_at))
 
     @staticmethod
     def _drop_from_open_batches(con, batch_id: str, item_ids: list[str]) -> int:
