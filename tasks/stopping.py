@@ -207,16 +207,18 @@ def stored_kappas(store: Store, before: int | None = None) -> list[float | None]
             for v in frame["stop_kappa"]]
 
 
-def current_rules(store: Store, settings: Settings, counts: dict | None = None) -> list[dict]:
+def current_rules(store: Store, settings: Settings, counts: dict | None = None,
+                  control: dict | None = None) -> list[dict]:
     """Every rule's state now, under the current config, from what the store holds (the
-    newest cycle's metrics, the stop-set kappas, the control slice, the answers)."""
+    newest cycle's metrics, the stop-set kappas, the control slice, the answers).
+    ``control``: :func:`current_estimate`, when the caller has it already."""
     import json
 
     counts = counts or store.counts(settings.holdout_fraction)
     latest = store.query_df("SELECT metrics FROM cycles ORDER BY cycle DESC LIMIT 1")
     metrics = json.loads(latest.iloc[0, 0]) if len(latest) and isinstance(latest.iloc[0, 0], str) else None
-    return evaluate_rules(settings, counts, metrics, current_estimate(store, settings), stored_kappas(store),
-                          labeling_minutes(store))
+    control = control if control is not None else current_estimate(store, settings)
+    return evaluate_rules(settings, counts, metrics, control, stored_kappas(store), labeling_minutes(store))
 
 
 def quality_status(store: Store, settings: Settings, counts: dict | None = None) -> dict:
@@ -225,9 +227,10 @@ def quality_status(store: Store, settings: Settings, counts: dict | None = None)
     (``open``: up to FLAGS_SHOWN flags still to re-review, most likely wrong first)."""
     newest = store.last_checked_model()
     open_flags = store.open_label_flags(FLAGS_SHOWN)
-    rules = current_rules(store, settings, counts)
+    control = current_estimate(store, settings)  # once: its macro F1 interval is a bootstrap
+    rules = current_rules(store, settings, counts, control)
     return {
-        "control": current_estimate(store, settings),
+        "control": control,
         "label_flags": {"model_version": None if newest is None else int(newest),
                         "count": store.label_flag_count(),
                         "open": flag_records(open_flags)},
