@@ -57,27 +57,43 @@ class ModelSettings(_Section):
     # classifier_params is declared before classifier so that the classifier check (which
     # builds it with those parameters) runs last and its errors name ``model.classifier``.
     classifier_params: dict[str, Any] = Field(
-        default_factory=lambda: {"C": 10.0, "max_iter": 2000, "class_weight": "balanced"}
+        default_factory=lambda: {"C": 10.0, "max_iter": 2000, "class_weight": "balanced"},
+        description="Keyword arguments of `classifier`; checked at start-up by building it with them.",
     )
     vectorizer_params: dict[str, Any] = Field(
-        default_factory=lambda: {"ngram_range": [1, 2], "sublinear_tf": True}
+        default_factory=lambda: {"ngram_range": [1, 2], "sublinear_tf": True},
+        description="Keyword arguments of scikit-learn's TfidfVectorizer, which turns each text into the "
+                    "classifier's features.",
     )
-    # Where the TF-IDF vocabulary and IDF come from: "labeled" (the labeled items, refitted
-    # with every model) or "pool" (a seeded sample of up to vectorizer_sample pool items,
-    # unsupervised; the saved model carries it, so pre-label uses the same features).
-    vectorizer_fit: Literal["labeled", "pool"] = "labeled"
-    vectorizer_sample: int = Field(100_000, ge=100)
-    # With vectorizer_fit = "pool": this many LSA dimensions (TruncatedSVD of the pool's
-    # TF-IDF, rows L2-normalised) appended to the TF-IDF features; 0 = none.
-    svd_components: int = Field(0, ge=0, le=1000)
-    # Self-training: each new model also trains on the unlabeled pool items a first model of
-    # the human labels is surest of, labeled as it predicts them: per class, self_training x
-    # that class's human labels (modeling.self_train); 0 = human labels only; "auto" (the
-    # default): share 1.0, used in a retrain only where out-of-fold evidence on the human
-    # labels says it helps by more than its noise.
-    self_training: Union[Literal["auto"], float] = "auto"
-    # How many unlabeled pool items (a seeded sample) self-training reads to find them.
-    self_training_sample: int = Field(10_000, ge=100)
+    vectorizer_fit: Literal["labeled", "pool"] = Field(
+        "labeled",
+        description='Where the TF-IDF vocabulary and IDF come from: "labeled" (the labeled items, refitted with '
+                    'every model) or "pool" (a seeded sample of up to vectorizer_sample pool items, no labels '
+                    "used; the saved model carries it, so pre-label and query see the same features).",
+    )
+    vectorizer_sample: int = Field(
+        100_000, ge=100,
+        description='With vectorizer_fit = "pool": how many pool items (a seeded sample) the TF-IDF and the LSA '
+                    "dimensions are fitted on.",
+    )
+    svd_components: int = Field(
+        0, ge=0, le=1000,
+        description="This many LSA dimensions (TruncatedSVD of the pool's TF-IDF, rows L2-normalised) appended "
+                    'to the TF-IDF features; 0 = none. Needs vectorizer_fit = "pool".',
+    )
+    self_training: Union[Literal["auto"], float] = Field(
+        "auto",
+        description="Self-training: each new model also trains on the unlabeled pool items a first model of the "
+                    "human labels is surest of, labeled as it predicts them, per class self_training times that "
+                    "class's human labels. \"auto\": share 1.0, used in a retrain only where out-of-fold evidence "
+                    "on the human labels says it helps by more than its noise; a number from 0 (human labels "
+                    "only) to 10 forces it.",
+    )
+    self_training_sample: int = Field(
+        10_000, ge=100,
+        description="How many unlabeled pool items (a seeded sample, never a held-out one) self-training reads "
+                    "to find the ones it is surest of.",
+    )
 
     @field_validator("self_training", mode="before")
     @classmethod
@@ -99,7 +115,11 @@ class ModelSettings(_Section):
         if value and info.data.get("vectorizer_fit") == "labeled":
             raise ValueError('needs vectorizer_fit = "pool" (LSA dimensions are fitted on the pool)')
         return value
-    classifier: str = Field("sklearn.linear_model.LogisticRegression", validate_default=True)
+    classifier: str = Field(
+        "sklearn.linear_model.LogisticRegression", validate_default=True,
+        description="Any scikit-learn classifier with predict_proba, by import path; it reads the TF-IDF "
+                    "features.",
+    )
 
     @field_validator("classifier")
     @classmethod
@@ -125,116 +145,225 @@ class QuerySettings(_Section):
     """Which items to ask the human about."""
 
     strategy: Literal["least_confidence", "margin", "entropy", "random", "badge", "class_balanced",
-                      "committee", "cluster_margin"] = "margin"
-    batch_size: int = Field(20, ge=1, le=500)
-    exploration: float = Field(0.1, ge=0.0, le=1.0)
-    # A pick whose TF-IDF cosine similarity to another pick or a labeled item is at least
-    # this is dropped (a reviewer never sees the same message twice); None turns it off.
-    near_duplicate: float | None = Field(0.9, gt=0.0, le=1.0)
-    # badge, committee and cluster_margin look at the batch_size * candidates smallest-margin items.
-    candidates: int = Field(10, ge=1, le=1000)
-    cold_start: Literal["coverage", "random"] = "coverage"
-    # Pool items per pre-label task: large enough that Prefect's per-task cost (tens of ms)
-    # is lost in the scoring, small enough to stay a few tens of MB in flight.
-    chunk_size: int = Field(20000, ge=100)
-    # Coverage picks cluster this many pool items at most (a seeded sample beyond it).
-    coverage_sample: int = Field(20000, ge=100)
-    # The random control slice: this share of each batch (at least one item; 0 turns it
-    # off) is drawn uniformly from the pool and shown blind (no pre-label anywhere). Its
-    # answers are a growing random test set on which every model is scored.
-    control_share: float = Field(0.05, ge=0.0, le=0.5)
-    # False: control answers never train a model, so every model (the newest included) has
-    # an honest estimate. True: they train later models too (a few more labels to learn
-    # from), and a model is scored only on the control answers given after it was trained.
-    control_trains: bool = False
-    # At most this share of each batch re-asks items the last label check flagged as
-    # likely label errors (picked_by 'recheck'; no default: the earlier answers and the
-    # model's suggestion are shown beside the item).
-    recheck_share: float = Field(0.1, ge=0.0, le=0.5)
+                      "committee", "cluster_margin"] = Field(
+        "margin",
+        description="How the batch is picked from the pre-labeled pool (margin: p(top1) - p(top2), smallest "
+                    "first). Compare them on your data with `alflow simulate`.",
+    )
+    batch_size: int = Field(20, ge=1, le=500, description="Items per review batch.")
+    exploration: float = Field(
+        0.1, ge=0.0, le=1.0,
+        description="Share of each batch drawn at random from the pool (finds what the model is blind to).",
+    )
+    near_duplicate: float | None = Field(
+        0.9, gt=0.0, le=1.0,
+        description="A pick whose TF-IDF cosine similarity to another pick or to a labeled item is at least "
+                    "this is dropped, so a reviewer never sees the same text twice; unset turns it off.",
+    )
+    candidates: int = Field(
+        10, ge=1, le=1000,
+        description="badge, committee and cluster_margin look at the batch_size x candidates smallest-margin "
+                    "items.",
+    )
+    cold_start: Literal["coverage", "random"] = Field(
+        "coverage",
+        description='With no model yet: "coverage" (one item per TF-IDF cluster) or "random".',
+    )
+    # Large enough that Prefect's per-task cost (tens of ms) is lost in the scoring, small
+    # enough to stay a few tens of MB in flight.
+    chunk_size: int = Field(
+        20000, ge=100,
+        description="Pool items per pre-label task (one streaming read from DuckDB, one score-chunk task on "
+                    "the [runner]).",
+    )
+    coverage_sample: int = Field(
+        20000, ge=100,
+        description="The coverage cold start clusters this many pool items at most (a seeded sample beyond it).",
+    )
+    control_share: float = Field(
+        0.05, ge=0.0, le=0.5,
+        description="The random control slice: this share of each batch (at least one item; 0 turns it off) "
+                    "is drawn uniformly from the pool and shown blind (no pre-label anywhere). Its answers are "
+                    "a growing random test set on which every model is scored.",
+    )
+    control_trains: bool = Field(
+        False,
+        description="false: control answers never train a model, so every model (the newest included) has an "
+                    "honest estimate. true: they train later models too, and a model is scored only on the "
+                    "control answers given after it was trained.",
+    )
+    recheck_share: float = Field(
+        0.1, ge=0.0, le=0.5,
+        description="At most this share of each batch asks again the items the last label check flagged as "
+                    "likely label errors (picked_by recheck: nothing preselected; the earlier answers and the "
+                    "model's suggestion are shown beside the item).",
+    )
 
 
 class ReviewSettings(_Section):
     """The pause for human review."""
 
-    timeout_hours: float = Field(168.0, gt=0)
-    # A cycle that finds this many batches waiting for review asks nothing new: it ingests,
-    # pre-labels and ends (a team that labels in bursts can queue more).
-    max_open_batches: int = Field(1, ge=1, le=100)
-    poll_interval_seconds: int = Field(5, ge=1, le=600)
-    text_chars: int = Field(600, ge=40)
-    annotator: str = Field("annotator", min_length=1, max_length=64, pattern=r"^[\w.@-]+$")
-    # Independent answers (distinct annotators) asked for the overlap_share of each batch;
-    # the run stops for review again until they are in (1: one answer per item).
-    overlap: int = Field(1, ge=1, le=10)
-    overlap_share: float = Field(0.1, ge=0.0, le=1.0)
-    # An item whose answers tie, or whose share of answers disagreeing with the majority
-    # is above this, goes to adjudication at the top of the next batch.
-    adjudication_threshold: float = Field(0.5, ge=0.0, le=1.0)
-    # A Resume form's wall-clock wait is not labeling time (it may sit open for a weekend):
-    # it is stored apart (labels.form_seconds), divided over its items and capped at this.
-    max_form_seconds_per_item: float = Field(120.0, gt=0.0)
+    timeout_hours: float = Field(
+        168.0, gt=0,
+        description="How long a run stopped for review waits before it fails; answers already stored stay "
+                    "and train the next cycle.",
+    )
+    max_open_batches: int = Field(
+        1, ge=1, le=100,
+        description="A cycle that finds this many batches waiting for review asks nothing new: it ingests, "
+                    "pre-labels and ends Completed naming the waiting batch (raise it to queue batches).",
+    )
+    poll_interval_seconds: int = Field(
+        5, ge=1, le=600, description="How often a paused run (`alflow run`) checks whether it was resumed."
+    )
+    text_chars: int = Field(600, ge=40, description="Characters of each item's text shown in the Resume form.")
+    annotator: str = Field(
+        "annotator", min_length=1, max_length=64, pattern=r"^[\w.@-]+$",
+        description="Who answers, unless said otherwise: the Resume form's Annotator field starts with it, and "
+                    "`alflow label`, `import` and `resume` use it without --annotator.",
+    )
+    overlap: int = Field(
+        1, ge=1, le=10,
+        description="Independent answers (distinct annotators) asked for the overlap_share of each batch; the "
+                    "run stops for review again until they are in (1: one answer per item).",
+    )
+    overlap_share: float = Field(
+        0.1, ge=0.0, le=1.0,
+        description="Share of each batch (drawn at random, at least one item) that needs overlap answers.",
+    )
+    adjudication_threshold: float = Field(
+        0.5, ge=0.0, le=1.0,
+        description="An item whose answers tie, or whose share of answers disagreeing with the majority is "
+                    "above this, is adjudicated at the top of the next batch.",
+    )
+    max_form_seconds_per_item: float = Field(
+        120.0, gt=0.0,
+        description="A Resume form's wall-clock wait is not labeling time (it may sit open over a weekend): it "
+                    "is stored apart (labels.form_seconds), divided over its items and capped at this.",
+    )
 
 
 class EvaluationSettings(_Section):
     """How a model is scored. ``holdout`` needs gold labels in a source."""
 
-    method: Literal["cv", "holdout"] = "cv"
-    metric: Literal["accuracy", "macro_f1"] = "macro_f1"
-    cv_folds: int = Field(5, ge=2, le=20)
-    holdout_fraction: float = Field(0.2, gt=0.0, lt=0.9)
+    method: Literal["cv", "holdout"] = Field(
+        "cv",
+        description='"holdout": score on gold-labeled items kept out of the pool (needs a source with '
+                    'label_column); "cv": stratified cross-validation on the labels given so far.',
+    )
+    metric: Literal["accuracy", "macro_f1"] = Field(
+        "macro_f1",
+        description="What promotion compares, and what the target stopping rule and self-training's evidence "
+                    "read.",
+    )
+    cv_folds: int = Field(
+        5, ge=2, le=20,
+        description="Folds of the cross-validation (method = \"cv\") and of the label check's out-of-fold "
+                    "probabilities.",
+    )
+    holdout_fraction: float = Field(
+        0.2, gt=0.0, lt=0.9,
+        description='Share of the gold-labeled items held out of the pool as the test set (method = "holdout").',
+    )
 
 
 class StoppingSettings(_Section):
     """When the loop stops asking. Every rule is reported each cycle; a rule with its
     threshold set stops the loop (and a served schedule opens no more batches)."""
 
-    budget: int | None = Field(None, ge=1)
-    # Minutes of labeling time measured per item (the terminal, Label Studio's lead_time,
-    # an import's seconds column), summed; a Resume form's wait never counts.
-    budget_minutes: float | None = Field(None, gt=0.0)
-    # On the newest model's control-slice estimate once it has target_min_control answers
-    # (evaluation.metric where the slice has every class, else accuracy); before that on
-    # evaluation.metric (holdout or CV). The report says which was used.
-    target: float | None = Field(None, gt=0.0, le=1.0)
-    target_min_control: int = Field(30, ge=1)
-    # "lower": the target is reached when the 95% interval's lower bound reaches it;
-    # "point": when the point estimate does.
-    target_bound: Literal["lower", "point"] = "lower"
-    # Stabilizing predictions: Cohen's kappa between successive models' predictions on a
-    # fixed stop set (stop_set_size items sampled once) at least stabilizing_kappa for
-    # stabilizing_cycles cycles in a row.
-    stabilizing_kappa: float | None = Field(None, gt=0.0, le=1.0)
-    stabilizing_cycles: int = Field(3, ge=1, le=50)
-    stop_set_size: int = Field(1000, ge=10)
+    budget: int | None = Field(
+        None, ge=1, description="Stop once this many items are answered (labeled, tied or skipped)."
+    )
+    budget_minutes: float | None = Field(
+        None, gt=0.0,
+        description="Stop once this many minutes of labeling time measured per item (the terminal, Label "
+                    "Studio's lead_time, an import's seconds column) are spent; a Resume form's wait never "
+                    "counts.",
+    )
+    target: float | None = Field(
+        None, gt=0.0, le=1.0,
+        description="Stop once the newest model's control-slice estimate reaches this, when the slice has "
+                    "target_min_control answers (evaluation.metric where the slice has every class, else "
+                    "accuracy); before that, the cycle's holdout or CV evaluation.metric. The report says which.",
+    )
+    target_min_control: int = Field(
+        30, ge=1, description="Control answers the target rule needs before it reads the control-slice estimate."
+    )
+    target_bound: Literal["lower", "point"] = Field(
+        "lower",
+        description="\"lower\": the target is reached when the 95% interval's lower bound reaches it; \"point\": "
+                    "when the estimate itself does.",
+    )
+    stabilizing_kappa: float | None = Field(
+        None, gt=0.0, le=1.0,
+        description="Stabilizing predictions: stop once Cohen's kappa between successive models' predictions "
+                    "on the fixed stop set is at least this for stabilizing_cycles cycles in a row.",
+    )
+    stabilizing_cycles: int = Field(
+        3, ge=1, le=50, description="Cycles in a row the stabilizing_kappa rule needs."
+    )
+    stop_set_size: int = Field(
+        1000, ge=10, description="Items of the stop set (a seeded sample, chosen once) the kappa is measured on."
+    )
 
 
 class StoreSettings(_Section):
-    lock_timeout_seconds: float = Field(30.0, ge=0)
-    # How long a cycle waits for another cycle working on the same database (the 'cycle'
-    # lock) before it gives up: at the start it then ends doing nothing, after the review
-    # it fails with the answers kept.
-    cycle_lock_timeout_seconds: float = Field(600.0, ge=0)
-    # The cycle lock is a lease of this many seconds, renewed every third of it while its
-    # cycle works: a holder that stops renewing (killed, its host down) is taken over once
-    # it runs out, on whatever host it ran.
-    lease_seconds: float = Field(120.0, gt=0)
+    """The DuckDB store: waits for other processes and cycles."""
+
+    lock_timeout_seconds: float = Field(
+        30.0, ge=0,
+        description="How long a write waits for another process holding the DuckDB file before it fails "
+                    "naming the holder's PID.",
+    )
+    cycle_lock_timeout_seconds: float = Field(
+        600.0, ge=0,
+        description="How long a cycle waits for another cycle working on the same database (the cycle lock) "
+                    "before it gives up: at the start it then ends Completed having done nothing, after the "
+                    "review it fails with the answers kept.",
+    )
+    lease_seconds: float = Field(
+        120.0, gt=0,
+        description="The cycle lock is a lease of this many seconds, renewed every third of it while its cycle "
+                    "works: a holder that stops renewing (killed, its host down) is taken over once it runs "
+                    "out, on whatever host it ran.",
+    )
 
 
 class RunnerSettings(_Section):
-    """Where pre-label chunks are scored: Prefect's task runner. The flow stays the one
-    writer into DuckDB; workers only score and return arrays."""
+    """Where pre-label and holdout-evaluation chunks are scored: Prefect's task runner. The
+    flow stays the one writer into DuckDB; workers only score and return arrays."""
 
-    # "auto": threads for a pre-label of fewer than dask_min_items items, else Dask (a
-    # LocalCluster, or the scheduler at dask_address). TF-IDF is pure Python and holds the
-    # GIL, so only processes score a big pool in parallel; a small one is not worth the
-    # cluster's few seconds of start-up.
-    type: Literal["auto", "threads", "dask"] = "auto"
-    # Threads, or the local Dask cluster's worker processes (ignored with dask_address).
-    workers: int = Field(2, ge=1, le=256)
-    dask_min_items: int = Field(200_000, ge=0)
-    # A running Dask scheduler (tcp://host:8786): its workers must have alflow installed.
-    # Empty: a LocalCluster of `workers` processes, started and stopped with each run.
-    dask_address: str = ""
+    # TF-IDF is pure Python and holds the GIL, so only processes score a big pool in
+    # parallel; a small one is not worth the cluster's few seconds of start-up.
+    type: Literal["auto", "threads", "dask"] = Field(
+        "auto",
+        description="\"threads\": Prefect's thread pool on this machine; \"dask\": prefect-dask (a LocalCluster of "
+                    'workers processes, or the scheduler at dask_address); "auto": Dask for a pre-label or a '
+                    "holdout evaluation of at least dask_min_items items, or of more than one chunk when this "
+                    "process's LocalCluster is already up; threads otherwise.",
+    )
+    workers: int = Field(
+        2, ge=1, le=256,
+        description="Threads, or the local Dask cluster's worker processes (ignored with dask_address).",
+    )
+    dask_min_items: int = Field(
+        200_000, ge=0,
+        description='With type = "auto": pre-labels and holdout evaluations of at least this many items run on '
+                    "Dask.",
+    )
+    dask_address: str = Field(
+        "",
+        description='A running Dask scheduler ("tcp://10.0.0.5:8786") whose workers have alflow installed; '
+                    '"" starts a LocalCluster of workers processes when a step first needs it.',
+    )
+    # A cycle's pre-label and its holdout evaluation, and the cycles of one `alflow run`,
+    # are seconds apart: the workers' start-up and imports are paid once, not per step.
+    dask_idle_seconds: float = Field(
+        60.0, ge=0,
+        description="How long the LocalCluster stays up after the last step that used it, for the next one (a "
+                    "cycle's holdout evaluation, the next cycle) to find its workers started; 0 stops it after "
+                    "each step. Ignored with dask_address.",
+    )
 
     @field_validator("dask_address")
     @classmethod
@@ -248,9 +377,13 @@ class RunnerSettings(_Section):
 class ScheduleSettings(_Section):
     """When `alflow serve` runs the flows: cron strings, "" for no schedule."""
 
-    cycle: str = ""
-    ingest: str = ""
-    timezone: str = "UTC"
+    cycle: str = Field(
+        "", description='Cron string of the cycle deployment, e.g. "0 6 * * *" (every morning); "" = no schedule.'
+    )
+    ingest: str = Field(
+        "", description='Cron string of the ingest deployment, e.g. "0 * * * *" (every hour); "" = no schedule.'
+    )
+    timezone: str = Field("UTC", description='The time zone of both cron strings, e.g. "Europe/Berlin".')
 
     @field_validator("cycle", "ingest")
     @classmethod
@@ -281,27 +414,54 @@ class ScheduleSettings(_Section):
 class FilesSource(_Section):
     """A local file or folder: CSV, JSONL, Parquet, or a folder of .txt files."""
 
-    type: Literal["files"]
-    name: str = Field(..., min_length=1, max_length=64, pattern=r"^[\w.-]+$")
-    path: Path
-    format: Literal["auto", "csv", "jsonl", "parquet", "txt"] = "auto"
-    text_column: str = "text"
-    title_column: str | None = None
-    id_column: str | None = None
-    url_column: str | None = None
-    label_column: str | None = None
-    # For a folder of .txt files: take the gold label from each file's parent folder name.
-    label_from_folder: bool = False
-    # Gold label values as the source has them -> a class of `labels`, e.g. {"0" = "ham"};
-    # values not in the map are kept as they are (and must then be classes themselves).
-    label_map: dict[str, str] = Field(default_factory=dict)
-    # How the file's bytes are text: any Python codec name ("latin-1", "cp1252", "utf-16").
-    encoding: str = "utf-8"
-    # The CSV field separator: one character, e.g. ";" or "\t".
-    delimiter: str = Field(",", min_length=1, max_length=1)
+    type: Literal["files"] = Field(..., description="The source type.")
+    name: str = Field(
+        ..., min_length=1, max_length=64, pattern=r"^[\w.-]+$",
+        description="The source's unique name, stored with its items.",
+    )
+    path: Path = Field(
+        ...,
+        description="The file (CSV, JSONL, Parquet) or folder of .txt files, relative to the config file's folder.",
+    )
+    format: Literal["auto", "csv", "jsonl", "parquet", "txt"] = Field(
+        "auto",
+        description='"auto" tells it from the name: .csv, .jsonl or .ndjson, .parquet or .pq; a folder is txt '
+                    "(each .txt file below it an item, its name the title).",
+    )
+    text_column: str = Field("text", description="The column (or JSON field) holding the text.")
+    title_column: str | None = Field(None, description="The column holding a title, if any.")
+    id_column: str | None = Field(None, description="The column holding the source's own id (external_id).")
+    url_column: str | None = Field(None, description="The column holding a URL, if any.")
+    label_column: str | None = Field(
+        None,
+        description="The column holding gold labels: used for the holdout and `alflow run --auto`, never shown "
+                    "to a reviewer.",
+    )
+    label_from_folder: bool = Field(
+        False, description="For a folder of .txt files: take the gold label from each file's parent folder name."
+    )
+    label_map: dict[str, str] = Field(
+        default_factory=dict,
+        description='Gold label values as the source spells them -> a class of labels, e.g. { 0 = "ham", 1 = '
+                    '"spam" }; values not in the map are kept as they are and must be classes themselves.',
+    )
+    encoding: str = Field(
+        "utf-8",
+        description="How the file's bytes are text: any Python codec name (\"latin-1\", \"cp1252\", \"utf-16\"). A row "
+                    "that does not decode is counted as undecodable; a header that does not decode stops the "
+                    "source naming this key.",
+    )
+    delimiter: str = Field(
+        ",", min_length=1, max_length=1,
+        description='The CSV field separator: one character, e.g. ";" or "\\t". A header that comes out as one '
+                    "column holding another separator stops the source naming this key.",
+    )
     # A longer text is not an item but a file read wrong (an unclosed quote swallows the rows
-    # after it): it is rejected and counted ("text longer than max_text_chars").
-    max_text_chars: int = Field(100_000, ge=1)
+    # after it).
+    max_text_chars: int = Field(
+        100_000, ge=1,
+        description="A longer text is rejected and counted (\"text longer than max_text_chars\").",
+    )
 
     @field_validator("encoding")
     @classmethod
@@ -323,10 +483,19 @@ SourceSettings = Annotated[
 class Settings(_Section):
     """All of alflow's settings. Paths are resolved against the config file's folder."""
 
-    labels: list[str] = Field(..., min_length=2)
-    database: Path = Path(".alflow/alflow.duckdb")
-    models_dir: Path = Path(".alflow/models")
-    seed: int = 0
+    labels: list[str] = Field(
+        ..., min_length=2,
+        description='The classes a reviewer chooses from, in order ("skip" is reserved: it is always offered).',
+    )
+    database: Path = Field(
+        Path(".alflow/alflow.duckdb"),
+        description="The DuckDB file holding items, predictions, batches, labels, models and cycles.",
+    )
+    models_dir: Path = Field(Path(".alflow/models"), description="Where model files (skops format) are written.")
+    seed: int = Field(
+        0, description="Seeds every random choice (cold start, exploration, control slice, CV folds): the same "
+                       "seed gives the same batches.",
+    )
     model: ModelSettings = Field(default_factory=ModelSettings)
     query: QuerySettings = Field(default_factory=QuerySettings)
     review: ReviewSettings = Field(default_factory=ReviewSettings)
@@ -335,7 +504,9 @@ class Settings(_Section):
     store: StoreSettings = Field(default_factory=StoreSettings)
     schedules: ScheduleSettings = Field(default_factory=ScheduleSettings)
     runner: RunnerSettings = Field(default_factory=RunnerSettings)
-    sources: list[SourceSettings] = Field(default_factory=list)
+    sources: list[SourceSettings] = Field(
+        default_factory=list, description="The [[sources]] tables: where items come from."
+    )
     # Where the file came from; not a setting a user writes.
     config_path: Path | None = Field(None, exclude=True)
 

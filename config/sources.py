@@ -18,7 +18,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-_NAME = Field(..., min_length=1, max_length=64, pattern=r"^[\w.-]+$")
+_NAME = Field(..., min_length=1, max_length=64, pattern=r"^[\w.-]+$",
+              description="The source's unique name, stored with its items.")
 _LANGUAGE = re.compile(r"^[a-z]{2,3}(?:-[a-z0-9]{1,8})*$|^simple$")
 _SUB_LANGUAGE = re.compile(r"^[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{1,8})*$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -60,11 +61,15 @@ class _Source(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = _NAME
-    timeout_seconds: float = Field(30.0, gt=0, le=600)
-    # Retries of one request after a timeout, a 429 or a 5xx, with exponential backoff from
-    # retry_wait_seconds; a Retry-After header replaces the computed wait.
-    retries: int = Field(3, ge=0, le=10)
-    retry_wait_seconds: float = Field(1.0, ge=0, le=300)
+    timeout_seconds: float = Field(30.0, gt=0, le=600, description="Seconds before one request times out.")
+    retries: int = Field(
+        3, ge=0, le=10,
+        description="Retries of one request after a timeout, a 429 or a 5xx, with exponential backoff from "
+                    "retry_wait_seconds; a Retry-After header replaces the computed wait.",
+    )
+    retry_wait_seconds: float = Field(
+        1.0, ge=0, le=300, description="The first wait before a retry, in seconds, doubled with each retry."
+    )
     max_retry_wait_seconds: float = Field(
         120.0, ge=0, le=3600,
         description="The longest single wait before a retry, in seconds. A Retry-After asking for more "
@@ -86,16 +91,36 @@ class WikipediaSource(_Source):
     and sub-categories' pages down to ``category_depth``) chooses the pages.
     """
 
-    type: Literal["wikipedia"]
-    search: str | None = Field(None, min_length=1)
-    titles: list[str] | None = Field(None, min_length=1, max_length=10_000)
-    category: str | None = Field(None, min_length=1)
-    category_depth: int = Field(0, ge=0, le=10)
-    limit: int = Field(100, ge=1, le=10_000)
-    language: str = "en"
-    content: Literal["text", "summary"] = "text"
-    user_agent: str | None = Field(None, validate_default=True)
-    api_url: str | None = None
+    type: Literal["wikipedia"] = Field(..., description="The source type.")
+    search: str | None = Field(
+        None, min_length=1, description="Full-text search: the pages it finds (one of search, titles, category)."
+    )
+    titles: list[str] | None = Field(
+        None, min_length=1, max_length=10_000, description="These pages, by title (one of search, titles, category)."
+    )
+    category: str | None = Field(
+        None, min_length=1,
+        description='The pages of this category ("Physics" means "Category:Physics"; a localised prefix is '
+                    "kept); one of search, titles, category.",
+    )
+    category_depth: int = Field(
+        0, ge=0, le=10, description="With category: also the pages of sub-categories down to this depth."
+    )
+    limit: int = Field(100, ge=1, le=10_000, description="At most this many pages per fetch.")
+    language: str = Field("en", description='The Wikipedia language code, e.g. "en", "de", "zh-yue" or "simple".')
+    content: Literal["text", "summary"] = Field(
+        "text", description='"text": the whole plain text of each page; "summary": its lead section.'
+    )
+    user_agent: str | None = Field(
+        None, validate_default=True,
+        description="Required: names your project and a contact (an e-mail address or URL); Wikimedia blocks "
+                    "generic user agents.",
+    )
+    api_url: str | None = Field(
+        None,
+        description="Another MediaWiki's api.php (a company wiki, a mirror; it needs the TextExtracts "
+                    "extension) instead of Wikipedia's.",
+    )
 
     @field_validator("titles")
     @classmethod
@@ -162,15 +187,21 @@ class WikipediaSource(_Source):
 class YouTubeSource(_Source):
     """Videos of YouTube read with yt-dlp: metadata and subtitle text, never the video."""
 
-    type: Literal["youtube"]
-    search: str | None = Field(None, min_length=1)
-    urls: list[str] | None = Field(None, min_length=1, max_length=1000)
-    limit: int = Field(20, ge=1, le=5000)
-    # Languages in order of preference; manual subtitles before automatic captions.
-    subtitle_languages: list[str] = Field(default_factory=lambda: ["en"], max_length=20)
-    # Reject a video without subtitles in those languages (by default its description is
-    # the text).
-    require_subtitles: bool = False
+    type: Literal["youtube"] = Field(..., description="The source type.")
+    search: str | None = Field(None, min_length=1, description="A YouTube search (one of search, urls).")
+    urls: list[str] | None = Field(
+        None, min_length=1, max_length=1000, description="Videos, playlists or channels (one of search, urls)."
+    )
+    limit: int = Field(20, ge=1, le=5000, description="At most this many videos per fetch.")
+    subtitle_languages: list[str] = Field(
+        default_factory=lambda: ["en"], max_length=20,
+        description="Subtitle languages in order of preference; manual subtitles before automatic captions.",
+    )
+    require_subtitles: bool = Field(
+        False,
+        description="Reject a video without subtitles in those languages (by default its description is the "
+                    "text).",
+    )
 
     @field_validator("urls")
     @classmethod
@@ -200,25 +231,43 @@ class YouTubeSource(_Source):
 class GoogleSource(_Source):
     """Google results: Google News RSS search (no key) or the Custom Search JSON API."""
 
-    type: Literal["google"]
-    backend: Literal["news_rss", "custom_search"] = "news_rss"
-    search: str = Field(..., min_length=1)
-    limit: int = Field(50, ge=1, le=100)  # both backends return at most 100 results
-    # backend = "news_rss"
-    rss_url: str | None = None
-    hl: str | None = None
-    gl: str | None = None
-    ceid: str | None = None
-    # backend = "custom_search": the key comes from an environment variable or a Prefect
-    # Secret block, never from this file.
-    cx: str | None = None
-    api_key_env: str | None = None
-    api_key_secret: str | None = None
-    endpoint: str | None = None
-    # Fetch each result's page (robots.txt respected, one request per domain every
-    # page_delay_seconds) and use its main text.
-    fetch_pages: bool = False
-    page_delay_seconds: float = Field(1.0, ge=0, le=600)
+    type: Literal["google"] = Field(..., description="The source type.")
+    backend: Literal["news_rss", "custom_search"] = Field(
+        "news_rss",
+        description='"news_rss": Google News RSS search, no key; "custom_search": the Programmable Search JSON '
+                    "API (closed to new customers; whole-web search ends 2027-01-01).",
+    )
+    search: str = Field(..., min_length=1, description="The search terms.")
+    limit: int = Field(
+        50, ge=1, le=100, description="At most this many results per fetch (both backends stop at 100)."
+    )
+    rss_url: str | None = Field(
+        None, description="news_rss: replaces https://news.google.com/rss/search."
+    )
+    hl: str | None = Field(None, description='news_rss: the interface language (unset: "en-US").')
+    gl: str | None = Field(None, description='news_rss: the country (unset: "US").')
+    ceid: str | None = Field(None, description="news_rss: the edition (unset: gl, then hl's language: \"US:en\").")
+    # The key comes from an environment variable or a Prefect Secret block, never from this file.
+    cx: str | None = Field(None, description="custom_search (required): the search engine ID.")
+    api_key_env: str | None = Field(
+        None,
+        description="custom_search: the NAME of the environment variable holding the API key (one of "
+                    "api_key_env, api_key_secret).",
+    )
+    api_key_secret: str | None = Field(
+        None,
+        description="custom_search: the name of the Prefect Secret block holding the API key (one of "
+                    "api_key_env, api_key_secret).",
+    )
+    endpoint: str | None = Field(None, description="custom_search: replaces the API's URL.")
+    fetch_pages: bool = Field(
+        False,
+        description="Make each result's text the main text of its page (trafilatura; robots.txt obeyed, one "
+                    "request per site every page_delay_seconds) instead of the headline or snippet.",
+    )
+    page_delay_seconds: float = Field(
+        1.0, ge=0, le=600, description="With fetch_pages: seconds between two requests to the same site."
+    )
     allow_private_addresses: bool = Field(
         False,
         description="Let fetch_pages read pages on loopback and private addresses (an intranet). "
@@ -226,7 +275,9 @@ class GoogleSource(_Source):
                     "bad ('private address') and never fetched; link-local addresses (cloud "
                     "metadata services), multicast and 0.0.0.0 are refused always.",
     )
-    user_agent: str | None = None
+    user_agent: str | None = Field(
+        None, description='The User-Agent of every request (unset: "alflow/VERSION (active-learning ingest)").'
+    )
 
     @field_validator("rss_url", "endpoint")
     @classmethod

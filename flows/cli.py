@@ -470,6 +470,120 @@ def _api_url() -> str | None:
     return api if healthy(api, timeout=1.0) else None
 
 
+# -- show -----------------------------------------------------------------------------------
+def _json_value(value):
+    """A DuckDB/pandas cell as JSON: None for NULL/NaN, ISO text for a timestamp."""
+    import pandas as pd
+
+    if value is None or (not isinstance(value, (list, dict, str)) and pd.isna(value)):
+        return None
+    if isinstance(value, pd.Timestamp):
+        return value.isoformat()
+    return value.item() if hasattr(value, "item") else value
+
+
+def batch_report(settings, store, batch: dict) -> dict:
+    """Everything stored for one batch, as one JSON-ready object: the batch row
+    (``batch_id``, ``status``, ``strategy``, ``model_version``, ``flow_run_id``,
+    ``created_at``, ``closed_at``), ``size`` (its count as words, e.g. '20 items + 1
+    adjudication'), ``answered`` (its answers in one line, as the cycle's summary says them:
+    :func:`alflow.tasks.report.review_outcome`) and ``arrived`` (how they arrived, '' for
+    none: :func:`alflow.tasks.report.arrival_text`), ``prelabel`` (:meth:`Store.prelabel_agreement`)
+    and ``items`` in rank order: ``rank``, ``item_id``, ``source``, ``title``, ``text``,
+    ``url``, ``picked_by``, ``prelabel``, ``confidence``, ``score``, ``overlap``, ``state``
+    (:meth:`Store.item_states`), ``effective_label`` (from the store's ``effective_labels``
+    view; None while it has none) and ``answers``: every answer given to it in this batch,
+    oldest first, each ``annotator``, ``label``, ``origin``, ``created_at`` (UTC),
+    ``prelabel_shown``, ``seconds``, ``form_seconds``, ``decisive`` and ``current`` (False:
+    replaced by a later answer of the same annotator)."""
+    from alflow.tasks.report import review_outcome
+    from alflow.tasks.review import batch_count_text
+
+    batch_id = batch["batch_id"]
+    items = store.batch_items(batch_id)
+    history = store.batch_answer_history(batch_id)
+    states = store.item_states(settings.review.adjudication_threshold, settings.holdout_fraction)
+    state = dict(zip(states["item_id"], states["state"]))
+    outcome, arrived = review_outcome(store, batch_id)
+    report = {key: _json_value(batch.get(key)) for key in ("batch_id", "status", "strategy", "model_version",
+                                                           "flow_run_id", "created_at", "closed_at")}
+    if report["model_version"] is not None:
+        report["model_version"] = int(report["model_version"])
+    report.update(size=batch_count_text(items), answered=outcome, arrived=arrived,
+                  prelabel=store.prelabel_agreement(batch_id), items=[])
+    answer_keys = ("annotator", "label", "origin", "created_at", "prelabel_shown", "seconds", "form_seconds",
+                   "decisive", "current")
+    by_item = {item_id: rows for item_id, rows in history.groupby("item_id", sort=False)}
+    for row in items.itertuples(index=False):
+        rows = by_item[row.item_id]
+        report["items"].append({
+            **{key: _json_value(getattr(row, key)) for key in ("rank", "item_id", "source", "title", "text", "url",
+                                                              "picked_by", "prelabel", "confidence", "score",
+                                                              "overlap")},
+            "state": state.get(row.item_id),
+            "effective_label": _json_value(rows["effective"].iloc[0]),
+            "answers": [{key: _json_value(answer[key]) for key in answer_keys}
+                        for answer in rows[rows["label_id"].notna()].to_dict("records")],
+        })
+    return report
+
+
+# How `alflow show` says an item's state when it has no effective label.
+_NO_LABEL = {"awaiting_adjudication": "none: the answers tie or disagree, awaiting adjudication",
+             "skipped": "none: only skipped", "open_batch": "none yet: in a batch waiting for review",
+             "pool": "none", "held_out": "none (held out)"}
+
+
+@app.command()
+@friendly
+def show(
+    batch: Annotated[str, typer.Argument(help="A batch id, a prefix of exactly one, or 'latest' (the newest batch).")],
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object: the batch, and every item with its "
+                                          "whole text and answers (for scripts).")] = False,
+):
+    """What is stored for a batch: every item, each answer with its annotator, origin and
+    time, and the item's effective label (what training uses)."""
+    import json
+
+    from alflow.tasks.report import ORIGIN_WORDS
+    from alflow.tasks.review import find_batch, trim
+    from alflow.tasks.store import document
+
+    settings = _settings(config)
+    store = _store(settings)
+    report = batch_report(settings, store, find_batch(store, batch))
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    when = lambda value: f"{value[:19].replace('T', ' ')} UTC" if value else "–"  # noqa: E731
+    model = f"model v{report['model_version']}" if report["model_version"] is not None else "no model (cold start)"
+    console.print(escape(f"Batch {report['batch_id']}: {report['status']}, {report['size']}; {report['strategy']}, "
+                         f"{model}; created {when(report['created_at'])}"
+                         + (f", closed {when(report['closed_at'])}" if report["closed_at"] else "")
+                         + (f"; flow run {report['flow_run_id']}" if report["flow_run_id"] else "")))
+    console.print(escape(report["answered"]))
+    width = max(40, console.size.width - 4)
+    for item in report["items"]:
+        effective = item["effective_label"] or _NO_LABEL.get(item["state"], "none")
+        prelabel = ""
+        if item["prelabel"] is not None:
+            sure = f" ({item['confidence']:.0%})" if item["confidence"] is not None else ""
+            prelabel = f" · model's pre-label {item['prelabel']}{sure}"
+        console.print(f"[bold]#{item['rank']}[/] · {escape(item['source'])} · picked by {escape(item['picked_by'])}"
+                      f"{escape(prelabel)} · effective label: [bold]{escape(effective)}[/]")
+        console.print(f"  {escape(trim(document(item['title'], item['text'], sep=' — '), width))}")
+        if not item["answers"]:
+            console.print("  [dim]no answer in this batch[/]")
+        for answer in item["answers"]:
+            shown = (f"shown the pre-label {answer['prelabel_shown']}" if answer["prelabel_shown"]
+                     else "no pre-label shown")
+            console.print(escape(f"  {answer['annotator']}: {answer['label']}, "
+                                 f"{ORIGIN_WORDS.get(answer['origin'], 'as an ' + answer['origin'])}, "
+                                 f"{when(answer['created_at'])}, {shown}"
+                                 + ("" if answer["current"] else " (replaced by a later answer)")))
+
+
 # -- serve ----------------------------------------------------------------------------------
 @app.command()
 @friendly
@@ -496,20 +610,82 @@ def serve(config: ConfigOption = None):
 
 
 # -- review: terminal, files, resume ---------------------------------------------------------
+def item_panel(row, position: int, total: int, note: str | None, given: str | None) -> Panel:
+    """One item as `alflow label` shows it: its heading (rank, source, pre-label; see
+    :func:`~alflow.tasks.review.item_heading`) as the title, then the answer already given
+    in this session (``given``), what an item asked again is told (``note``), the item's
+    title when it adds something, its whole text and its URL; wrapped to the terminal."""
+    from alflow.tasks.review import item_heading
+    from alflow.tasks.store import title_adds
+
+    body = []
+    if given is not None:
+        body.append(f"[bold]Your answer: {escape(given)}[/] (Enter keeps it; a class key or s changes it)")
+    if note is not None:
+        head, _, rest = note.partition(". ")
+        body.append(f"[bold]{escape(head)}.[/] {escape(rest)}")
+    if title_adds(row.title, row.text):
+        body.append(f"[bold]{escape(row.title)}[/]")
+    body.append(escape(row.text))
+    if isinstance(row.url, str) and row.url:
+        body.append(f"[dim]{escape(row.url)}[/]")
+    return Panel("\n".join(body), title=f"{position + 1}/{total}  {escape(item_heading(row))}", title_align="left")
+
+
+class _Pager:
+    """Prints a renderable a screenful at a time: the first page at once, the next on
+    :meth:`more` (so a text longer than the terminal scrolls by, as with `more`)."""
+
+    def __init__(self, out: Console, renderable):
+        from rich.segment import Segment
+
+        self.out = out
+        self.lines = [[*line, Segment.line()] for line in out.render_lines(renderable, out.options, pad=False)]
+        self.page = max(3, out.size.height - 4)  # room for the hint and the key's answer
+        self.shown = 0
+        self.more()
+
+    @property
+    def finished(self) -> bool:
+        return self.shown >= len(self.lines)
+
+    def more(self) -> None:
+        from rich.segment import Segments
+
+        if self.finished:
+            return
+        end = min(len(self.lines), self.shown + self.page)
+        self.out.print(Segments([seg for line in self.lines[self.shown:end] for seg in line]), end="")
+        self.shown = end
+        if not self.finished:
+            self.out.print(f"[dim]-- Space: more (lines 1-{self.shown} of {len(self.lines)}) --[/]")
+
+
 def label_session(store, settings, batch_id: str, annotator: str, getchar: Callable[[], str], out: Console,
                   late: bool = False) -> tuple[int, bool]:
     """Ask ``annotator`` about each item of a batch they have not answered and that still
-    needs an answer (with review.overlap, items others answered too), one key per answer;
-    each answer is saved at once with the seconds it took. Enter accepts the offered
-    pre-label only; a control item (blind) and an item asked again (an adjudication, a
-    recheck: every answer given and who gave it are shown, and for a recheck the model's
-    suggestion) need a class key. ``late``: the batch may be closed. Returns (answers
-    given, True if the batch is complete)."""
+    needs an answer (with review.overlap, items others answered too), one key per answer
+    (as `alflow label --help` lists them); each answer is saved at once with the seconds it took. Enter
+    accepts the offered pre-label only; a control item (blind) and an item asked again (an
+    adjudication, a recheck: every answer given and who gave it are shown, and for a
+    recheck the model's suggestion) need a class key. Going back (b) shows the answer
+    given, which Enter keeps (nothing is saved again). Each item shows in full, wrapped to
+    the terminal; a longer one a screenful at a time (Space: more). ``late``: the batch may
+    be closed. Returns (answers saved: label rows written, corrections included; True if
+    the batch is complete)."""
     import time
 
     from alflow.config import SKIP
-    from alflow.tasks.review import ADJUDICATION, item_heading, prelabel_seen, reasked_note, record_answer, shown_prelabel
-    from alflow.tasks.store import RECHECK, title_adds
+    from alflow.tasks.review import (
+        ADJUDICATION,
+        batch_count_text,
+        plural,
+        prelabel_seen,
+        reasked_note,
+        record_answer,
+        shown_prelabel,
+    )
+    from alflow.tasks.store import RECHECK
 
     classes = settings.labels
     keys = "  ".join(f"[bold]{i}[/] {c}" for i, c in enumerate(classes, start=1))
@@ -517,8 +693,9 @@ def label_session(store, settings, batch_id: str, annotator: str, getchar: Calla
     asked = set(store.batch_needs(batch_id, annotator)["item_id"])
     queue = [r for r in items.itertuples(index=False) if r.item_id in asked]
     given = store.answers_given([r.item_id for r in queue if r.picked_by in (ADJUDICATION, RECHECK)])
-    out.print(f"Batch {batch_id}: {len(queue)} of {len(items)} items to answer.  Keys: [bold]Enter[/] accept pre-label  "
-              f"{keys}  [bold]s[/] skip  [bold]b[/] back  [bold]q[/] quit (answers are saved as you go)")
+    out.print(f"Batch {batch_id} ({batch_count_text(items)}): {len(queue)} of {len(items)} items to answer.  "
+              f"Keys: [bold]Enter[/] accept pre-label  {keys}  [bold]s[/] skip  [bold]b[/] back  "
+              "[bold]Space[/] more  [bold]q[/] quit (answers are saved as you go)")
     pending: list[str] = []
 
     def next_key() -> str:
@@ -534,44 +711,53 @@ def label_session(store, settings, batch_id: str, annotator: str, getchar: Calla
                 pending.extend(chunk.replace("\r\n", "\r"))
         return pending.pop(0)
 
-    answered, position = 0, 0
+    def chosen(key: str, offered: str | None) -> str | None:
+        if key in ("\r", "\n", "y", "Y"):
+            return offered
+        if key in ("s", "S"):
+            return SKIP
+        if key.isdigit() and 1 <= int(key) <= len(classes):
+            return classes[int(key) - 1]
+        return None
+
+    mine: dict[str, str] = {}  # item_id -> the answer given in this session
+    saved, position = 0, 0
     while position < len(queue):
         row = queue[position]
-        title = item_heading(row)
-        body = escape(row.text)
-        if title_adds(row.title, row.text):
-            body = f"[bold]{escape(row.title)}[/]\n{body}"
-        note = reasked_note(row, given.get(row.item_id, []))
-        if note is not None:
-            head, _, rest = note.partition(". ")
-            body = f"[bold]{escape(head)}.[/] {escape(rest)}\n{body}"
-        out.print(Panel(body, title=f"{position + 1}/{len(queue)}  {escape(title)}", title_align="left"))
+        answer = mine.get(row.item_id)
+        pager = _Pager(out, item_panel(row, position, len(queue), reasked_note(row, given.get(row.item_id, [])),
+                                       answer))
+        offered = answer if answer is not None else shown_prelabel(row)
         shown_at = time.monotonic()
-        key = next_key()
-        if key in ("q", "Q", "\x03", "\x04"):
-            out.print(f"Stopped; {answered} answers saved.")
-            return answered, False
-        if key in ("b", "B"):
-            position = max(0, position - 1)
-            continue
-        offered = shown_prelabel(row)
-        if key in ("\r", "\n", "y", "Y") and offered is not None:
-            label = offered
-        elif key in ("s", "S"):
-            label = SKIP
-        elif key.isdigit() and 1 <= int(key) <= len(classes):
-            label = classes[int(key) - 1]
-        else:
-            accept = "Enter accepts the pre-label; " if offered is not None else "this item has no pre-label: "
-            out.print(f"[yellow]{accept}a number picks a class; s skips; b goes back; q quits.[/]")
-            continue
-        record_answer(store, settings, batch_id, row.item_id, label, annotator,
-                      origin=ADJUDICATION if row.picked_by == ADJUDICATION else "cli",
-                      prelabel_shown=prelabel_seen(row), seconds=round(time.monotonic() - shown_at, 3), late=late)
-        out.print(f"  -> {label}")
-        answered += 1
-        position += 1
-    return answered, store.batch_needs(batch_id).empty
+        while True:
+            key = next_key()
+            if key == " ":
+                pager.more()
+                continue
+            if key in ("q", "Q", "\x03", "\x04"):
+                out.print(f"Stopped; {plural(saved, 'answer')} saved.")
+                return saved, False
+            if key in ("b", "B"):
+                position = max(0, position - 1)
+                break
+            label = chosen(key, offered)
+            if label is None:
+                accept = ("Enter keeps your answer; " if answer is not None else
+                          "Enter accepts the pre-label; " if offered is not None else "this item has no pre-label: ")
+                more = "" if pager.finished else "Space shows more; "
+                out.print(f"[yellow]{accept}a number picks a class; s skips; b goes back; {more}q quits.[/]")
+                continue
+            written = record_answer(store, settings, batch_id, row.item_id, label, annotator,
+                                    origin=ADJUDICATION if row.picked_by == ADJUDICATION else "cli",
+                                    prelabel_shown=prelabel_seen(row), seconds=round(time.monotonic() - shown_at, 3),
+                                    late=late)
+            rows = written.new + written.adjudicated + written.corrections
+            out.print(f"  -> {escape(label)}" + ("" if rows else " (unchanged)"))
+            saved += rows
+            mine[row.item_id] = label
+            position += 1
+            break
+    return saved, store.batch_needs(batch_id).empty
 
 
 @app.command()
@@ -583,7 +769,14 @@ def label(
     resume_run: Annotated[bool, typer.Option("--resume/--no-resume", help="Resume the paused run when all are answered.")] = True,
     late: LateOption = False,
 ):
-    """Label a waiting batch in the terminal, one item at a time, then resume its run."""
+    """Label a waiting batch in the terminal, one item at a time, then resume its run.
+
+    Each item shows whole (its heading with source and pre-label, its title, text and URL),
+    wrapped to the terminal. Keys: Enter accepts the pre-label (or, after b, keeps your
+    answer); 1-9 picks a class; s skips; b goes back to the previous item and shows the
+    answer you gave; Space shows the next screenful of a text longer than the terminal;
+    q quits. Each answer is saved as you give it.
+    """
     from alflow.tasks.review import closed_batch_check, pick_batch
 
     settings = _settings(config)
@@ -693,27 +886,37 @@ def simulate(
     cycles: Annotated[int, typer.Option("--cycles", help="Batches per run.")] = 25,
     init: Annotated[int, typer.Option("--init", help="Cold-start labels.")] = 20,
     seeds: Annotated[int, typer.Option("--seeds", help="Runs per strategy (seeds 0..n-1).")] = 5,
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Take [model] and [query] from this file (default: the shipped alflow.toml).")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Take \\[model] and \\[query] from this file (default: the shipped alflow.toml).")] = None,
     noise: Annotated[float, typer.Option("--noise", help="Flip this share of the simulated answers and report "
                                          "how well the label check finds them (vs random re-review).")] = 0.0,
     automation_bias: Annotated[Optional[float], typer.Option("--automation-bias", help="The annotator accepts the "
                                "pre-label of an active pick with this probability (control items are blind); "
                                "report the control-slice estimate vs the truth.")] = None,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")] = True,
+    jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", help="Worker processes running the (strategy, "
+                    "seed) runs side by side (default: every core this process may use; 1: one after another "
+                    "in this process). The results are the same.")] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress: bars in a terminal; "
+                        "else a line per finished (strategy, seed) run, and every half minute for one still "
+                        "going.")] = True,
 ):
     """Replay the loop on a labeled CSV with a simulated annotator: learning curves per strategy."""
     import math
+    import sys
 
     from alflow.flows.simulate import SimulationError, TARGET_SHARE
     from alflow.flows.simulate import simulate as run_simulation
     from alflow.tasks.progress import enable_bars
 
-    enable_bars(progress)
+    # Bars only where both streams are a terminal (they draw on stdout); lines anywhere else,
+    # so that `alflow simulate ... > log` shows where it is.
+    bars = progress and sys.stdout.isatty() and sys.stderr.isatty()
+    enable_bars(bars)
+    log = (lambda line: console.print(line, markup=False, highlight=False)) if progress and not bars else None
     try:
         result = run_simulation(data, out, text_col=text_col, label_col=label_col, split_col=split_col,
                                 test_split=test_split, strategies=strategies_.split(","), batch=batch,
                                 cycles=cycles, init=init, seeds=seeds, config=config, noise=noise,
-                                automation_bias=automation_bias)
+                                automation_bias=automation_bias, jobs=jobs, log=log)
     except SimulationError as exc:
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
         raise typer.Exit(1) from None

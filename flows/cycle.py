@@ -22,6 +22,7 @@ from itertools import count
 from dataclasses import asdict
 from pathlib import Path
 
+import pandas as pd
 from prefect import flow, get_run_logger
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run, suspend_flow_run
@@ -34,11 +35,15 @@ from alflow.tasks.faults import fault_point
 from alflow.tasks.finish import adopt_abandoned_batch, finish_cycle, finish_interrupted
 from alflow.tasks.prelabel import prelabel_task
 from alflow.tasks.query import query_task
-from alflow.tasks.report import publish_batch
+from alflow.tasks.report import finish_batch_artifacts, publish_batch, review_outcome
 from alflow.tasks.review import (
+    STORED_ANSWERS,
+    batch_count_text,
     build_review_form,
     expire_stale_batches,
+    form_description,
     form_seconds_per_item,
+    plural,
     record_review_form,
     review_key,
     review_round_items,
@@ -130,13 +135,14 @@ def waiting_message(waiting: list[dict], limit: int) -> str:
             f"(review.max_open_batches = {limit}); the pool is ingested and pre-labeled")
 
 
-def review_instructions(batch_id: str, n: int, url: str | None, config_path: str) -> str:
+def review_instructions(batch_id: str, size: str, url: str | None, config_path: str) -> str:
+    """Where and how to label the batch; ``size``: its count ('20 items + 1 adjudication')."""
     default = Path(CONFIG_FILENAME).resolve()
     cmd = alflow_command()
     config = "" if Path(config_path).resolve() == default else f" --config {config_path}"
     where = f"  in the Prefect UI: {url} -> Resume\n" if url else ""
     return (
-        f"Batch {batch_id} ({n} items) is waiting for review. Label it\n{where}"
+        f"Batch {batch_id} ({size}) is waiting for review. Label it\n{where}"
         f"  in a terminal:     {cmd} label{config}\n"
         f"  with files:        {cmd} export{config} batch.csv, edit, {cmd} import{config} batch.csv, "
         f"then {cmd} resume{config}"
@@ -288,8 +294,10 @@ def review_and_retrain(store: Store, settings, run_id: str | None, config_path: 
             store.record_timings(batch_id, run_id, clock.timings)
         with clock.step("review_wait"):
             written = human_review(store, settings, batch_id, run_id, config_path, replay=replay)
-    label_summary = written.summary()
-    logger.info(f"batch {batch_id}: {label_summary}")
+    # what the batch holds, however its answers arrived: '20 answers, 13 kept the pre-label,
+    # 6 changed it, 1 skipped (from the terminal)'
+    outcome, label_summary = review_outcome(store, batch_id)
+    logger.info(f"batch {batch_id}: {outcome}")
 
     try:
         take_cycle_lock(store, settings, run_id)
@@ -347,9 +355,11 @@ def human_review(store: Store, settings, batch_id: str, run_id: str, config_path
         store.mark_offered(batch_id)  # from here on, a run dying with it open expires it (not adopted)
         batch = store.batch_items(batch_id)
         url = publish_batch(batch_id, batch, run_id)
-        logger.info(review_instructions(batch_id, len(batch), url, config_path))
+        logger.info(review_instructions(batch_id, batch_count_text(batch), url, config_path))
     timeout = int(settings.review.timeout_hours * 3600)
+    cold_start = pd.isna(store.batch(batch_id)["model_version"])
     written = LabelWrite()
+    stored_answers = False  # the last round came from `alflow resume` (the terminal, files), not the form
     for round_ in count(1):
         key = review_key(round_)
         if store.round_recorded(batch_id, round_):  # a replay: this round's answers are in, never again
@@ -363,7 +373,8 @@ def human_review(store: Store, settings, batch_id: str, run_id: str, config_path
         given = store.answers_given(batch.loc[batch["picked_by"].isin(REASKED_PICKS), "item_id"].tolist())
         form = build_review_form(batch, settings.labels, settings.review.text_chars,
                                  settings.review.annotator if round_ == 1 else None, shown=shown, given=given,
-                                 independent=round_ > 1)
+                                 independent=round_ > 1,
+                                 description=form_description(batch_id, batch, cold_start, independent=round_ > 1))
         try:
             if suspend:
                 response = suspend_flow_run(wait_for_input=form, timeout=timeout, key=key)
@@ -373,21 +384,52 @@ def human_review(store: Store, settings, batch_id: str, run_id: str, config_path
         except FlowPauseTimeout:
             store.close_batch(batch_id, "expired")
             logger.error(f"batch {batch_id} was not reviewed in time; answers already stored are kept")
+            finish_review_artifacts(store, batch_id, run_id, "expired")
             raise
         share = form_seconds_per_item(review_wait_seconds(run_id, key), len(batch),
                                       settings.review.max_form_seconds_per_item)
-        written = written.add(record_review_form(store, form, response.model_dump(), batch, batch_id, run_id,
-                                                 round_, share))
+        values = response.model_dump()
+        stored_answers = bool(values.get(STORED_ANSWERS))
+        written = written.add(record_review_form(store, form, values, batch, batch_id, run_id, round_, share))
         fault_point("review-between-rounds")  # this round recorded, the next (or the retrain) not begun
         if store.batch(batch_id)["status"] != "open":
             break
         short = store.batch_needs(batch_id)
         logger.info(f"batch {batch_id}: {len(short)} items still need an independent answer from another "
                     f"annotator (review.overlap = {settings.review.overlap}); waiting for review again")
-    if written.corrections or written.kept:
-        logger.info(f"batch {batch_id}: the form changed {written.corrections} answers given while the run "
-                    f"waited (corrections); {written.kept} stored answers kept over untouched form defaults")
+    if stored_answers:  # `alflow resume`: nothing came from the form itself
+        logger.info(f"batch {batch_id}: resumed with the answers already stored "
+                    f"({review_outcome(store, batch_id)[1]}); none recorded again")
+    elif written.corrections or written.kept:
+        logger.info(f"batch {batch_id}: " + form_over_stored_text(written.corrections, written.kept))
+    finish_review_artifacts(store, batch_id, run_id, store.batch(batch_id)["status"])
     return written
+
+
+def form_over_stored_text(corrections: int, kept: int) -> str:
+    """What the form did to answers given while the run waited (`alflow label`, files):
+    'the form changed 1 answer given while the run waited; 2 kept, their fields left at the
+    default'."""
+    parts = []
+    if corrections:
+        parts.append(f"the form changed {plural(corrections, 'answer')} given while the run waited")
+    if kept:
+        parts.append(f"{plural(kept, 'answer')} given while the run waited kept, "
+                     f"{'its field' if kept == 1 else 'their fields'} left at the default")
+    return "; ".join(parts)
+
+
+def finish_review_artifacts(store: Store, batch_id: str, run_id: str | None, status: str) -> None:
+    """Tell the run's review artifacts that the batch is ``status`` (labeled, expired) and
+    what it holds. Best effort: the answers are recorded, and a failure here is logged,
+    never the end of the cycle."""
+    if status == "open":
+        return
+    try:
+        outcome = review_outcome(store, batch_id)[0]
+        finish_batch_artifacts(batch_id, store.batch_items(batch_id), run_id, status, outcome)
+    except Exception as exc:  # noqa: BLE001 - the artifacts describe the review; they never undo it
+        get_run_logger().warning(f"batch {batch_id}: could not mark its review artifacts {status}: {exc}")
 
 
 def check_gold_labels(store: Store, settings, auto: bool) -> None:

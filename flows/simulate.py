@@ -1,6 +1,6 @@
 """`alflow simulate`: replay the active-learning loop on a labeled CSV, strategy by strategy.
 
-    read CSV -> split pool / test -> per strategy and seed:
+    read CSV -> split pool / test -> per strategy and seed (side by side: ``--jobs``):
         cold start -> (train -> evaluate on test -> select next batch -> gold labels) x cycles
     -> curves.csv, summary.csv, curves.png (+ Prefect artifacts when run as a flow)
 
@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -384,8 +386,9 @@ def run_strategy(data: Dataset, model_settings: ModelSettings, query: QuerySetti
     take(np.arange(n), sample[idx], picked_by, init, 0, None)
     rows = []
     model = trained = decision = None
-    # random's picks never read the model, so the plain model (the self-trained one's first
-    # fit) on the same labels is random's arm without self-training, at no extra fit
+    # random's picks never read the model, so the plain model on the same labels is random's
+    # arm without self-training: no extra fit where self-training was not used, one where it
+    # was (its pseudo-labels come from a faster solver's model, not the configured one's)
     # (the annotator's answers read no model either, unless it accepts pre-labels)
     plain_arm = query.strategy == "random" and model_settings.self_training != 0 and not automation_bias
     for cycle in range(cycles + 1):
@@ -396,6 +399,10 @@ def run_strategy(data: Dataset, model_settings: ModelSettings, query: QuerySetti
         if modeling.trainable(labels) is None:
             fitted = train(data, model_settings, docs, labels, labeled, seed, decision)
             model, plain, decision = fitted.model, fitted.plain, fitted
+            if plain is None and plain_arm:  # the model self_training = 0 trains
+                plain = modeling.self_train(model_settings.model_copy(update={"self_training": 0.0}), docs, labels,
+                                            None, features=pool_features(data, model_settings),
+                                            corpus=corpus(data, model_settings)).model
         rows.append({"strategy": query.strategy, "seed": seed, "cycle": cycle, "n_labels": len(seen),
                      **_evaluate(model, data, given[trained])})
         if plain_arm:
@@ -519,46 +526,290 @@ def plot_curves(curves: pd.DataFrame, full_accuracy: float, path: str | Path, ti
     return path
 
 
+# -- the (strategy, seed) runs: one after another here, or side by side in worker processes --
+# A run still going gets a progress line after this many seconds, and again as often.
+PROGRESS_EVERY = 30.0
+# What the forkserver imports before it forks the workers: each starts with them loaded.
+WORKER_PRELOAD = ["alflow.flows.simulate", "alflow.tasks.modeling", "alflow.tasks.query", "alflow.tasks.control",
+                  "alflow.tasks.label_check", "alflow.tasks.strategies"]
+_worker: dict = {}  # in a worker process: what its initializer received, for every run it takes
+
+
+def default_jobs() -> int:
+    """The cores this process may run on: its CPU affinity where the OS has one, else all."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity outside Linux
+        return os.cpu_count() or 1
+
+
+@dataclass
+class PairRun:
+    """One (strategy, seed) run: :func:`run_strategy`'s rows (CURVE_COLUMNS), what it
+    appended to ``checks`` and ``estimates`` (empty when not asked for), its wall seconds."""
+
+    strategy: str
+    seed: int
+    rows: list[dict]
+    checks: list[dict]
+    estimates: list[dict]
+    seconds: float
+
+
+def run_pair(data: Dataset, model_settings: ModelSettings, query: QuerySettings, seed: int, options: dict,
+             advance: Callable[[int], None] = lambda n: None) -> PairRun:
+    """:func:`run_strategy` for ``seed``; ``options``: its other keyword arguments, with
+    ``checks`` and ``estimates`` as booleans (collect them or not)."""
+    options = dict(options)
+    checks = [] if options.pop("checks") else None
+    estimates = [] if options.pop("estimates") else None
+    start = time.perf_counter()
+    rows = run_strategy(data, model_settings, query, seed=seed, advance=advance, checks=checks,
+                        estimates=estimates, **options)
+    return PairRun(query.strategy, seed, rows, checks or [], estimates or [], time.perf_counter() - start)
+
+
+class PairProgress:
+    """Progress of the runs ``pairs`` ((strategy, seed) each, ``cycles + 1`` steps a run):
+    each strategy's bar (``advances``: the ``advance`` of its
+    :func:`alflow.tasks.progress.track`) and, with ``log``, a line per finished run and one
+    every :data:`PROGRESS_EVERY` seconds for a run still going, so that a log file shows
+    where a long simulation is."""
+
+    def __init__(self, pairs: Sequence[tuple[str, int]], cycles: int,
+                 advances: dict[str, Callable[[int], None]], log: Callable[[str], None] | None = None):
+        self.pairs, self.cycles, self.advances, self.log = list(pairs), cycles, advances, log
+        self.steps = [0] * len(self.pairs)
+        self.started = [math.nan] * len(self.pairs)  # time.monotonic() seconds
+        self.last_line = [math.nan] * len(self.pairs)
+        self.finished = 0
+
+    def start(self, index: int) -> None:
+        self.started[index] = self.last_line[index] = time.monotonic()
+
+    def advance(self, index: int, n: int = 1) -> None:
+        """``n`` more steps of run ``index`` (any beyond its ``cycles + 1`` are ignored)."""
+        n = min(n, self.cycles + 1 - self.steps[index])
+        if n <= 0:
+            return
+        self.steps[index] += n
+        strategy, seed = self.pairs[index]
+        self.advances[strategy](n)
+        now = time.monotonic()
+        if self.log is not None and now - self.last_line[index] >= PROGRESS_EVERY:
+            self.last_line[index] = now
+            self.log(f"simulate: {strategy} seed {seed}: {self.steps[index] - 1}/{self.cycles} cycles, "
+                     f"{now - self.started[index]:.0f} s")
+
+    def finish(self, index: int, run: PairRun) -> None:
+        strategy, seed = self.pairs[index]
+        rest = self.cycles + 1 - self.steps[index]
+        if rest > 0:
+            self.steps[index] += rest
+            self.advances[strategy](rest)
+        self.finished += 1
+        if self.log is not None:
+            last = [row for row in run.rows if row["strategy"] == strategy][-1]
+            self.log(f"simulate: {strategy} seed {seed} done: {last['cycle']} cycles, {last['n_labels']} labels, "
+                     f"accuracy {last['accuracy']:.3f}, {run.seconds:.1f} s "
+                     f"({self.finished}/{len(self.pairs)} runs)")
+
+
+def run_pairs_here(data: Dataset, model_settings: ModelSettings, queries: dict[str, QuerySettings],
+                   pairs: Sequence[tuple[str, int]], options: dict, progress: PairProgress) -> list[PairRun]:
+    """The runs one after another in this process, in the order of ``pairs``."""
+    runs = []
+    for index, (name, seed) in enumerate(pairs):
+        progress.start(index)
+        runs.append(run_pair(data, model_settings, queries[name], seed, options,
+                             lambda n, index=index: progress.advance(index, n)))
+        progress.finish(index, runs[-1])
+    return runs
+
+
+def _start_worker(data: Dataset, model_settings: ModelSettings, events) -> None:
+    """A worker process's initializer: the data set (its :func:`corpus` and
+    :func:`pool_features` already computed by the parent) and the model settings arrive
+    once, for every run the worker takes; BLAS and OpenMP on one thread, as the workers
+    share the cores."""
+    from threadpoolctl import threadpool_limits
+
+    _exit_with_parent()
+    _worker.update(data=data, model_settings=model_settings, events=events, limits=threadpool_limits(limits=1))
+
+
+def _exit_with_parent() -> None:
+    """End this worker as soon as the process that started it ends, killed included: the
+    workers hold each other's queue pipes open, so they would otherwise wait on them (and
+    keep their forkserver) for good."""
+    import threading
+    from multiprocessing import parent_process
+    from multiprocessing.connection import wait
+
+    parent = parent_process()
+    if parent is None or parent.sentinel is None:
+        return
+
+    def watch() -> None:
+        wait([parent.sentinel])  # ready when the parent's end of the pipe closes
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def _run_pair_in_worker(index: int, query: QuerySettings, seed: int, options: dict) -> PairRun:
+    """Run ``index`` in a worker: its start and each step go to the parent as (index, n)
+    events (n = 0: started)."""
+    events = _worker["events"]
+    events.put((index, 0))
+    return run_pair(_worker["data"], _worker["model_settings"], query, seed, options,
+                    lambda n: events.put((index, n)))
+
+
+def _end_workers(pool) -> None:
+    """Stop ``pool``'s workers now, not after the runs they are in (a failed or interrupted
+    simulation would otherwise wait for them)."""
+    pool.shutdown(wait=False, cancel_futures=True)
+    if hasattr(pool, "terminate_workers"):  # Python 3.14+
+        pool.terminate_workers()
+        return
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.terminate()
+
+
+def worker_context():
+    """The multiprocessing context the workers come from: a forkserver, started now, that
+    imports :data:`WORKER_PRELOAD` in the background (while this process reads the data).
+    It lives as long as this process, so a later simulation here forks from it at once.
+    Where there is no forkserver (Windows), fresh interpreters (spawn)."""
+    import multiprocessing
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    from multiprocessing import forkserver
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(WORKER_PRELOAD)
+    forkserver.ensure_running()
+    return context
+
+
+def run_pairs_in_processes(data: Dataset, model_settings: ModelSettings, queries: dict[str, QuerySettings],
+                           pairs: Sequence[tuple[str, int]], options: dict, progress: PairProgress,
+                           jobs: int) -> list[PairRun]:
+    """The runs on ``jobs`` worker processes, returned in the order of ``pairs`` whatever
+    order they finish in. The workers are forked by a forkserver (a clean process, not
+    this one with Prefect's threads), ``data`` is pickled once per worker."""
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    context = worker_context()
+    # A worker writes its events straight into the pipe (no feeder thread), so a run's are
+    # all there before its result: its lines come in order, its last cycle's too.
+    events = context.SimpleQueue()
+
+    def drain() -> None:
+        while not events.empty():
+            index, n = events.get()
+            if n == 0:
+                progress.start(index)
+            else:
+                progress.advance(index, n)
+
+    runs: list = [None] * len(pairs)
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker,
+                             initargs=(data, model_settings, events)) as pool:
+        futures = {pool.submit(_run_pair_in_worker, index, queries[name], seed, options): index
+                   for index, (name, seed) in enumerate(pairs)}
+        pending = set(futures)
+        try:
+            while pending:
+                done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                drain()
+                for future in done:
+                    index = futures[future]
+                    runs[index] = future.result()
+                    progress.finish(index, runs[index])
+        except BrokenProcessPool:
+            _end_workers(pool)
+            raise SimulationError(f"--jobs {jobs}: a worker process died (killed, or out of memory?); "
+                                  "try fewer jobs") from None
+        except BaseException:
+            _end_workers(pool)
+            raise
+    events.close()
+    return runs
+
+
 def simulate(data_path: str | Path, out_dir: str | Path, *, text_col: str = "text", label_col: str = "label",
              split_col: str | None = None, test_split: float | None = None,
              strategies: Sequence[str] = ("random", "margin", "default"), batch: int = 20, cycles: int = 25,
              init: int = 20, seeds: int = 5, config: str | Path | None = None,
-             noise: float = 0.0, automation_bias: float | None = None) -> SimulationResult:
+             noise: float = 0.0, automation_bias: float | None = None, jobs: int | None = None,
+             log: Callable[[str], None] | None = None) -> SimulationResult:
     """Run every strategy for seeds 0..seeds-1 and write ``curves.csv``, ``summary.csv`` and
-    ``curves.png`` to ``out_dir``. Deterministic for given arguments.
+    ``curves.png`` to ``out_dir``. Deterministic for given arguments, ``jobs`` included.
 
     ``noise`` > 0: that share of the simulated answers is flipped, and summary.csv gains
     :data:`LABEL_CHECK_COLUMNS` (the label check's flags vs random re-review).
     ``automation_bias`` given (0 included): the annotator accepts an active pick's pre-label
     with that probability; ``estimates.csv`` holds :data:`ESTIMATE_COLUMNS` per strategy
-    and seed, and summary.csv gains their means over seeds."""
+    and seed, and summary.csv gains their means over seeds.
+
+    ``jobs``: worker processes running the (strategy, seed) runs side by side (default
+    :func:`default_jobs`; 1: one after another in this process); the corpus' features are
+    computed once, here, and the full-pool model is fitted here while the workers run.
+    Every run uses one BLAS/OpenMP thread, whichever process it is in. ``log``: where the
+    progress lines of :class:`PairProgress` go (none without it)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from contextlib import ExitStack
+
+    from threadpoolctl import threadpool_limits
+
     from alflow.tasks.progress import track
 
-    for flag, value, low in (("--batch", batch, 1), ("--cycles", cycles, 1), ("--init", init, 1), ("--seeds", seeds, 1)):
+    jobs = default_jobs() if jobs is None else jobs
+    for flag, value, low in (("--batch", batch, 1), ("--cycles", cycles, 1), ("--init", init, 1), ("--seeds", seeds, 1),
+                             ("--jobs", jobs, 1)):
         if value < low:
             raise SimulationError(f"{flag} {value}: must be at least {low}")
     if not 0.0 <= noise < 0.5:
         raise SimulationError(f"--noise {noise}: must be at least 0 and below 0.5")
     if automation_bias is not None and not 0.0 <= automation_bias < 1.0:
         raise SimulationError(f"--automation-bias {automation_bias}: must be at least 0 and below 1")
+    if min(jobs, len(strategies) * seeds) > 1:  # at most that many runs: start the workers' imports now
+        worker_context()
     model_settings, query = read_settings(config)
     names = resolve_strategies(strategies, query)
+    pairs = [(name, seed) for name in names for seed in range(seeds)]
+    workers = min(jobs, len(pairs))
     data = load_dataset(data_path, text_col, label_col, split_col, test_split)
     if init >= len(data.pool_docs):
         raise SimulationError(f"--init {init}: the pool has only {len(data.pool_docs)} items")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    full = full_pool_accuracy(data, model_settings)
-    rows: list[dict] = []
-    checks: list[dict] | None = [] if noise > 0 else None
-    estimates: list[dict] | None = [] if automation_bias is not None else None
-    for name in names:
-        q = query.model_copy(update={"strategy": name})
-        with track(f"simulate {name}", seeds * (cycles + 1)) as advance:
-            for seed in range(seeds):
-                rows.extend(run_strategy(data, model_settings, q, init=init, batch=batch, cycles=cycles,
-                                         seed=seed, advance=advance, noise=noise, checks=checks,
-                                         automation_bias=automation_bias or 0.0, estimates=estimates))
+    queries = {name: query.model_copy(update={"strategy": name}) for name in names}
+    options = {"init": init, "batch": batch, "cycles": cycles, "noise": noise, "checks": noise > 0,
+               "automation_bias": automation_bias or 0.0, "estimates": automation_bias is not None}
+    # One thread each, here as in the workers: N workers do not oversubscribe N cores, and a
+    # run's numbers do not depend on where it ran (BLAS's sums differ in the last bits with
+    # its thread count, and a margin can tip a pick).
+    with threadpool_limits(limits=1), ExitStack() as bars:
+        advances = {name: bars.enter_context(track(f"simulate {name}", seeds * (cycles + 1))) for name in names}
+        progress = PairProgress(pairs, cycles, advances, log)
+        pool_features(data, model_settings)  # shared by every run: computed once, before any
+        corpus(data, model_settings)
+        if workers == 1:
+            full = full_pool_accuracy(data, model_settings)
+            runs = run_pairs_here(data, model_settings, queries, pairs, options, progress)
+        else:
+            with ThreadPoolExecutor(1, thread_name_prefix="full-pool") as meanwhile:
+                full_pool = meanwhile.submit(full_pool_accuracy, data, model_settings)
+                runs = run_pairs_in_processes(data, model_settings, queries, pairs, options, progress, workers)
+                full = full_pool.result()
+    rows = [row for run in runs for row in run.rows]
+    checks = [check for run in runs for check in run.checks] if noise > 0 else None
+    estimates = [estimate for run in runs for estimate in run.estimates] if automation_bias is not None else None
     curves = pd.DataFrame(rows, columns=CURVE_COLUMNS)
     summary = summarize(curves, full)
     if checks is not None:
@@ -625,12 +876,14 @@ def label_check_caption(summary: pd.DataFrame) -> str:
 
 
 def simulate_flow_body(**kwargs) -> SimulationResult:
-    """:func:`simulate`, then its table and plot as Prefect artifacts of the current run."""
+    """:func:`simulate`, then its table and plot as Prefect artifacts of the current run;
+    its progress lines go to the run's log."""
     import base64
 
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
+    from prefect.logging import get_run_logger
 
-    result = simulate(**kwargs)
+    result = simulate(**kwargs, log=get_run_logger().info)
     table = result.summary.replace({math.inf: "inf"}).to_dict("records")
     create_table_artifact(key="simulation-summary", table=table,
                           description=f"Full-pool accuracy {result.full_accuracy:.3f}")
@@ -645,12 +898,14 @@ def simulate_flow(data: str, out: str, text_col: str = "text", label_col: str = 
                   split_col: str | None = None, test_split: float | None = None,
                   strategies: list[str] = ["random", "margin", "default"],  # noqa: B006 - Prefect parameter
                   batch: int = 20, cycles: int = 25, init: int = 20, seeds: int = 5,
-                  config: str | None = None, noise: float = 0.0, automation_bias: float | None = None) -> dict:
+                  config: str | None = None, noise: float = 0.0, automation_bias: float | None = None,
+                  jobs: int | None = None) -> dict:
     """Replay the loop per strategy with a simulated annotator; curves and summary as
-    files in ``out`` and as artifacts of this run."""
+    files in ``out`` and as artifacts of this run. ``jobs``: worker processes (default:
+    every core)."""
     result = simulate_flow_body(data_path=data, out_dir=out, text_col=text_col, label_col=label_col,
                                 split_col=split_col, test_split=test_split, strategies=strategies,
                                 batch=batch, cycles=cycles, init=init, seeds=seeds, config=config, noise=noise,
-                                automation_bias=automation_bias)
+                                automation_bias=automation_bias, jobs=jobs)
     return {"full_accuracy": result.full_accuracy, "out": str(result.out_dir),
             "summary": result.summary.replace({math.inf: "inf"}).to_dict("records")}

@@ -52,6 +52,7 @@ from alflow.tasks.report import (
     find_artifact,
     publish_cycle,
     publish_learning_curve,
+    review_outcome,
     summary_description,
 )
 from alflow.tasks.stopping import assess_cycle_task
@@ -180,17 +181,23 @@ def finish_interrupted(store: Store, settings: Settings, run_id: str | None) -> 
         batch_id = row["batch_id"] if isinstance(row["batch_id"], str) else None
         logger.warning(f"cycle {row['cycle']} was not finished by the run that recorded it; finishing it")
         summary = complete_cycle(store, settings, run_id, int(row["cycle"]), batch_id, recorded_training(row),
-                                 clock_of(store, batch_id), RECORDED_BEFORE.summary())
+                                 clock_of(store, batch_id), arrival_of(store, batch_id))
         finished.append(summary["cycle"])
     while (batch := store.labeled_batch_without_cycle()) is not None:
         logger.warning(f"batch {batch['batch_id']} was answered but its run stopped before recording its cycle; "
                        "finishing it")
         summary = finish_cycle(store, settings, run_id, batch["batch_id"], clock_of(store, batch["batch_id"]),
-                               RECORDED_BEFORE.summary())
+                               arrival_of(store, batch["batch_id"]))
         finished.append(summary["cycle"])
     if summary is None:
         return None
     return dict(summary, labels_written=asdict(RECORDED_BEFORE), finished=finished)
+
+
+def arrival_of(store: Store, batch_id: str | None) -> str:
+    """How the answers of a cycle another run recorded arrived ("from the terminal", ...),
+    for the summary of the run that finishes it."""
+    return (review_outcome(store, batch_id)[1] if batch_id else "") or RECORDED_BEFORE.summary()
 
 
 def clock_of(store: Store, batch_id: str | None) -> CycleClock:

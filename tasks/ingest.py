@@ -1,4 +1,11 @@
-"""Ingest: one configured source's records into ``items``, deduplicated by content hash."""
+"""Ingest: one configured source's records into ``items``, deduplicated by content hash.
+
+A CSV, JSONL or Parquet file is read by DuckDB's own reader, its rows checked, hashed and
+deduplicated in SQL and written in one transaction (:func:`ingest_scan`); where only Python's
+reader gives the same records (a folder of text files, an encoding DuckDB does not read as
+Python does, irregular CSV quoting, ...) and for the network sources, records come through
+Python and are written ``WRITE_CHUNK`` (``NETWORK_WRITE_CHUNK``) at a time.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,7 @@ from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field
+from typing import Callable
 
 import pyarrow as pa
 from prefect import task
@@ -21,7 +29,7 @@ from alflow.connectors.base import ITEM_COLUMNS
 from alflow.tasks.faults import fault_point
 from alflow.tasks.progress import _logger, track
 from alflow.tasks.retrying import is_transient
-from alflow.tasks.store import Store, utcnow
+from alflow.tasks.store import ScanRefused, Store, utcnow
 
 WRITE_CHUNK = 20_000  # records per transaction: bounded memory, and a re-run resumes cheaply
 # A service's records come slowly and each one may have cost a quota: they are written a
@@ -82,6 +90,11 @@ class SourceFailed(SourceError):
         return type(self), (str(self), self.report)
 
 
+def by_reason(bad: dict[str, int]) -> dict[str, int]:
+    """Reject counts in the order the ``ingests`` row and the cursor keep them: by reason."""
+    return dict(sorted(bad.items()))
+
+
 def settings_key(source) -> str:
     """A hash of the settings that choose what ``source`` returns (see ``HOW_NOT_WHAT``)."""
     chosen = source.model_dump(mode="json", exclude=set(HOW_NOT_WHAT))
@@ -100,7 +113,8 @@ def unknown_gold_message(source: str, labels: list[str], unknown: Counter, hint:
 def ingest_source(settings: Settings, source_name: str, ingest_id: str,
                   flow_run_id: str | None = None, full: bool = False) -> IngestReport:
     """Fetch one source and upsert its records, ``WRITE_CHUNK`` per transaction (a network
-    source: ``NETWORK_WRITE_CHUNK``).
+    source: ``NETWORK_WRITE_CHUNK``; a file DuckDB's reader reads: all in one, see
+    :func:`ingest_scan`).
 
     Re-running is safe: items already stored (same content hash, from any source) count as
     duplicates. A source that fetches incrementally is given the cursor its last complete
@@ -134,7 +148,7 @@ def ingest_source(settings: Settings, source_name: str, ingest_id: str,
     except SourceError as exc:
         if connector is not None:
             report.read = connector.report.read
-            report.bad, report.bad_reasons = connector.report.n_bad, dict(connector.report.bad)
+            report.bad, report.bad_reasons = connector.report.n_bad, by_reason(connector.report.bad)
         report.error = str(exc).splitlines()[0] if str(exc) else f"source {source.name}: {type(exc).__name__}"
         raise SourceFailed(report.error, report) from None
     return report
@@ -158,15 +172,12 @@ def _ingest(store: Store, settings: Settings, source, connector, report: IngestR
     elif incremental and stored is not None:
         _logger().info(f"source {source.name}: its settings changed since the last fetch; "
                        "fetching everything again (deduplicated)")
-    # A file that fetches nothing new still has to be read, hashed and matched row by row to
-    # learn that. Its bytes' hash answers the same question for the price of one pass: the
-    # same bytes under the same settings and classes give the same records, every one stored
-    # by the last complete read (items are never deleted), so that read's counts are this one's.
-    fingerprint = file_fingerprint(connector, settings) if hasattr(connector, "fingerprint") else None
-    if fingerprint is not None and stored is not None and stored.settings == key \
-            and isinstance(stored.value, dict) and stored.value.get("fingerprint") == fingerprint:
-        unchanged(store, source.name, stored, report, ingest_id, flow_run_id, started, key)
-        return
+    fingerprint = None
+    if hasattr(connector, "fingerprint"):
+        fingerprint = _file_ingest(store, settings, source, connector, report, ingest_id, flow_run_id, started,
+                                   key, stored)
+        if fingerprint is None:
+            return
 
     def checked(gold: list) -> bool:
         unknown.update(label for label in gold if label is not None and label not in classes)
@@ -225,7 +236,7 @@ def _ingest(store: Store, settings: Settings, source, connector, report: IngestR
             ))
         report.read = connector.report.read
         report.bad = connector.report.n_bad
-        report.bad_reasons = dict(connector.report.bad)
+        report.bad_reasons = by_reason(connector.report.bad)
         report.skipped = getattr(connector, "skipped_by_cursor", 0)
         counts = {"read": report.read, "new": report.new, "duplicate": report.duplicate, "bad": report.bad}
         next_cursor = connector.next_cursor if incremental else None
@@ -237,6 +248,82 @@ def _ingest(store: Store, settings: Settings, source, connector, report: IngestR
         )
     report.new += new
     report.duplicate += duplicate
+
+
+def _file_ingest(store: Store, settings: Settings, source, connector, report: IngestReport, ingest_id: str,
+                 flow_run_id: str | None, started, key: str, stored) -> str | None:
+    """A file's ingest as far as DuckDB's reader goes. None when it is done (the file unchanged
+    since the last complete read, or read by DuckDB); else the file's fingerprint, for Python's
+    reader to store with the rest."""
+    # A file that fetches nothing new still has to be read, hashed and matched row by row to
+    # learn that. Its bytes' hash answers the same question for the price of one pass: the
+    # same bytes under the same settings and classes give the same records, every one stored
+    # by the last complete read (items are never deleted), so that read's counts are this one's.
+    last_read = stored.value.get("fingerprint") if stored is not None and stored.settings == key \
+        and isinstance(stored.value, dict) else None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"hash-{source.name}") as pool:
+        if last_read is not None:  # the look DuckDB's reader needs at the bytes waits: they may be unchanged
+            fingerprint = file_fingerprint(connector, settings, look=False)
+            if fingerprint == last_read:
+                unchanged(store, source.name, stored, report, ingest_id, flow_run_id, started, key)
+                return None
+            hashed = lambda: fingerprint  # noqa: E731
+        else:  # nothing to compare with: the hash and the look are read while DuckDB reads the rows
+            hashed = pool.submit(file_fingerprint, connector, settings).result
+        scan = connector.record_scan(looked=last_read is not None) if hasattr(connector, "record_scan") else None
+        if scan is not None:
+            try:
+                ingest_scan(store, settings, source, connector, scan, report, ingest_id, flow_run_id, started, key,
+                            hashed)
+                return None
+            except ScanRefused as exc:
+                _logger().info(f"source {source.name}: read by Python's reader ({exc})")
+        elif getattr(connector, "why_python", ""):
+            _logger().info(f"source {source.name}: read by Python's reader ({connector.why_python})")
+        return hashed()
+
+
+def ingest_scan(store: Store, settings: Settings, source, connector, scan, report: IngestReport, ingest_id: str,
+                flow_run_id: str | None, started, key: str, hashed: Callable[[], str]) -> None:
+    """:func:`_ingest` for a file DuckDB's own reader reads (``scan``, from the connector):
+    its rows checked, hashed and deduplicated in SQL, written in one transaction with the
+    ``ingests`` row and the cursor. The same records, counts and errors as the Python path,
+    which takes over (:class:`ScanRefused`, nothing written) where DuckDB would read the
+    file otherwise.
+
+    ``hashed()`` gives the file's fingerprint, for its cursor; reading it also looks at the
+    bytes, as ``scan`` did not. Gold labels outside ``labels`` store what the Python path would
+    have stored: the ``WRITE_CHUNK``-record chunks before the first such label.
+    """
+    classes, label_map = set(settings.labels), source.label_map
+    unknown: Counter = Counter()
+    with store.staged_scan(scan) as staged, track(f"ingest {source.name}", connector.expected_total()) as advance:
+        fault_point("ingest-mid-chunk")  # the file read and staged, none of it stored
+        fingerprint = hashed()
+        if connector.bytes_refusal:  # bytes DuckDB's reader reads otherwise: nothing is written
+            raise ScanRefused(connector.bytes_refusal)
+        connector.report.read, connector.report.bad = staged.read, Counter(staged.bad_reasons)
+        advance(staged.read + sum(staged.bad_reasons.values()))
+        gold = staged.gold_counts()
+        for value, n in gold.items():
+            label = label_map.get(value, value)
+            if label not in classes:
+                unknown[label] += n
+        if unknown:
+            outside = {value for value in gold if label_map.get(value, value) not in classes}
+            chunks = staged.records_before(outside) // WRITE_CHUNK * WRITE_CHUNK
+            report.new, report.duplicate = staged.insert(source.name, ingest_id, label_map, records=chunks)
+        else:
+            report.new, report.duplicate = staged.insert(source.name, ingest_id, label_map)
+            report.read, report.bad_reasons = staged.read, by_reason(staged.bad_reasons)
+            report.bad = sum(report.bad_reasons.values())
+            counts = {"read": report.read, "new": report.new, "duplicate": report.duplicate, "bad": report.bad}
+            cursor = {"fingerprint": fingerprint, "read": report.read, "bad_reasons": report.bad_reasons}
+            staged.finish(ingest_id, source.name, flow_run_id, started, counts, report.bad_reasons, cursor=cursor,
+                          settings_key=key)
+    if unknown:
+        raise SourceError(unknown_gold_message(f"source {source.name}", settings.labels, unknown,
+                                               "fix label_column or map them with label_map"))
 
 
 def keep_read(store: Store, source: str, rows: pa.Table, ingest_id: str, report: IngestReport) -> None:
@@ -252,9 +339,11 @@ def keep_read(store: Store, source: str, rows: pa.Table, ingest_id: str, report:
     report.duplicate += duplicate
 
 
-def file_fingerprint(connector, settings: Settings) -> str:
-    """The file's bytes' hash and the classes its gold labels were checked against."""
-    return f"{connector.fingerprint()}:{hashlib.sha256(json.dumps(settings.labels).encode()).hexdigest()[:16]}"
+def file_fingerprint(connector, settings: Settings, look: bool = True) -> str:
+    """The file's bytes' hash and the classes its gold labels were checked against (``look``:
+    see the connector's ``fingerprint``)."""
+    labels = hashlib.sha256(json.dumps(settings.labels).encode()).hexdigest()[:16]
+    return f"{connector.fingerprint(look=look)}:{labels}"
 
 
 def unchanged(store: Store, source: str, stored, report: IngestReport, ingest_id: str,

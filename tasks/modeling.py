@@ -263,6 +263,14 @@ AUTO_BOOTSTRAP = 200
 # evidence the last decision rests on (else that decision stands): a retrain after a batch
 # of 20 on top of 1,000 labels would decide on nearly the same folds again.
 AUTO_REFRESH = 1.5
+# The self-trained fit (warm-started, lbfgs) stops once no gradient component exceeds this,
+# not at the configured 1e-4. With it (and the picking model by newton-cg) `alflow simulate`
+# on AG News takes 1.1x the CPU time of the same command without self-training, not 2.0x,
+# for the same labels to 95% (margin: 520); the exact optimum (newton-cg) needed 670 and
+# 1e-3 needed 620 (3 seeds; benchmarks/results/self_training_auto/cost_variants.md). lbfgs
+# at C = 10 stops before the weights of rare terms fit the last label, and that is worth
+# accuracy.
+SELF_TRAINED_TOL = 3e-4
 
 
 def self_training_mode(settings: ModelSettings) -> tuple[str, float]:
@@ -284,7 +292,10 @@ class SelfTrained:
     pseudo_docs: list
     pseudo_labels: list
     decision: dict
-    plain: Pipeline | None = None  # the model of the human labels alone (== model when not used)
+    # the configured classifier's model of the human labels alone (== model when not used); None
+    # when self-training was used: its pseudo-labels came from that model solved by the faster
+    # solver of _extra_clf, so a caller that needs the plain model fits it (fit)
+    plain: Pipeline | None = None
 
 
 def _clf(settings: ModelSettings):
@@ -292,11 +303,14 @@ def _clf(settings: ModelSettings):
 
 
 def _extra_clf(settings: ModelSettings):
-    """The classifier of the evidence's fold models: the configured one, except that a
-    LogisticRegression on scikit-learn's default solver (lbfgs) is solved with newton-cg:
-    the same L2-regularised objective, about 6x faster on wide sparse TF-IDF rows (AG
-    News, 700 labels, 27k terms: 0.05 s vs 0.29 s). The evidence compares two such fits
-    with each other, so it does not need the configured solver's exact stopping point."""
+    """The classifier of the models that are not the retrain's result: the evidence's fold
+    models and, where self-training is used, the model of the human labels whose surest
+    predictions become pseudo-labels. The configured one, except that a LogisticRegression
+    on scikit-learn's default solver (lbfgs) is solved with newton-cg: the same
+    L2-regularised objective, about 6x faster on wide sparse TF-IDF rows (AG News, 700
+    labels, 27k terms: 0.05 s vs 0.29 s). Neither use needs the configured solver's exact
+    stopping point (picked by newton-cg's model, AG News margin: AULC 0.810 and 520 labels,
+    0.812 and 520 by lbfgs's; 3 seeds, benchmarks/results/self_training_auto/cost_variants.md)."""
     from sklearn.linear_model import LogisticRegression
 
     clf = _clf(settings)
@@ -324,8 +338,10 @@ def _final_clf(settings: ModelSettings, base, base_features: Pipeline, final_fea
     of :func:`_extra_clf`: on AG News newton-cg's self-trained models scored 0.004 AULC
     below lbfgs's, on an imbalanced AG News they needed 220 labels instead of 180); a
     LogisticRegression starts from the coefficients of ``warm`` (the last retrain's
-    self-trained model, same classes) or else of the plain model, mapped term by term (a
-    term the start never saw starts at 0), which saves a fifth to a half of its iterations."""
+    self-trained model, same classes) or else of ``base`` (the model that picked the
+    pseudo-labels), mapped term by term (a term the start never saw starts at 0), which saves a fifth to a half of its iterations,
+    and stops at a gradient of :data:`SELF_TRAINED_TOL` where its ``tol`` is tighter, which
+    on AG News nearly halves them again (a run's lbfgs iterations: 579 at 1e-4, 310)."""
     from sklearn.linear_model import LogisticRegression
 
     clf = _clf(settings)
@@ -340,7 +356,8 @@ def _final_clf(settings: ModelSettings, base, base_features: Pipeline, final_fea
     cols = np.array([index.get(t, -1) for t in old.tolist()])
     keep = cols >= 0
     coef[:, cols[keep]] = base.coef_[:, keep]
-    clf.set_params(warm_start=True)
+    # started this close, the configured tol mostly polishes what no prediction reads
+    clf.set_params(warm_start=True, tol=max(clf.tol, SELF_TRAINED_TOL))
     clf.coef_, clf.intercept_ = coef, base.intercept_.copy()
     return clf
 
@@ -380,6 +397,7 @@ def self_training_evidence(settings: ModelSettings, x, y: np.ndarray, pool_x, sh
     the same resample); or {reason} when the labels are too few for folds.
     """
     import scipy.sparse as sp
+    from sklearn.linear_model import LogisticRegression
 
     classes, codes = np.unique(np.asarray(y, dtype=object).astype(str), return_inverse=True)
     counts = np.bincount(codes)
@@ -400,8 +418,11 @@ def self_training_evidence(settings: ModelSettings, x, y: np.ndarray, pool_x, sh
         if picks.size == 0:
             with_[test] = without[test]
             continue
-        st = _extra_clf(settings).fit(sp.vstack([x[train], pool_x[picks]]).tocsr(),
-                                np.concatenate([y[train], predicted[picks]]))
+        st = _extra_clf(settings)
+        if type(st) is LogisticRegression:  # started at the fold's plain model: the same optimum, sooner
+            st.set_params(warm_start=True)
+            st.coef_, st.intercept_ = base.coef_.copy(), base.intercept_.copy()
+        st = st.fit(sp.vstack([x[train], pool_x[picks]]).tocsr(), np.concatenate([y[train], predicted[picks]]))
         with_[test] = [index[str(c)] for c in st.predict(x[test])]
     weights = np.random.default_rng([seed, 26]).multinomial(len(y), np.full(len(y), 1.0 / len(y)),
                                                              size=AUTO_BOOTSTRAP).astype(float)
@@ -418,14 +439,17 @@ def self_train(settings: ModelSettings, docs: Sequence[str], labels: Sequence[st
     """The model of a retrain, self-trained or not as ``settings.self_training`` says.
 
     The features are fitted once (``features`` as given with ``vectorizer_fit = "pool"``;
-    else the TF-IDF of the human-labeled ``docs``) and the plain model and the evidence read
-    them: a model of the human labels; with self-training it predicts ``pool_docs``
-    (unlabeled items, transformed once) and its surest predictions (:func:`confident_picks`)
-    train the final model beside the human labels (its TF-IDF, with ``"labeled"``, refitted
-    on both texts; its classifier started from ``warm``, the last self-trained model, else
-    from the plain one). The pseudo-labels always come from a model of human labels only,
-    so a mistake is not fed back cycle after cycle. ``corpus``: the token counts of every
-    doc (:class:`Corpus`, simulate).
+    else the TF-IDF of the human-labeled ``docs``) and every fit and the evidence read them.
+    Without self-training the model is the configured classifier on the human labels, the
+    one fit. With it, a model of the human labels (solved by :func:`_extra_clf`'s faster
+    solver: it only picks) predicts ``pool_docs`` (unlabeled items, transformed once, and
+    only when read) and its surest predictions (:func:`confident_picks`) train the final
+    model beside the human labels: the configured classifier, its TF-IDF, with
+    ``"labeled"``, refitted on both texts, started from ``warm`` (the last self-trained
+    model, else the picking one) and stopped at :data:`SELF_TRAINED_TOL`. The
+    pseudo-labels always come from a model of human labels only, so a mistake is not fed
+    back cycle after cycle. ``corpus``: the token counts of every doc (:class:`Corpus`,
+    simulate).
 
     ``"auto"``: self-trained only where :func:`self_training_evidence` (out-of-fold
     ``metric`` on the human labels with and without pseudo-labels) says it wins by more
@@ -462,20 +486,25 @@ def _self_train(settings: ModelSettings, docs: Sequence[str], labels: Sequence[s
         features = (labeled_features(settings, docs, corpus) if settings.vectorizer_fit == "labeled"
                     else fit_features(settings, docs))
     x = features.transform(docs)
-    base = _clf(settings).fit(x, y)
     decision = {"mode": mode, "used": False, "share": share}
 
-    def done(classifier, extra_docs=(), extra_labels=(), final_features=features, **extra):
-        model = Pipeline(list(final_features.steps) + [("clf", classifier)])
-        plain = model if classifier is base else Pipeline(list(features.steps) + [("clf", base)])
-        return SelfTrained(model, list(extra_docs), list(extra_labels), dict(decision, **extra), plain)
+    def plain(why: str | None = None) -> SelfTrained:
+        """The configured classifier on the human labels alone: the retrain's model."""
+        model = Pipeline(list(features.steps) + [("clf", _clf(settings).fit(x, y))])
+        return SelfTrained(model, [], [], dict(decision, **({"reason": why} if why else {})), model)
 
     if mode == "off":
-        return done(base, reason="self_training = 0")
+        return plain("self_training = 0")
     if pool_docs is None or not len(pool_docs):
-        return done(base, reason="no unlabeled pool items")
+        return plain("no unlabeled pool items")
     pool_docs = list(pool_docs)
-    pool_x = features.transform(pool_docs)
+    pool = {}
+
+    def pool_x():  # transformed once, and only where something reads it
+        if "x" not in pool:
+            pool["x"] = features.transform(pool_docs)
+        return pool["x"]
+
     if mode == "auto":
         reusable = (previous is not None and previous.get("mode") == "auto" and previous.get("metric") == metric
                     and "oof_with" in previous
@@ -484,12 +513,12 @@ def _self_train(settings: ModelSettings, docs: Sequence[str], labels: Sequence[s
         if reusable:
             evidence = {k: previous[k] for k in ("oof_with", "oof_without", "se", "folds", "evidence_labels")}
         else:
-            evidence = self_training_evidence(settings, x, y, pool_x, share, metric, seed)
+            evidence = self_training_evidence(settings, x, y, pool_x(), share, metric, seed)
             evidence["evidence_labels"] = len(y)
         decision.update(evidence, metric=metric)
         if "reason" in evidence:  # no folds yet
             if not AUTO_WITHOUT_EVIDENCE:
-                return done(base)
+                return plain()
             decision["reason"] = f"{evidence['reason']}: used until there is"
         else:
             gain = evidence["oof_with"] - evidence["oof_without"]
@@ -497,29 +526,33 @@ def _self_train(settings: ModelSettings, docs: Sequence[str], labels: Sequence[s
             figures = (f"out-of-fold {metric} {evidence['oof_with']:.3f} with, {evidence['oof_without']:.3f} "
                        f"without on {evidence['evidence_labels']} labels")
             if not gain > margin:
-                return done(base, reason=f"{figures}: {gain:+.3f}, it hurts (noise ±{margin:.3f})" if gain < -margin
-                            else f"{figures}: {gain:+.3f} is within its noise (±{margin:.3f})")
+                return plain(f"{figures}: {gain:+.3f}, it hurts (noise ±{margin:.3f})" if gain < -margin
+                             else f"{figures}: {gain:+.3f} is within its noise (±{margin:.3f})")
             decision["reason"] = f"{figures}: {gain:+.3f} beats its noise ({margin:.3f})"
     else:
         decision["reason"] = f"self_training = {share:g}"
-    proba = base.predict_proba(pool_x)
-    predicted = np.asarray(base.classes_, dtype=object)[proba.argmax(axis=1)]
+    # the model of the human labels only picks the pseudo-labels: the faster solver will do
+    picker = _extra_clf(settings).fit(x, y)
+    proba = picker.predict_proba(pool_x())
+    predicted = np.asarray(picker.classes_, dtype=object)[proba.argmax(axis=1)]
     picks = confident_picks(predicted, proba.max(axis=1), class_counts(y.tolist()), share)
     if picks.size == 0:
-        return done(base, reason="no confident pool predictions")
+        return plain("no confident pool predictions")
     extra_docs = [pool_docs[i] for i in picks]
-    final_features, train_x = features, sp.vstack([x, pool_x[picks]]).tocsr()
     if settings.vectorizer_fit == "labeled":
         # the final model's TF-IDF also reads the pseudo-labeled texts, their words too (with
         # the plain model's TF-IDF, AG News margin: AULC 0.806 and 620 labels, not 0.812 and 570)
         final_features = labeled_features(settings, docs + extra_docs, corpus)
         train_x = final_features.transform(docs + extra_docs)
-    final = _final_clf(settings, base, features, final_features, warm)
+    else:
+        final_features, train_x = features, sp.vstack([x, pool_x()[picks]]).tocsr()
+    final = _final_clf(settings, picker, features, final_features, warm)
     final.fit(train_x, np.concatenate([y, predicted[picks]]))
     if getattr(final, "warm_start", False):
         final.set_params(warm_start=False)
     decision["used"] = True
-    return done(final, extra_docs, predicted[picks].tolist(), final_features=final_features)
+    model = Pipeline(list(final_features.steps) + [("clf", final)])
+    return SelfTrained(model, extra_docs, predicted[picks].tolist(), dict(decision), None)
 
 
 def self_training_note(decision: Mapping | None) -> str | None:

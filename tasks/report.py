@@ -48,66 +48,160 @@ def _fmt(value) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def batch_rows(batch: pd.DataFrame, text_chars: int = 160) -> list[dict]:
+def batch_rows(batch: pd.DataFrame, text_chars: int = 160, answers: bool = False) -> list[dict]:
     """The batch as table rows for the UI (rank, pre-label, confidence, score, text), as a
     reviewer may see them: no pre-label for a control item (blind) or an item asked again,
     and ``picked_by`` only for the latter (see :func:`~alflow.tasks.review.reviewer_reason`).
+    ``answers``: with an ``answer`` column (the latest answer in the batch, '' for none),
+    for a batch whose review is over.
 
     The UI renders each cell as Markdown: text cells go through :func:`markdown_text`.
     """
     from alflow.tasks.review import reviewer_reason, shown_prelabel, trim
 
-    return [
-        {
+    rows = []
+    for r in batch.itertuples(index=False):
+        row = {
             "rank": int(r.rank),
             "source": markdown_text(r.source),
             "prelabel": markdown_text(shown_prelabel(r) or ""),
             "confidence": _fmt(r.confidence if shown_prelabel(r) else None),
             "score": _fmt(r.score),
             "picked_by": reviewer_reason(r.picked_by),
-            "text": markdown_text(trim(r.text, text_chars)),
-            "item_id": r.item_id,
         }
-        for r in batch.itertuples(index=False)
-    ]
+        if answers:
+            row["answer"] = markdown_text(r.answer if isinstance(r.answer, str) else "")
+        rows.append(dict(row, text=markdown_text(trim(r.text, text_chars)), item_id=r.item_id))
+    return rows
+
+
+# The run's artifacts of its review: the batch as a table, and a link to the Resume form.
+BATCH_KEY = "review-batch"
+FORM_KEY = "review-form"
+
+
+def batch_description_start(batch_id: str) -> str:
+    """How the descriptions of a batch's review artifacts begin (how they are found again)."""
+    return f"Batch {batch_id}:"
 
 
 def publish_batch(batch_id: str, batch: pd.DataFrame, flow_run_id: str) -> str | None:
     """Table artifact of the queried batch and a link artifact to the Resume form."""
     from prefect.artifacts import create_link_artifact, create_table_artifact
 
+    from alflow.tasks.review import batch_count_text
+
+    start = batch_description_start(batch_id)
     create_table_artifact(
-        key="review-batch", table=batch_rows(batch),
-        description=f"Batch {batch_id}: {len(batch)} items waiting for review, most informative first.",
+        key=BATCH_KEY, table=batch_rows(batch),
+        description=f"{start} {batch_count_text(batch)} waiting for review, most informative first.",
     )
     url = run_url(flow_run_id)
     if url:
         create_link_artifact(
-            key="review-form", link=url, link_text=f"Review batch {batch_id} (Resume form)",
-            description="Open the paused run and press Resume: one field per item, pre-label preselected.",
+            key=FORM_KEY, link=url, link_text=f"Review batch {batch_id} (Resume form)",
+            description=f"{start} open the paused run and press Resume: one field per item, pre-label "
+                        "preselected.",
         )
     return url
 
 
-def agreement_line(agreement: dict) -> str:
-    """How a batch's answers relate to the pre-labels shown (:meth:`Store.prelabel_agreement`)."""
-    if not agreement.get("shown"):
-        return f"no pre-label was shown with its {agreement.get('answers', 0)} answers"
-    line = (f"{agreement['kept']} of {agreement['shown']} answers shown a pre-label kept it, "
-            f"**{agreement['changed']} changed it**")
-    if agreement.get("skipped"):
-        line += f", {agreement['skipped']} skipped"
-    if agreement.get("not_shown"):
-        line += f" ({agreement['not_shown']} answered without one)"
-    return line
+def finish_batch_artifacts(batch_id: str, batch: pd.DataFrame, flow_run_id: str | None, status: str,
+                           outcome: str) -> int:
+    """Say on the run's review artifacts (:func:`publish_batch`) that the batch's review is
+    over: the table gets each item's answer and a description naming ``status`` ('labeled',
+    'expired') and ``outcome`` (:func:`review_outcome`); the link says there is nothing to
+    resume. Updated in place, so the run and the keys' latest versions show one finished
+    batch. Returns how many artifacts were updated (0 when the run published none)."""
+    import json
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import ArtifactUpdate
+
+    from alflow.tasks.review import batch_count_text
+
+    start = batch_description_start(batch_id)
+    updates = {
+        BATCH_KEY: ArtifactUpdate(data=json.dumps(batch_rows(batch, answers=True)),
+                                  description=f"{start} {batch_count_text(batch)}, {status}: {outcome}."),
+        FORM_KEY: ArtifactUpdate(description=f"{start} {status}; its review is over, nothing waits to be "
+                                             "resumed."),
+    }
+    updated = 0
+    for key, update in updates.items():
+        artifact_id = find_artifact(flow_run_id, key, start)
+        if artifact_id is None:
+            continue
+        with get_client(sync_client=True) as client:
+            client.update_artifact(UUID(artifact_id), update)
+        updated += 1
+    return updated
+
+
+# How each ``labels.origin`` came in, as the summary lines say it.
+ORIGIN_WORDS = {"ui": "from the Resume form", "cli": "from the terminal", "import": "from a file",
+                "simulated": "from the simulated annotator"}
+
+
+def arrival_text(origins: dict[str, int]) -> str:
+    """'from the terminal'; '12 from the Resume form, 8 from the terminal, 1 adjudication':
+    how a batch's answers arrived, from the count of each origin (most first); '' for none."""
+    if not origins:
+        return ""
+    ordered = sorted(origins.items(), key=lambda kv: (-kv[1], kv[0]))
+    if len(ordered) == 1:
+        origin, n = ordered[0]
+        if origin in ORIGIN_WORDS:
+            return ORIGIN_WORDS[origin]
+        return "adjudications" if n > 1 else "an adjudication"  # origin 'adjudication', whichever way it came
+    from alflow.tasks.review import plural
+
+    return ", ".join(f"{n} {ORIGIN_WORDS[o]}" if o in ORIGIN_WORDS else plural(n, o) for o, n in ordered)
+
+
+def answers_line(agreement: dict) -> str:
+    """'20 answers, 13 kept the pre-label, 6 changed it, 1 skipped': a batch's answers
+    against the pre-labels shown with them (:meth:`Store.prelabel_agreement`); the answers
+    given without one are counted apart ('none shown a pre-label' on a cold start)."""
+    from alflow.tasks.review import plural
+
+    if not agreement.get("answers"):
+        return "no answers"
+    parts = [plural(agreement["answers"], "answer")]
+    if agreement.get("shown"):
+        parts += [f"{agreement['kept']} kept the pre-label", f"{agreement['changed']} changed it"]
+        if agreement.get("skipped"):
+            parts.append(f"{agreement['skipped']} skipped")
+        if agreement.get("not_shown"):
+            parts.append(f"{agreement['not_shown']} given without a pre-label")
+    else:
+        parts.append("none shown a pre-label")
+    return ", ".join(parts)
+
+
+def outcome_line(answers: str, arrival: str) -> str:
+    """'20 answers, 13 kept the pre-label, 6 changed it, 1 skipped (from the terminal)'."""
+    return f"{answers} ({arrival})" if arrival else answers
+
+
+def review_outcome(store, batch_id: str) -> tuple[str, str]:
+    """A batch as stored, each annotator's answer that holds in it (``batch_answers``):
+    its :func:`outcome_line` and, apart, its :func:`arrival_text`."""
+    history = store.batch_answer_history(batch_id)
+    current = history[history["current"]]
+    origins = {str(k): int(v) for k, v in current["origin"].value_counts().items()}
+    arrival = arrival_text(origins)
+    return outcome_line(answers_line(store.prelabel_agreement(batch_id)), arrival), arrival
 
 
 def cycle_markdown(counts: dict, cycles: pd.DataFrame, train: dict | None, batch_id: str | None,
                    label_summary: str, metric: str, agreement: dict | None = None,
                    curve_url: str | None = None, quality: dict | None = None,
                    annotators: dict | None = None, timings: dict | None = None) -> str:
-    """The run summary: pool, labels, the batch (and how often its answers changed the
-    pre-label), this cycle's metrics vs the previous, learning curve (the picture at
+    """The run summary: pool, labels, the batch (its answers against the pre-labels shown,
+    :func:`answers_line`, and ``label_summary``: how they arrived, :func:`arrival_text`),
+    this cycle's metrics vs the previous, learning curve (the picture at
     ``curve_url``, when given, above the table); with ``quality``
     (:func:`alflow.tasks.stopping.assess_cycle`) the control-slice estimate beside them,
     the label flags and every stopping rule's state; with ``timings`` (seconds by step,
@@ -116,10 +210,9 @@ def cycle_markdown(counts: dict, cycles: pd.DataFrame, train: dict | None, batch
     lines.append(f"- pool: **{counts['pool']}** items waiting of {counts['items']} stored"
                  + (f" ({counts['holdout']} held out for evaluation)" if counts.get("holdout") else ""))
     lines.append(f"- labeled: **{counts['labeled']}** items ({counts['skipped']} skipped)")
-    if batch_id:
-        lines.append(f"- batch `{batch_id}`: {markdown_text(label_summary)}")
-        if agreement is not None:
-            lines.append(f"- pre-labels: {agreement_line(agreement)}")
+    if batch_id:  # '20 answers, 13 kept the pre-label, 6 changed it, 1 skipped (from the terminal)'
+        line = label_summary if agreement is None else outcome_line(answers_line(agreement), label_summary)
+        lines.append(f"- batch `{batch_id}`: {markdown_text(line)}")
     if annotators is not None:  # alflow.tasks.agreement.agreement_report
         lines += annotator_lines(annotators)
     if train:

@@ -365,8 +365,8 @@ def n_exploration(k: int, share: float) -> int:
 def near_duplicates(x, threshold: float, labeled=None) -> np.ndarray:
     """Which rows of ``x`` (n, d) to drop, walking them in order: a row is dropped when its
     cosine similarity to an earlier kept row, or to any row of ``labeled`` (L, d), is at
-    least ``threshold``. Returns a boolean mask (n,). Cost O(n·(kept + L)) similarity
-    entries, computed one row against the kept ones at a time (no n×n matrix).
+    least ``threshold``. Returns a boolean mask (n,). Cost O(n·(n + L)) similarity
+    entries, computed a block of rows at a time (never more than about 4M at once).
     """
     x = _unit_rows(x)
     n = x.shape[0]
@@ -378,16 +378,20 @@ def near_duplicates(x, threshold: float, labeled=None) -> np.ndarray:
             sims = sims.toarray() if sparse.issparse(sims) else np.asarray(sims)
             drop[start:start + 1024] = sims.max(axis=1) >= threshold - 1e-9
     kept: list[int] = []
-    for i in range(n):
-        if drop[i]:
-            continue
-        if kept:
-            sims = x[kept] @ x[i].T
-            sims = sims.toarray() if sparse.issparse(sims) else np.asarray(sims)
-            if sims.max() >= threshold - 1e-9:
+    # A block of rows against every row up to it in one product (the same sums, term by
+    # term, as one row against the kept ones), at most 4M similarities at a time.
+    block = max(1, min(n, (1 << 22) // max(n, 1)))
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        sims = x[start:stop] @ x[:stop].T
+        sims = sims.toarray() if sparse.issparse(sims) else np.asarray(sims)
+        for i in range(start, stop):
+            if drop[i]:
+                continue
+            if kept and sims[i - start, kept].max() >= threshold - 1e-9:
                 drop[i] = True
                 continue
-        kept.append(i)
+            kept.append(i)
     return drop
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
+import pyarrow as pa
 from prefect import task
 from prefect.cache_policies import NONE
 
@@ -25,6 +27,9 @@ from alflow.tasks.retrying import is_transient
 from alflow.tasks.store import Store
 
 log = logging.getLogger("alflow")
+
+# As modeling.evaluate_holdout says it.
+HOLDOUT_EMPTY = "the holdout set is empty: no source has gold labels (set label_column)"
 
 
 @dataclass
@@ -139,20 +144,21 @@ def find_usable_model(store: Store, settings: Settings,
 
 
 def load_current_model(store: Store, settings: Settings, logger: logging.Logger | logging.LoggerAdapter = log,
-                       flow_run_id: str | None = None) -> CurrentModel | None:
+                       flow_run_id: str | None = None, on_runner: bool = False) -> CurrentModel | None:
     """The model to pre-label with, repaired if need be; None for a cold start.
 
     If the newest promoted model was built for another class list or classifier, or its
     file is missing or unreadable, says so in one warning and retrains from the stored
-    labels (a new promoted version whose ``reason`` names the version it replaces and why).
-    Untrusted files fall back to the previous promoted model (see :func:`find_usable_model`).
-    If nothing is trainable on the configured labels yet, logs it and returns None.
+    labels (a new promoted version whose ``reason`` names the version it replaces and why;
+    ``on_runner``: see :func:`retrain`). Untrusted files fall back to the previous promoted
+    model (see :func:`find_usable_model`). If nothing is trainable on the configured labels
+    yet, logs it and returns None.
     """
     current, problem = find_usable_model(store, settings, logger)
     if problem is None:
         return current
     logger.warning(problem.line())
-    result, model = _retrain(store, settings, flow_run_id, logger, replaces=problem)
+    result, model = _retrain(store, settings, flow_run_id, logger, replaces=problem, on_runner=on_runner)
     if result.model_version is None:
         logger.warning(f"no model can be trained on labels {list(settings.labels)} yet ({result.reason}): "
                        "cold start, the batch is chosen for coverage")
@@ -162,7 +168,7 @@ def load_current_model(store: Store, settings: Settings, logger: logging.Logger 
 
 
 def retrain(store: Store, settings: Settings, flow_run_id: str | None = None,
-            logger: logging.Logger | logging.LoggerAdapter = log) -> TrainResult:
+            logger: logging.Logger | logging.LoggerAdapter = log, on_runner: bool = False) -> TrainResult:
     """Fit on the effective labels, evaluate, save with skops and record a ``models`` row.
 
     The training set is the effective labels whose class is in ``settings.labels``.
@@ -173,12 +179,18 @@ def retrain(store: Store, settings: Settings, flow_run_id: str | None = None,
     current model is the newest usable promoted one (:func:`find_usable_model`); if none
     is usable, the new model is promoted as the first usable one.
     Re-running with no new labels returns the model already trained on them.
+
+    The holdout is predicted chunk by chunk (:func:`holdout_predictions`), with
+    ``on_runner`` on Prefect's task runner like the pre-label (inside a flow run), else in
+    this process. A promoted model's holdout labels are stored with it, so the next
+    retrain's comparison reads them instead of predicting the holdout again.
     """
-    return _retrain(store, settings, flow_run_id, logger)[0]
+    return _retrain(store, settings, flow_run_id, logger, on_runner=on_runner)[0]
 
 
 def _retrain(store: Store, settings: Settings, flow_run_id: str | None,
-             logger: logging.Logger | logging.LoggerAdapter, replaces: Unusable | None = None):
+             logger: logging.Logger | logging.LoggerAdapter, replaces: Unusable | None = None,
+             on_runner: bool = False):
     """:func:`retrain`, also returning the fitted model (None if none was fitted).
 
     ``replaces``: the newest promoted model is unusable; train anew and promote.
@@ -207,6 +219,13 @@ def _retrain(store: Store, settings: Settings, flow_run_id: str | None,
                                    json.loads(row["metrics"]) if row["metrics"] else None, bool(row["promoted"]),
                                    "already trained on these labels", counts), None
 
+    gold = store.holdout_labels(holdout, settings.labels) if holdout else None
+    if on_runner and gold is not None:
+        from alflow.tasks.prelabel import start_runner_soon
+
+        # The cluster starts while the model trains, if the evaluation needs it, or the
+        # pool's next pre-label will (then the evaluation finds it up and uses it too).
+        start_runner_soon(settings, max(len(gold), store.pool_size(holdout)))
     docs = frame["doc"].tolist()
     features, vocabulary = None, None
     if settings.model.vectorizer_fit == "pool":  # unsupervised: the pool's words, not its labels
@@ -226,18 +245,20 @@ def _retrain(store: Store, settings: Settings, flow_run_id: str | None,
     metric = settings.evaluation.metric
 
     evaluating = time.perf_counter()
+    predicted = None  # the new model's holdout labels: stored with it if it is promoted
     if holdout:
-        gold = store.holdout_set(holdout)
-        gold = gold[gold["label"].isin(settings.labels)]
-        metrics = modeling.evaluate_holdout(model, gold["doc"].tolist(), gold["label"].tolist())
+        if gold.empty:
+            raise modeling.ModelError(HOLDOUT_EMPTY)
+        predicted = holdout_predictions(store, settings, model, gold, on_runner=on_runner, logger=logger)
+        metrics = holdout_metrics(gold, predicted)
         metrics["holdout_set"] = holdout_fingerprint(gold["item_id"], gold["label"])
         compared = len(gold)
         current_score = None
         if current_model is not None:
             current_score = _holdout_score(current.row, metrics["holdout_set"], metric)
             if current_score is None:  # the holdout changed since it was scored (new gold items)
-                current_score = modeling.evaluate_holdout(current_model, gold["doc"].tolist(),
-                                                          gold["label"].tolist())[metric]
+                current_score = holdout_metrics(gold, holdout_predictions(
+                    store, settings, current_model, gold, current.version, on_runner, logger))[metric]
         new_score = metrics[metric]
     else:
         metrics, oof, why = modeling.evaluate_cv(
@@ -288,7 +309,9 @@ def _retrain(store: Store, settings: Settings, flow_run_id: str | None,
     path = modeling.save_model(model, settings.models_dir / f"model-{version:04d}.skops")
     fault_point("retrain-after-file")
     store.register_model(version, path.name, settings.model.classifier, params, len(frame),
-                         watermark, metrics, decision.promoted, flow_run_id, labels=list(settings.labels))
+                         watermark, metrics, decision.promoted, flow_run_id, labels=list(settings.labels),
+                         # only a promoted model is ever the current one a later retrain compares with
+                         holdout_predictions=predicted if decision.promoted else None)
     fault_point("promotion")
     return TrainResult(version, len(frame), metrics, decision.promoted, decision.reason, counts,
                        evaluate_seconds), model
@@ -325,6 +348,57 @@ def holdout_fingerprint(item_ids, labels) -> str:
     return digest.hexdigest()
 
 
+def holdout_predictions(store: Store, settings: Settings, model, gold: pd.DataFrame,
+                        stored_version: int | None = None, on_runner: bool = False,
+                        logger: logging.Logger | logging.LoggerAdapter = log) -> pa.Table:
+    """``model``'s labels of the ``gold`` holdout items (item_id, label; as
+    :meth:`Store.holdout_labels` lists them): a table (item_id, label) of every one.
+
+    ``stored_version``: the model is that promoted version; its stored holdout labels are
+    read and only the items it has none of are predicted, then stored with it. The texts
+    stream out of DuckDB in ``query.chunk_size`` chunks, predicted on the task runner
+    with ``on_runner`` (:func:`alflow.tasks.prelabel.predict_with_runner`), else here.
+    """
+    from alflow.tasks.prelabel import predict_items, predict_with_runner
+
+    known = None
+    n = len(gold)
+    if stored_version is not None:
+        known = store.holdout_predictions(stored_version)
+        known = known[known["item_id"].isin(set(gold["item_id"]))]
+        n -= len(known)
+    kind = None
+    if n:
+        chunks = store.holdout_chunks(settings.holdout_fraction, settings.labels, settings.query.chunk_size,
+                                      unpredicted_by=stored_version)
+        if on_runner:
+            fresh, kind = predict_with_runner(settings, model, chunks, n)
+        else:
+            fresh = predict_items(model, chunks, n)
+    else:
+        fresh = predict_items(model, [], 0)
+    if stored_version is not None:
+        store.write_holdout_predictions(stored_version, fresh)
+    version = "the new model" if stored_version is None else f"model v{stored_version}"
+    logger.info(f"holdout: {version} predicted {fresh.num_rows} of {len(gold)} items"
+                + (f" ({kind} runner)" if kind else "")
+                + (f", {len(known)} stored" if known is not None and len(known) else ""))
+    if known is None or known.empty:
+        return fresh
+    return pa.concat_tables([pa.Table.from_pandas(known, preserve_index=False, schema=fresh.schema), fresh])
+
+
+def holdout_metrics(gold: pd.DataFrame, predicted: pa.Table) -> dict:
+    """Metrics of ``predicted`` labels (item_id, label) of every ``gold`` holdout item
+    (item_id, label): what :func:`alflow.tasks.modeling.evaluate_holdout` gives for the
+    model that predicted them."""
+    by_item = dict(zip(predicted.column("item_id").to_pylist(), predicted.column("label").to_pylist()))
+    truth = gold["label"].tolist()
+    result = modeling.metrics(truth, [by_item[item_id] for item_id in gold["item_id"]])
+    result.update({"method": "holdout", "n_eval": len(truth)})
+    return result
+
+
 def _holdout_score(row: dict, fingerprint: str, metric: str) -> float | None:
     """The model's ``metric`` as stored when it was scored on the holdout ``fingerprint``, else None."""
     stored = row.get("metrics") or {}
@@ -339,7 +413,8 @@ def retrain_task(settings: Settings, flow_run_id: str | None = None) -> TrainRes
     from prefect.logging import get_run_logger
 
     logger = get_run_logger()
-    result = retrain(Store(settings.database, settings.store.lock_timeout_seconds), settings, flow_run_id, logger)
+    result = retrain(Store(settings.database, settings.store.lock_timeout_seconds), settings, flow_run_id, logger,
+                     on_runner=True)
     if result.model_version is None:
         logger.warning(f"no model trained: {result.reason}")
     else:
@@ -357,4 +432,4 @@ def load_model_task(settings: Settings, flow_run_id: str | None = None) -> Curre
     from prefect.logging import get_run_logger
 
     store = Store(settings.database, settings.store.lock_timeout_seconds)
-    return load_current_model(store, settings, get_run_logger(), flow_run_id)
+    return load_current_model(store, settings, get_run_logger(), flow_run_id, on_runner=True)

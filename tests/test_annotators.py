@@ -269,8 +269,9 @@ def test_label_studio_export_import_round_trip(overlap_project, tmp_path):
 
 
 # -- the Resume form: overlap rounds, then adjudication, through pause/resume ----------------
-def paused_form(flow_run_id: str, key: str, timeout: float = 60) -> dict:
-    """The schema of the form a run waits with once it is paused under pause key ``key``."""
+def paused_form(flow_run_id: str, key: str, timeout: float = 60, part: str = "schema") -> dict | str:
+    """The schema (or with ``part="description"`` the text shown above it) of the form a run
+    waits with once it is paused under pause key ``key``."""
     import time
     from uuid import UUID
 
@@ -282,7 +283,7 @@ def paused_form(flow_run_id: str, key: str, timeout: float = 60) -> dict:
         while True:
             state = client.read_flow_run(UUID(flow_run_id)).state
             if state.is_paused() and state.state_details.pause_key == key:
-                return read_flow_run_input(state.state_details.run_input_keyset["schema"], flow_run_id=UUID(flow_run_id))
+                return read_flow_run_input(state.state_details.run_input_keyset[part], flow_run_id=UUID(flow_run_id))
             assert time.monotonic() < deadline, f"run {flow_run_id} did not pause for {key} ({state.name})"
             time.sleep(0.3)
 
@@ -296,7 +297,7 @@ def test_overlap_rounds_and_adjudication_through_pause_and_resume(tmp_path, smal
     from test_flows import FlowThread, wait_until_paused
 
     from alflow.flows.cycle import active_learning_cycle
-    from alflow.tasks.review import field_name
+    from alflow.tasks.review import field_name, field_rank
 
     monkeypatch.setenv("ALFLOW_REVIEW__OVERLAP", "2")
     monkeypatch.setenv("ALFLOW_REVIEW__OVERLAP_SHARE", "0.4")
@@ -314,8 +315,10 @@ def test_overlap_rounds_and_adjudication_through_pause_and_resume(tmp_path, smal
     schema = paused_form(run_id, "review-2")
     overlap = items[items["overlap"] == 2]
     assert len(overlap) == 2
-    fields = sorted(name for name in schema["properties"] if name.startswith("item_"))
-    assert fields == [field_name(r) for r in overlap["rank"]]
+    fields = [name for name in schema["properties"] if field_rank(name) is not None]
+    assert fields == [field_name(r) for r in overlap["rank"]]  # '#3', '#5': as the reviewer numbers them
+    assert paused_form(run_id, "review-2", part="description").startswith(
+        f"**Batch {batch['batch_id']}: 2 items.**\n\n2 items of this batch still need an independent answer")
     assert "default" not in schema["properties"]["annotator"]  # someone new must name themselves
     assert store.batch(batch["batch_id"])["status"] == "open"
     waiting = json.loads(runner.invoke(app, ["status", "--config", str(config), "--json"]).output)["waiting"]
@@ -356,6 +359,9 @@ def test_overlap_rounds_and_adjudication_through_pause_and_resume(tmp_path, smal
     assert asked.iloc[0]["item_id"] == tied and asked.iloc[0]["picked_by"] == "adjudication"
     field = schema["properties"][field_name(1)]
     assert field["title"].startswith("ADJUDICATE #1") and "default" not in field
+    # the adjudication comes on top of query.batch_size, and the form says so
+    assert paused_form(batch2["flow_run_id"], "review", part="description").startswith(
+        f"**Batch {batch2['batch_id']}: {len(asked) - 1} items + 1 adjudication.**")
     assert f"Given: ana: {gold[tied]}, bo: {other(gold[tied])}" in field["description"].replace("\\", "")
     gold.update(store.gold_labels(asked["item_id"].tolist()))
     values = {field_name(r.rank): other(gold[tied]) if r.rank == 1 else gold[r.item_id] for r in asked.itertuples()}

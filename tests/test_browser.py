@@ -370,7 +370,12 @@ def check_table_artifact(page, artifact_url: str, batch) -> None:
 
 def resume_in_browser(sync_playwright, chromium: str, run_url: str, batch, changed_rank: int,
                       new_label: str, shots: Path, artifact_url: str | None = None,
-                      text_chars: int = 600, state_name: str = "Paused") -> None:
+                      text_chars: int = 600, state_name: str = "Paused", heading: str = "") -> None:
+    """Resume the paused run at ``run_url`` from its Resume form, checking what the form
+    shows: ``heading`` (the batch and its size) above the fields; one field per item,
+    titled '#N · ...', its text as typed, its pre-label preselected; a blind item left
+    empty is refused on Submit with a message naming it '#N'; then item ``changed_rank``
+    changed to ``new_label`` and submitted."""
     from playwright.sync_api import expect
 
     with sync_playwright() as playwright:
@@ -396,7 +401,10 @@ def resume_in_browser(sync_playwright, chromium: str, run_url: str, batch, chang
 
             dialog = page.get_by_role("dialog").filter(has_text="Resume Flow Run")
             expect(dialog).to_be_visible()
+            expect(dialog).to_contain_text(heading)  # the form's description, above the fields
+            expect(dialog).to_contain_text("pre-label is preselected")
             fields = dialog.locator(".schema-form-property")
+            blind = []  # (rank, field, select) of the items shown with nothing preselected
             # one field per item, in rank order, then the annotator
             expect(fields).to_have_count(len(batch) + 1)
             for row in batch.itertuples(index=False):
@@ -418,8 +426,17 @@ def resume_in_browser(sync_playwright, chromium: str, run_url: str, batch, chang
                     assert row.picked_by == "control", row
                     for label in CLASSES:
                         expect(select).not_to_have_text(label)
-                    choose(page, select, BLIND_ANSWER)
-                    expect(select).to_have_text(BLIND_ANSWER)
+                    blind.append((row.rank, field, select))
+            # Submitting with a blind item unanswered is refused, naming it as the reviewer
+            # numbers it (the field is '#N', not an internal name); then it is answered.
+            assert blind, "the batch has no blind control item (query.control_share > 0 draws one)"
+            dialog.get_by_role("button", name="Submit").click()
+            for rank, field, select in blind:
+                expect(field).to_contain_text(f"'#{rank}' is a required property")
+            expect(dialog).not_to_contain_text("item_")
+            for rank, field, select in blind:
+                choose(page, select, BLIND_ANSWER)
+                expect(select).to_have_text(BLIND_ANSWER)
             annotator = fields.filter(has=page.locator(".schema-form-property__label", has_text="Annotator"))
             expect(annotator).to_have_count(1)
 
@@ -493,10 +510,16 @@ def test_resume_in_the_prefect_ui_records_the_changed_label(tmp_path: Path):
         assert len(artifacts) == 1, artifacts
         resume_in_browser(sync_playwright, chromium, f"{ui_url}/runs/flow-run/{run_id}",
                           batch, int(changed["rank"]), new_label, tmp_path,
-                          artifact_url=f"{ui_url}/artifacts/artifact/{artifacts[0]['id']}")
+                          artifact_url=f"{ui_url}/artifacts/artifact/{artifacts[0]['id']}",
+                          heading=f"Batch {batch_id}: {BATCH_SIZE} items.")
 
         code = wait_exit(second, second_log, 120, "`alflow run`, resumed,")
         assert code == 0, f"`alflow run` exited with {code} after the resume:\n{tail(second_log)}"
+        # the batch's table artifact, updated in place, now says the batch is labeled
+        finished = api_call("GET", f"{api_url}/artifacts/{artifacts[0]['id']}", timeout=10.0).json()
+        assert finished["description"].startswith(f"Batch {batch_id}: {BATCH_SIZE} items, labeled: "
+                                                  f"{BATCH_SIZE} answers, "), finished["description"]
+        assert finished["description"].endswith("(from the Resume form)."), finished["description"]
 
         # Cycle 3 is a deployed run of `alflow serve`: it suspends (no process waits) and
         # the Resume form's submission replays it from the top.
@@ -512,7 +535,8 @@ def test_resume_in_the_prefect_ui_records_the_changed_label(tmp_path: Path):
         changed3 = batch3.iloc[0]
         new_label3 = next(c for c in CLASSES if c != changed3["prelabel"])
         resume_in_browser(sync_playwright, chromium, f"{ui_url}/runs/flow-run/{suspended_id}",
-                          batch3, 1, new_label3, tmp_path, state_name="Suspended")
+                          batch3, 1, new_label3, tmp_path, state_name="Suspended",
+                          heading=f"Batch {suspended_batch['batch_id']}: {BATCH_SIZE} items.")
         states = wait_run_final(api_url, suspended_id, served, served_log)
 
     assert states[-1] == "Completed", f"the resumed run ended {states[-1]}:\n{tail(served_log, 40)}"

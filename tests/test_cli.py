@@ -434,3 +434,131 @@ def test_a_full_disk_is_one_line_and_nothing_is_half_written(tmp_path, prefect_a
     assert "No space left on device" in line and line.endswith("free some space and run again")
     store = Store(database)
     assert store.scalar("SELECT count(*) FROM items") == 0 and store.scalar("SELECT count(*) FROM ingests") == 0
+
+
+# -- alflow label and alflow show (issue 22) ------------------------------------------------------
+LONG_TEXT = " ".join(f"word{i}" for i in range(500))  # ~58 lines in an 80-column panel: 3 screens of 25
+
+
+@pytest.fixture
+def labeled_project(tmp_path):
+    """(config, store, batch_id): three items with a title, a URL and pre-labels in an open
+    batch, as a query with a model records them; the first item's text is 500 words long."""
+    import csv
+
+    import pandas as pd
+
+    from alflow.config import load_config
+    from alflow.tasks.ingest import ingest_source
+
+    source = tmp_path / "messages.csv"
+    with open(source, "w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows([("title", "text", "url", "label"),
+                                      ("A long letter", LONG_TEXT, "https://example.org/letter", "ham"),
+                                      ("", "win a prize now, call 0800 [1] *free*", "", "spam"),
+                                      ("", "see you at lunch", "", "ham")])
+    config = write_config(tmp_path, labels=["ham", "spam"], source_path=source, title_column="title",
+                          evaluation="cv")
+    config.write_text(config.read_text() + 'url_column = "url"\n')
+    settings = load_config(config)
+    store = Store(settings.database)
+    store.migrate()
+    ingest_source(settings, "corpus", "ingest-1")  # the plain step: `alflow ingest` needs a Prefect API
+    ids = store.query_df("SELECT item_id FROM items ORDER BY length(text) DESC")["item_id"].tolist()
+    picks = pd.DataFrame({"item_id": ids, "rank": [1, 2, 3], "score": 0.5, "prelabel": ["ham", "spam", "ham"],
+                          "confidence": 0.7, "picked_by": "uncertainty"})
+    return config, store, store.create_batch(None, "margin", 1, picks)
+
+
+def panel_text(output: str) -> str:
+    """What `alflow label` printed inside its panels, as one run of words (borders, the
+    'more' hints and the panel titles taken out)."""
+    kept = [line.strip("│ ") for line in output.splitlines()
+            if line.startswith("│") and not line.startswith("-- Space")]
+    return " ".join(" ".join(kept).split())
+
+
+def test_label_shows_the_whole_text_a_screen_at_a_time_and_back_shows_the_answer(labeled_project, monkeypatch):
+    """Item 1 (500 words, with a title and a URL) shows whole, wrapped, a screenful per
+    Space; Enter accepts its pre-label. b goes back to it and shows that answer, which
+    Enter keeps without saving it again; item 2 is corrected; the count is exact."""
+    from alflow.flows import cli
+
+    config, store, batch_id = labeled_project
+    # an 80x25 terminal, whatever this process's streams are (under pytest-xdist none is one)
+    monkeypatch.setattr(cli.console, "_width", 80)
+    monkeypatch.setattr(cli.console, "_height", 25)
+    keys = "  \r" + "b\r" + "1" + "q"  # more, more, accept; back, keep; item 2: ham; quit
+    result = runner.invoke(app, ["label", "--config", str(config), "-a", "ana", "--no-resume"], input=keys)
+    assert result.exit_code == 0, result.output
+    first_screen = result.output.split("-- Space: more", 1)[0]
+    assert LONG_TEXT not in panel_text(first_screen)  # longer than the terminal: paged
+    assert "-- Space: more (lines 1-21 of 59) --" in result.output
+    assert f"A long letter {LONG_TEXT} https://example.org/letter" in panel_text(result.output)
+    assert "#1 · corpus · pre-label ham (70%)" in result.output
+    assert "Your answer: ham (Enter keeps it" in result.output and "-> ham (unchanged)" in result.output
+    assert "win a prize now, call 0800 [1] *free*" in result.output  # markup shown as typed
+    assert result.output.rstrip().endswith("Stopped; 2 answers saved.")
+    rows = store.query_df("SELECT label, origin, prelabel_shown FROM labels ORDER BY label_id")
+    assert rows.values.tolist() == [["ham", "cli", "ham"], ["ham", "cli", "spam"]]
+
+
+def test_show_lists_every_item_with_its_answers_and_effective_label(labeled_project, monkeypatch):
+    """`alflow show` by id, prefix or 'latest': each item, each answer (annotator, origin,
+    time, pre-label shown, replaced or not) and the effective label from the store's view;
+    --json the same with the whole text; a bad or ambiguous id is one line naming it."""
+    import json
+    import uuid
+
+    config, store, batch_id = labeled_project
+    # item 1: Enter (its pre-label); item 2: '2' (spam), back, '1' (ham: a correction); item 3 left
+    runner.invoke(app, ["label", "--config", str(config), "-a", "ana", "--no-resume"], input="\r2b1q")
+
+    text = runner.invoke(app, ["show", batch_id[:5], "--config", str(config)])
+    assert text.exit_code == 0, text.output
+    lines = text.output.splitlines()
+    assert lines[0].startswith(f"Batch {batch_id}: open, 3 items; margin, model v1; created ")
+    assert lines[1] == "2 answers, 1 kept the pre-label, 1 changed it (from the terminal)"
+    assert lines[2] == "#1 · corpus · picked by uncertainty · model's pre-label ham (70%) · effective label: ham"
+    assert lines[3].startswith("  A long letter — word0 word1") and lines[3].endswith("…")
+    assert lines[4].startswith("  ana: ham, from the terminal, ") and lines[4].endswith(" UTC, shown the pre-label ham")
+    assert lines[5].endswith("effective label: ham")  # item 2: ana's 'spam' replaced by 'ham'
+    assert lines[7].startswith("  ana: spam, from the terminal, ") and lines[7].endswith(
+        ", shown the pre-label spam (replaced by a later answer)")
+    assert lines[8].startswith("  ana: ham, ") and "replaced" not in lines[8]
+    assert lines[9].endswith("effective label: none yet: in a batch waiting for review")  # item 3
+    assert lines[11] == "  no answer in this batch"
+
+    shown = json.loads(runner.invoke(app, ["show", "latest", "--config", str(config), "--json"]).output)
+    assert shown["batch_id"] == batch_id and shown["size"] == "3 items" and shown["model_version"] == 1
+    first, second, third = shown["items"]
+    assert first["text"] == LONG_TEXT and first["title"] == "A long letter" and first["url"] == "https://example.org/letter"
+    assert [(a["annotator"], a["label"], a["origin"], a["prelabel_shown"], a["current"]) for a in second["answers"]] == [
+        ("ana", "spam", "cli", "spam", False), ("ana", "ham", "cli", "spam", True)]
+    effective = dict(store.query_df("SELECT item_id, label FROM effective_labels").values.tolist())
+    assert [i["effective_label"] for i in shown["items"]] == [effective.get(i["item_id"]) for i in shown["items"]]
+    assert third["answers"] == [] and third["effective_label"] is None and third["state"] == "open_batch"
+
+    assert one_line_error(runner.invoke(app, ["show", "nope", "--config", str(config)])) == \
+        "error: batch nope does not exist (`alflow show latest` shows the newest batch)"
+    store.close_batch(batch_id, "labeled")  # its items may be asked again
+    fixed = iter([uuid.UUID("abc10000" + "0" * 24), uuid.UUID("abc20000" + "0" * 24)])
+    monkeypatch.setattr(uuid, "uuid4", lambda: next(fixed))
+    ids = store.query_df("SELECT item_id FROM items")["item_id"].tolist()
+    import pandas as pd
+
+    for item_id in ids[:2]:  # two more batches whose ids share the prefix 'abc'
+        store.create_batch(None, "margin", 1, pd.DataFrame({"item_id": [item_id], "rank": [1], "score": 0.5,
+                                                            "prelabel": "ham", "confidence": 0.7,
+                                                            "picked_by": "recheck"}))
+    assert one_line_error(runner.invoke(app, ["show", "abc", "--config", str(config)])) == \
+        "error: batch abc is ambiguous: 2 batches start with it (abc100000000, abc200000000); give more of the id"
+    latest = runner.invoke(app, ["show", "latest", "--config", str(config)])
+    assert latest.output.startswith("Batch abc200000000: open, 1 item (1 of them a recheck); margin, model v1")
+
+
+def test_help_shows_bracketed_config_tables():
+    """Rich markup must not eat `[model]` and `[query]` in `alflow simulate --help`."""
+    result = runner.invoke(app, ["simulate", "--help"])
+    words = [word for word in result.output.split() if word != "│"]  # the box around the options
+    assert result.exit_code == 0 and "Take [model] and [query] from this file" in " ".join(words)

@@ -367,3 +367,72 @@ def test_an_unknown_encoding_is_a_config_error_naming_the_key(tmp_path: Path):
     with pytest.raises(ConfigError, match=r"sources\.0\.files\.encoding: 'latin-9x' is not a Python codec") as info:
         load_config(config)
     assert "\n" not in str(info.value)
+
+
+# -- which files DuckDB's reader reads (the ingest's SQL path) ------------------------------------
+def test_record_scan_leaves_to_python_what_duckdb_would_read_otherwise(tmp_path: Path):
+    """record_scan gives the SQL for a clean file (a padded second attempt for short rows),
+    and None, saying why, where only Python's reader gives the records fetch gives."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    clean = tmp_path / "clean.csv"
+    clean.write_text('text,label\n"a, ""quoted""\nline",ham\n', encoding="utf-8")
+    scan = build_connector(source(clean)).record_scan()
+    assert scan is not None and len(scan.attempts) == 2 and scan.params == (str(clean),)
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.txt").write_text("x", encoding="utf-8")
+    pq.write_table(pa.table({"text": ["x"], "on": pa.array([0], pa.date32())}), tmp_path / "dates.parquet")
+    cases = {
+        folder: ({}, "a folder of .txt files"),
+        clean: ({"encoding": "cp1252"}, "DuckDB does not read cp1252 as Python does"),
+        b'text\n "spaced"\n': ({}, "CSV quoting Python's reader reads otherwise (a quote not at a field's edge)"),
+        b'text\n"x" \n': ({}, "CSV quoting Python's reader reads otherwise (a quote not at a field's edge)"),
+        b'text\nab"c\n': ({}, "CSV quoting Python's reader reads otherwise (a quote not at a field's edge)"),
+        b'text\n"never closed\n': ({}, "a quoted CSV field that is never closed"),
+        b"text\ncaf\xc3\xa9\n": ({"encoding": "ascii"}, "bytes that are not ascii"),
+        b'{"text": "a"}\r{"text": "b"}\n': ({"format": "jsonl"}, "line breaks of a lone \\r"),
+        b'\xef\xbb\xbf{"text": "a"}\n': ({"format": "jsonl"}, "a byte order mark Python's json reads as data"),
+        tmp_path / "dates.parquet": ({}, "column 'on' of type date32[day] (Python writes it as text)"),
+    }
+    for n, (data, (keys, why)) in enumerate(cases.items()):
+        path = data if isinstance(data, Path) else tmp_path / f"case{n}.csv"
+        if not isinstance(data, Path):
+            path.write_bytes(data)
+        connector = build_connector(source(path, **keys))
+        assert connector.record_scan() is None and connector.why_python == why, (data, connector.why_python)
+    utf8_sig = tmp_path / "sig.jsonl"
+    utf8_sig.write_bytes(b'\xef\xbb\xbf{"text": "a"}\n')
+    assert build_connector(source(utf8_sig, encoding="utf-8-sig")).record_scan() is not None
+
+
+def test_the_quoting_check_reads_the_same_in_any_block_size(tmp_path: Path, monkeypatch):
+    """The check follows quotes across the blocks the file is hashed in: a quote at a block's
+    last or first byte is judged as within one block."""
+    import csv as csv_module
+    import io
+
+    from alflow.connectors import files
+
+    rows = [["a", 'say "hi"', ""], ['"', "x,y", "line\nbreak"], ['""', " spaced ", "crlf\r\nend"]]
+    regular = []
+    for terminator in ("\n", "\r\n"):
+        for quoting in (csv_module.QUOTE_MINIMAL, csv_module.QUOTE_ALL):
+            buffer = io.StringIO()
+            csv_module.writer(buffer, lineterminator=terminator, quoting=quoting).writerows([["text", "b", "c"], *rows])
+            regular.append(buffer.getvalue().encode())
+    irregular = [data.replace(b',"', b', "', 1) for data in regular]
+    irregular += [data.replace(b'",', b'" ,', 1) for data in regular]
+    irregular += [data + b'"' for data in regular] + [b'text,b\nx,"y"z\n', b'text\n"a""\n']
+    verdicts = {}
+    for size in (1 << 24, 1, 2, 3, 5, 8):
+        monkeypatch.setattr(files, "_BLOCK", size)
+        for n, data in enumerate(regular + irregular):
+            path = tmp_path / f"{n}.csv"
+            path.write_bytes(data)
+            connector = build_connector(source(path))
+            connector.fingerprint()
+            verdicts.setdefault(n, set()).add(connector.bytes_refusal)
+    assert [verdicts[n] for n in range(len(regular))] == [{""}] * len(regular)
+    assert all(len(verdicts[n]) == 1 and "" not in verdicts[n] for n in range(len(regular), len(verdicts)))

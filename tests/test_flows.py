@@ -169,13 +169,44 @@ def run_artifacts(flow_run_id: str) -> dict:
     return {a.key: a for a in found if a.key}
 
 
-def test_cli_export_import_resume(sms_config, tmp_path):
-    """The files path: export a paused batch, correct it in the file, import, resume."""
-    import pandas as pd
+def paused_form_parts(flow_run_id: str) -> tuple[dict, str | None]:
+    """(schema, description) of the form a paused run waits with, as the UI reads them."""
+    from prefect.client.orchestration import get_client
+    from prefect.input.actions import read_flow_run_input
 
+    with get_client(sync_client=True) as client:
+        keyset = client.read_flow_run(UUID(flow_run_id)).state.state_details.run_input_keyset
+    return tuple(read_flow_run_input(keyset[part], flow_run_id=UUID(flow_run_id)) for part in ("schema", "description"))
+
+
+def test_cli_export_import_resume(sms_config, tmp_path, caplog):
+    """The files path: export a paused batch, correct it in the file, import, resume. The
+    cold-start form says why nothing is preselected, and the Prefect UI's check of it names
+    a missing item by its number; the run says where the answers came from."""
+    import logging
+
+    import httpx
+    import pandas as pd
+    from prefect.flow_runs import resume_flow_run
+    from prefect.settings import PREFECT_API_URL
+
+    caplog.set_level(logging.INFO, logger="prefect.flow_runs")
     store = store_for(sms_config)
     flow = FlowThread(active_learning_cycle, str(sms_config))
     batch = wait_until_paused(store)
+    schema, description = paused_form_parts(batch["flow_run_id"])
+    assert description.startswith(f"**Batch {batch['batch_id']}: 20 items.**\n\nNo model yet (cold start): "
+                                  "nothing is preselected")
+    assert [schema["properties"][f"#{rank}"]["title"].split(" · ")[0] for rank in range(1, 21)] == \
+        [f"#{rank}" for rank in range(1, 21)]
+    # What the Resume form's Submit asks the server (POST /ui/schemas/validate) before resuming:
+    # every cold-start field is required, and each message names the item as the reviewer sees it.
+    checked = httpx.post(f"{PREFECT_API_URL.value()}/ui/schemas/validate", timeout=30,
+                         json={"schema": schema, "values": {"#1": "ham", "annotator": "ana"}}).json()
+    assert not checked["valid"] and checked["errors"][0] == {"property": "#2", "errors": ["'#2' is a required property"]}
+    assert {e["property"] for e in checked["errors"]} == {f"#{rank}" for rank in range(2, 21)}
+    with pytest.raises(RuntimeError, match=r"'#\d+' is a required property"):  # the resume itself refuses it
+        resume_flow_run(UUID(batch["flow_run_id"]), run_input={"#1": "ham", "annotator": "ana"})
     out = tmp_path / "batch.csv"
     result = runner.invoke(app, ["export", str(out), "--config", str(sms_config)])
     assert result.exit_code == 0, result.output
@@ -205,11 +236,23 @@ def test_cli_export_import_resume(sms_config, tmp_path):
     assert (labels["origin"] == "import").sum() == 19 and (labels["origin"] == "cli").sum() == 1
     assert labels.loc[labels["origin"] == "cli", "label"].item() == "skip"
     assert store.batch(batch["batch_id"])["status"] == "labeled"
+    logged = [r.getMessage() for r in caplog.records if r.name.startswith("prefect.flow_runs")]
+    assert (f"batch {batch['batch_id']}: resumed with the answers already stored (19 from a file, "
+            "1 from the terminal); none recorded again") in logged
+    assert f"batch {batch['batch_id']}: 20 answers, none shown a pre-label (19 from a file, 1 from the terminal)" \
+        in logged
+    assert not any("the form changed" in line or "already recorded" in line for line in logged)
 
 
-def test_terminal_labeling_then_resume(ag_config, monkeypatch):
+def test_terminal_labeling_then_resume(ag_config, monkeypatch, caplog):
     """`alflow label`: Enter accepts, a digit picks a class, s skips, b goes back; at the
-    end it resumes the paused run itself. Four classes (AG News)."""
+    end it resumes the paused run itself. Four classes (AG News). The cycle's summary line
+    counts the answers as given in the terminal, and `alflow show` lists them."""
+    import json
+    import logging
+    import re
+
+    caplog.set_level(logging.INFO, logger="prefect.flow_runs")
     monkeypatch.setenv("ALFLOW_QUERY__RECHECK_SHARE", "0")  # no recheck first: Enter accepts item 1's pre-label
     active_learning_cycle(str(ag_config), auto=True)
     store = store_for(ag_config)
@@ -237,6 +280,22 @@ def test_terminal_labeling_then_resume(ag_config, monkeypatch):
     assert flow.error is None, flow.error
     assert store.batch(batch["batch_id"])["status"] == "labeled"
     assert store.query_df("SELECT * FROM predictions LIMIT 1")["proba"].iloc[0].__len__() == 4
+    agreement = store.prelabel_agreement(batch["batch_id"])
+    logged = [r.getMessage() for r in caplog.records if r.name.startswith("prefect.flow_runs")]
+    line = next(m for m in logged if m.startswith(f"batch {batch['batch_id']}: 20 answers"))
+    assert re.fullmatch(rf"batch {batch['batch_id']}: 20 answers, {agreement['kept']} kept the pre-label, "
+                        rf"{agreement['changed']} changed it, 1 skipped(, \d+ given without a pre-label)? "
+                        r"\(from the terminal\)", line), line
+
+    shown = json.loads(runner.invoke(app, ["show", "latest", "--config", str(ag_config), "--json"]).output)
+    assert shown["batch_id"] == batch["batch_id"] and shown["status"] == "labeled"
+    assert [item["rank"] for item in shown["items"]] == list(range(1, 21))
+    second = shown["items"][1]  # answered 'business', then corrected to 'sports' after b
+    assert [(a["annotator"], a["label"], a["origin"], a["current"]) for a in second["answers"]] == [
+        ("cli-user", "business", "cli", False), ("cli-user", "sports", "cli", True)]
+    effective = dict(store.query_df("SELECT item_id, label FROM effective_labels").values.tolist())
+    assert {i["item_id"]: i["effective_label"] for i in shown["items"]} == \
+        {i: effective.get(i) for i in items["item_id"]}  # the store's view, skips none
 
 
 def test_auto_three_cycles_accuracy_rises(sms_config):
@@ -316,7 +375,12 @@ def test_multiclass_cross_validation(ag_config, monkeypatch):
     # estimate drops although the model improves (the control slice is the unbiased figure).
     assert metrics["macro_f1"] >= 0.35 and metrics["accuracy"] >= 0.38
     assert first["metrics"]["macro_f1"] >= 0.5
-    assert metrics["self_training"]["pseudo_labels"] == 38 and first["metrics"]["self_training"]["pseudo_labels"] == 19
+    # auto self-training: no folds yet on 19 labels (used); on 38 its out-of-fold evidence
+    # decides, and a used one adds one pseudo-label per human label
+    assert first["metrics"]["self_training"]["pseudo_labels"] == 19
+    decision = metrics["self_training"]
+    assert decision["mode"] == "auto" and "oof_with" in decision and decision["reason"]
+    assert decision["pseudo_labels"] == (38 if decision["used"] else 0)
     promotion = second["metrics"]["promotion"]
     assert promotion["compared_on"] == 19  # the new batch but its control answer: unseen by the old model
     assert first["cycle"] == 1 and second["cycle"] == 2

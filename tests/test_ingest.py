@@ -496,6 +496,8 @@ def messy_csv(path: Path, extra: bytes = b"") -> Path:
 
 
 def test_a_file_is_read_in_chunks_and_an_unchanged_file_is_not_read_again(tmp_path, monkeypatch):
+    """Python's reader (the file has a byte that does not decode, which DuckDB's reader
+    would read otherwise; tests/test_files_sql_ingest.py has DuckDB's)."""
     from alflow.connectors import content_hash
     from alflow.connectors.files import FilesConnector
 

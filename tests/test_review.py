@@ -88,12 +88,49 @@ def test_form_descriptions_and_table_cells_show_item_text_as_typed():
     form = build_review_form(batch, CLASSES, 600, "annotator")
     schema = form.model_json_schema()
     for rank, text in enumerate(NASTY, start=1):
-        prop = schema["properties"][f"item_{rank:03d}"]
+        prop = schema["properties"][f"#{rank}"]
         assert shown_text(prop["description"]) == as_typed(text), prop["description"]
         assert prop["title"] == f"#{rank} · my_source* · pre-label spam (60%)"
     for row, text in zip(batch_rows(batch), NASTY):
         assert shown_text(row["text"]) == as_typed(text, 160), row["text"]
         assert shown_text(row["source"]) == "my_source*"
+
+
+def test_the_form_names_items_as_numbered_and_says_what_the_batch_is():
+    """The Resume form's fields are '#1', '#2', ... so that the messages of the Prefect UI's
+    own validation (the server's schema check, as its /ui/schemas/validate runs it) name
+    the item by its number; the text above the fields says the batch's size beyond
+    batch_size and why nothing is preselected on a cold start. A submission with the
+    legacy field names (a run suspended before) is still read."""
+    from prefect.utilities.schema_tools.validation import build_error_obj, validate
+
+    from alflow.tasks.review import build_review_form, form_description
+
+    batch = pd.DataFrame({
+        "rank": [1, 2, 3], "item_id": ["a" * 64, "b" * 64, "c" * 64], "score": 0.5,
+        "prelabel": [None, None, None], "confidence": None, "picked_by": ["adjudication", "coverage", "coverage"],
+        "source": "sms", "title": None, "text": ["one", "two", "three"], "url": None, "external_id": None,
+        "answer": None, "answered_by": None,
+    })
+    cold = form_description("b4tch", batch, cold_start=True)
+    assert cold.startswith("**Batch b4tch: 2 items + 1 adjudication.**") and "No model yet (cold start)" in cold
+    assert "1 item marked ADJUDICATE or RECHECK is asked again" in cold
+    warm = form_description("b4tch", batch.assign(picked_by="uncertainty"), cold_start=False)
+    assert warm.startswith("**Batch b4tch: 3 items.**") and "pre-label is preselected" in warm
+    assert "cold start" not in warm and "ADJUDICATE" not in warm
+
+    form = build_review_form(batch, CLASSES, 600, "annotator", description=cold)
+    assert form._description == cold  # what Prefect saves with the form and the UI shows above it
+    schema = form.model_json_schema()
+    assert [name for name in schema["properties"] if name != "annotator"] == ["#1", "#2", "#3"]
+    assert schema["required"] == ["#1", "#2", "#3", "annotator"]
+    errors = build_error_obj(validate({"#1": "ham", "annotator": "ana"}, schema))["errors"]
+    assert errors == [{"property": "#2", "errors": ["'#2' is a required property"]},
+                      {"property": "#3", "errors": ["'#3' is a required property"]}]
+    assert form(**{"#1": "ham", "#2": "spam", "#3": "skip", "annotator": "ana"}).model_dump()["#2"] == "spam"
+    legacy = form(**{"item_001": "ham", "item_002": "spam", "item_003": "skip", "annotator": "ana"})
+    assert {k: v for k, v in legacy.model_dump().items() if k.startswith("#")} == {"#1": "ham", "#2": "spam",
+                                                                                 "#3": "skip"}
 
 
 # -- fixtures for the store and file tests --------------------------------------------------
@@ -232,17 +269,26 @@ def project(trained: Path, tmp_path: Path) -> tuple[Path, Store]:
     return config, Store(settings.database, settings.store.lock_timeout_seconds)
 
 
+def run_log_messages(caplog) -> list[str]:
+    """The flow runs' log lines this test saw (what the run's page in the UI lists)."""
+    return [r.getMessage() for r in caplog.records if r.name.startswith("prefect.flow_runs")]
+
+
 @pytest.mark.slow
-def test_resume_form_keeps_untouched_defaults_and_records_changes(trained, tmp_path):
+def test_resume_form_keeps_untouched_defaults_and_records_changes(trained, tmp_path, caplog):
     """While the run waits, 'ana' answers items 1-2 in the terminal; the Resume form, as
     'ana', comes back with item 1 untouched (its pre-label) and item 2 changed: item 1
-    keeps the terminal answer, item 2 gets a correction, every row has its pre-label."""
+    keeps the terminal answer, item 2 gets a correction, every row has its pre-label.
+    The summary lines say it in plain English, and the batch's artifact says it is labeled."""
+    import logging
+
     from prefect.flow_runs import resume_flow_run
     from test_flows import FlowThread, run_artifacts, wait_until_paused
 
     from alflow.flows.cycle import active_learning_cycle
     from alflow.tasks.review import field_name
 
+    caplog.set_level(logging.INFO, logger="prefect.flow_runs")
     config, store = project(trained, tmp_path)
     flow = FlowThread(active_learning_cycle, str(config), ingest_sources=False)
     batch = wait_until_paused(store)
@@ -291,18 +337,36 @@ def test_resume_form_keeps_untouched_defaults_and_records_changes(trained, tmp_p
         "6 new, 1 corrections (4 kept the pre-label, 1 changed it, 1 skipped), 1 already answered in this batch (kept)"
     assert store.prelabel_agreement(batch_id) == {
         "answers": 8, "shown": 7, "kept": 4, "changed": 2, "skipped": 1, "not_shown": 1}
-    summary = run_artifacts(batch["flow_run_id"])["cycle-summary"].data
-    assert "- pre-labels: 4 of 7 answers shown a pre-label kept it, **2 changed it**, 1 skipped" in summary
+    from alflow.tasks.report import markdown_text
+
+    line = ("8 answers, 4 kept the pre-label, 2 changed it, 1 skipped, 1 given without a pre-label "
+            "(7 from the Resume form, 1 from the terminal)")
+    artifacts = run_artifacts(batch["flow_run_id"])
+    assert f"- batch `{batch_id}`: {markdown_text(line)}" in artifacts["cycle-summary"].data
+    logged = run_log_messages(caplog)
+    assert f"batch {batch_id}: {line}" in logged
+    assert (f"batch {batch_id}: the form changed 1 answer given while the run waited; 1 answer given while the "
+            "run waited kept, its field left at the default") in logged
+    # the batch's artifact, once waiting for review, now says it is finished and what came back
+    review = artifacts["review-batch"]
+    assert review.description == f"Batch {batch_id}: 8 items, labeled: {line}."
+    answers = store.batch_items(batch_id)["answer"].tolist()
+    assert [row["answer"] for row in json.loads(review.data)] == [markdown_text(a) for a in answers]
+    assert artifacts["review-form"].description.startswith(f"Batch {batch_id}: labeled; its review is over")
 
 
 @pytest.mark.slow
-def test_resume_with_stored_answers_records_none_again(trained, tmp_path):
+def test_resume_with_stored_answers_records_none_again(trained, tmp_path, caplog):
     """`alflow resume --skip-rest` by another annotator: the terminal answers are not
-    re-recorded under that name; the skips were shown nothing (prelabel_shown NULL)."""
+    re-recorded under that name; the skips were shown nothing (prelabel_shown NULL). The
+    run says the answers came from the terminal, not that a form changed none."""
+    import logging
+
     from test_flows import FlowThread, wait_until_paused
 
     from alflow.flows.cycle import active_learning_cycle
 
+    caplog.set_level(logging.INFO, logger="prefect.flow_runs")
     config, store = project(trained, tmp_path)
     flow = FlowThread(active_learning_cycle, str(config), ingest_sources=False)
     batch = wait_until_paused(store)
@@ -327,3 +391,9 @@ def test_resume_with_stored_answers_records_none_again(trained, tmp_path):
     assert set(bo["item_id"]) == set(items["item_id"][2:])
     assert store.prelabel_agreement(batch_id) == {
         "answers": 8, "shown": 2, "kept": 1, "changed": 1, "skipped": 0, "not_shown": 6}
+    logged = run_log_messages(caplog)
+    assert f"batch {batch_id}: resumed with the answers already stored (from the terminal); none recorded again" \
+        in logged
+    assert f"batch {batch_id}: 8 answers, 1 kept the pre-label, 1 changed it, 6 given without a pre-label " \
+        "(from the terminal)" in logged
+    assert not any("the form changed" in line for line in logged)

@@ -1,16 +1,20 @@
 """Scoring at scale: the query's top-k and samples come out of DuckDB (never the whole pool),
-pre-label writes each unscored item once in bulk, the holdout is predicted once per retrain,
-and pre-label chunks run on a Dask cluster through a real cycle."""
+pre-label writes each unscored item once in bulk, a model predicts each holdout item once
+(its labels are kept with it), and pre-label and holdout chunks run on one local Dask
+cluster through real cycles."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from alflow.config import Settings
 from alflow.tasks import modeling, query, strategies
-from alflow.tasks.store import Store
+from alflow.tasks.store import SCHEMA_VERSION, Store
 from alflow.tasks.store.pool import PoolStore
 
 
@@ -182,30 +186,107 @@ def test_prelabel_writes_exactly_the_unscored_items_once(tmp_path):
 
 
 def test_holdout_is_predicted_once_per_retrain(tmp_path, monkeypatch):
+    """Each model predicts a holdout item once, across retrains: the new model predicts the
+    holdout in chunks (texts streamed out of DuckDB), a promoted model's labels are stored
+    with it, and a later comparison reads them, predicting only gold items it has not seen
+    (or all, once, for a model promoted before they were stored). The metrics are exactly
+    those of modeling.evaluate_holdout over the whole holdout."""
     from test_models import ingested, label_gold, project
 
-    from alflow.tasks.train import retrain
+    from alflow.tasks import prelabel
+    from alflow.tasks.train import model_file, retrain
 
-    store, settings = ingested(project(tmp_path))
-    calls: list[int] = []
-    evaluate = modeling.evaluate_holdout
-    monkeypatch.setattr(modeling, "evaluate_holdout",
-                        lambda model, docs, labels: calls.append(len(docs)) or evaluate(model, docs, labels))
+    config = project(tmp_path)
+    config.write_text(config.read_text().replace("[query]\n", "[query]\nchunk_size = 100\n"))
+    store, settings = ingested(config)
+    predicted: dict[int, int] = {}  # docs predicted, by model (id)
+    chunks: list[int] = []
+    labels_of = prelabel.predicted_labels
+
+    def counted(model, docs):
+        predicted[id(model)] = predicted.get(id(model), 0) + len(docs)
+        chunks.append(len(docs))
+        return labels_of(model, docs)
+
+    monkeypatch.setattr(prelabel, "predicted_labels", counted)
+    trusted = modeling.trusted_types(settings.model, settings.labels)
+
+    def holdout():
+        gold = store.holdout_set(settings.holdout_fraction)
+        return gold[gold["label"].isin(settings.labels)]
+
+    def whole_holdout_metrics(version: int) -> dict:
+        """Today's figure: the model file's predict over the whole holdout in one call."""
+        model = modeling.load_model(model_file(settings, store.model_row(version)), trusted)
+        gold = holdout()
+        return modeling.evaluate_holdout(model, gold["doc"].tolist(), gold["label"].tolist())
+
+    def stored(version: int) -> dict[str, str]:
+        frame = store.holdout_predictions(version)
+        return dict(zip(frame["item_id"], frame["label"]))
+
+    n = len(holdout())
     label_gold(store, settings, 20)
     first = retrain(store, settings)
-    assert first.promoted and len(calls) == 1
+    assert first.promoted and list(predicted.values()) == [n] and len(chunks) == 2  # 100-item chunks
+    expected = whole_holdout_metrics(1)
+    assert {k: first.metrics[k] for k in expected} == expected
+    v1 = modeling.load_model(model_file(settings, store.model_row(1)), trusted)
+    gold = holdout()
+    assert stored(1) == dict(zip(gold["item_id"], v1.predict(gold["doc"].tolist())))
+
+    predicted.clear()
     label_gold(store, settings, 20, offset=20)
     second = retrain(store, settings)
-    assert len(calls) == 2  # the new model only: v1's score on this holdout is stored
-    promotion = second.metrics["promotion"]
-    assert promotion["current"] == pytest.approx(first.metrics[settings.evaluation.metric])
-    # New gold items change the holdout: the current model is scored on it again.
+    assert list(predicted.values()) == [n]  # the new model only: v1's labels (and score) are stored
+    assert second.metrics["promotion"]["current"] == first.metrics[settings.evaluation.metric]
+    assert {k: second.metrics[k] for k in expected} == whole_holdout_metrics(2)
+    assert len(stored(2)) == (n if second.promoted else 0)  # a model that is never current keeps none
+
+    # A new gold item changes the holdout: the current model predicts that item alone.
+    current = store.current_model()["model_version"]
     with store.transaction() as con:
         con.execute("""INSERT INTO items (item_id, source, text, gold_label, fetched_at)
                        SELECT '00000000' || repeat('a', 56), 'x', 'a new world story', 'world', now()::TIMESTAMP""")
+    predicted.clear()
     label_gold(store, settings, 10, offset=40)
-    retrain(store, settings)
-    assert len(calls) == 4 and calls[-1] == calls[-2] == calls[0] + 1
+    third = retrain(store, settings)
+    assert sorted(predicted.values()) == [1, n + 1]
+    assert third.metrics["promotion"]["current"] == whole_holdout_metrics(current)[settings.evaluation.metric]
+    assert len(stored(current)) == n + 1
+
+    # A model promoted before its labels were stored (an older database): predicted once, then kept.
+    current = store.current_model()["model_version"]
+    with store.transaction() as con:
+        con.execute("DELETE FROM holdout_predictions WHERE model_version = ?", [current])
+        con.execute("""INSERT INTO items (item_id, source, text, gold_label, fetched_at)
+                       SELECT '00000000' || repeat('b', 56), 'x', 'a new sports story', 'sports', now()::TIMESTAMP""")
+    predicted.clear()
+    label_gold(store, settings, 10, offset=50)
+    fourth = retrain(store, settings)
+    assert sorted(predicted.values()) == [n + 2, n + 2]
+    assert fourth.metrics["promotion"]["current"] == whole_holdout_metrics(current)[settings.evaluation.metric]
+    assert len(stored(current)) == n + 2
+
+
+def test_an_old_database_gains_the_holdout_predictions_table(tmp_path):
+    """Migration 0010 on a v9 file with a promoted model: the table appears, the rows stay."""
+    from alflow.tasks.store.database import MIGRATIONS
+
+    assert SCHEMA_VERSION >= 10
+    store = Store(tmp_path / "old.duckdb")
+    with store.transaction() as con:
+        con.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at TIMESTAMP NOT NULL)")
+        for version, sql in enumerate(MIGRATIONS[:9], start=1):
+            con.execute(sql)
+            con.execute("INSERT INTO schema_version VALUES (?, now())", [version])
+    store.register_model(1, "model-0001.skops", "sklearn.linear_model.LogisticRegression", {}, 20, 20,
+                         {"method": "holdout", "accuracy": 0.5}, True, None, labels=["a", "b"])
+    assert store.migrate() == SCHEMA_VERSION
+    assert store.current_model()["model_version"] == 1 and store.holdout_predictions(1).empty
+    written = store.write_holdout_predictions(1, pa.table({"item_id": ["x", "y"], "label": ["a", "b"]}))
+    assert written == 2 and store.write_holdout_predictions(1, pa.table({"item_id": ["x"], "label": ["b"]})) == 0
+    assert store.holdout_predictions(1)["label"].tolist() == ["a", "b"]  # a stored label is kept
 
 
 def test_auto_runner_takes_dask_only_for_big_prelabels():
@@ -218,16 +299,22 @@ def test_auto_runner_takes_dask_only_for_big_prelabels():
     assert runner_kind(RunnerSettings(), 200_000) == "dask"
     assert runner_kind(RunnerSettings(type="threads", dask_min_items=0), 10**7) == "threads"
     assert runner_kind(RunnerSettings(type="dask"), 1) == "dask"
+    # a cluster already up costs no start-up: "auto" takes it whatever the size
+    assert runner_kind(auto, 10, warm=True) == "dask"
+    assert runner_kind(RunnerSettings(type="threads"), 10**7, warm=True) == "threads"
 
 
 @pytest.mark.usefixtures("prefect_api")
-def test_prelabel_on_a_local_dask_cluster_through_a_cycle(tmp_path, small_csv, monkeypatch):
-    """`[runner] type = "auto"` over dask_min_items: a cycle's pre-label chunks are scored by
-    Prefect tasks on a LocalCluster (a worker process) and written by the flow, one chunk
-    per transaction."""
+def test_prelabel_on_a_local_dask_cluster_through_a_cycle(tmp_path, monkeypatch):
+    """`[runner] type = "auto"`, a pool over dask_min_items: the first cycle's retrain starts
+    a LocalCluster (a worker process) while it trains, since the pool's pre-label will need
+    it, and predicts the holdout there; the second cycle's pre-label chunks are scored by
+    Prefect tasks on the same cluster and written by the flow, and its holdout predicted
+    there too: one cluster for the run, stopped once idle."""
     from uuid import UUID
 
-    from conftest import write_config
+    import distributed
+    from conftest import SMS_CSV, write_config
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterName
     from test_models import label_gold
@@ -235,35 +322,63 @@ def test_prelabel_on_a_local_dask_cluster_through_a_cycle(tmp_path, small_csv, m
     from alflow.config import FilesSource, load_config
     from alflow.connectors import build_connector, to_row
     from alflow.flows.cycle import active_learning_cycle
-    from alflow.tasks.train import retrain
+    from alflow.tasks import prelabel
+    from alflow.tasks.train import model_file
 
-    config = write_config(tmp_path, labels=["ham", "spam"], source_path=small_csv,
-                          extra='\n[runner]\ntype = "auto"\ndask_min_items = 100\nworkers = 1\n')
+    csv = tmp_path / "sms700.csv"
+    csv.write_text("".join(SMS_CSV.read_text(encoding="utf-8").splitlines(keepends=True)[:701]), encoding="utf-8")
+    config = write_config(tmp_path, labels=["ham", "spam"], source_path=csv,
+                          extra='\n[runner]\ntype = "auto"\ndask_min_items = 200\nworkers = 1\n'
+                                'dask_idle_seconds = 120\n')
     config.write_text(config.read_text().replace("[query]\n", "[query]\nchunk_size = 100\n"))
     settings = load_config(config)
     store = Store(settings.database)
     store.migrate()
-    # A model already trained (without Prefect), so the one cycle below pre-labels the pool.
-    source = FilesSource(type="files", name="corpus", path=small_csv, label_column="label")
+    source = FilesSource(type="files", name="corpus", path=csv, label_column="label")
     store.upsert_items(pd.DataFrame([to_row(r, "corpus") for r in build_connector(source).fetch()]), "ingest")
-    label_gold(store, settings, 30)
-    assert retrain(store, settings).model_version == 1
-    pool = store.pool_size(settings.holdout_fraction)
+    label_gold(store, settings, 30)  # answers, no model yet: the first cycle is a cold start that trains one
+    gold = store.holdout_set(settings.holdout_fraction)
+    assert store.pool_size(settings.holdout_fraction) >= 200 and 100 < len(gold) < 200
 
-    from alflow.tasks import prelabel
-
-    kinds = []
-    real_task_runner = prelabel.task_runner
+    kinds, started = [], []
+    real_task_runner, real_cluster = prelabel.task_runner, distributed.LocalCluster
     monkeypatch.setattr(prelabel, "task_runner", lambda s, kind: kinds.append(kind) or real_task_runner(s, kind))
-    summary = active_learning_cycle(str(config), auto=True, ingest_sources=False)
-    assert summary["cycle"] == 1
-    assert kinds == ["dask"]
+    monkeypatch.setattr(distributed, "LocalCluster", lambda **kw: started.append(kw) or real_cluster(**kw))
+    try:
+        first = active_learning_cycle(str(config), auto=True, ingest_sources=False)
+        assert first["model_version"] == 1 and kinds == ["dask"] and len(started) == 1  # the holdout
+        pool = store.pool_size(settings.holdout_fraction)
+        summary = active_learning_cycle(str(config), auto=True, ingest_sources=False)
+        assert summary["cycle"] == 2
+        assert kinds == ["dask"] * 3 and len(started) == 1  # then the pre-label and the holdout: one cluster
+        assert prelabel.LOCAL_CLUSTER.running(1)  # kept for the next step
+        # The next step finds it (no second start); ended with idle_seconds, it stops.
+        with prelabel.LOCAL_CLUSTER.use(1, idle_seconds=0.2):
+            pass
+        assert len(started) == 1
+        deadline = time.monotonic() + 20
+        while prelabel.LOCAL_CLUSTER.running(1) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not prelabel.LOCAL_CLUSTER.running(1)
+    finally:
+        prelabel.LOCAL_CLUSTER.close()
+
     scored = store.query_df("SELECT item_id, count(*) AS n FROM predictions WHERE model_version = 1 GROUP BY item_id")
-    assert len(scored) == pool > 200 and scored["n"].max() == 1
+    assert len(scored) == pool and scored["n"].max() == 1
+    for version in {first["model_version"], summary["model_version"]}:
+        model = modeling.load_model(model_file(settings, store.model_row(version)),
+                                    modeling.trusted_types(settings.model, settings.labels))
+        expected = modeling.evaluate_holdout(model, gold["doc"].tolist(), gold["label"].tolist())
+        metrics = store.model_row(version)["metrics"]
+        assert {k: metrics[k] for k in expected} == expected  # the Dask worker's labels, today's figures
     run_id = store.batch(summary["batch_id"])["flow_run_id"]
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(run_id)])),
-            task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="score-chunk")))
+        def task_runs(name: str):
+            return client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(run_id)])),
+                task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_=name)))
+
+        score, predict = task_runs("score-chunk"), task_runs("predict-chunk")
     # chunks of at most 100 rows (DuckDB may cut one short at its 2,048-row vectors)
-    assert 3 <= len(runs) <= 5 and all(r.state.is_completed() for r in runs)
+    assert pool / 100 <= len(score) <= pool / 100 + 3 and all(r.state.is_completed() for r in score)
+    assert len(predict) == 2 and all(r.state.is_completed() for r in predict)

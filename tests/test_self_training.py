@@ -1,5 +1,6 @@
 """Self-training ([model] self_training): the pseudo-label rule, the two-step fit, the
-cross-validated evaluation of the model as it is trained, and a real cycle through the CLI."""
+cross-validated evaluation of the model as it is trained, a real cycle through the CLI, what
+a retrain fits (its cost), and simulate's plain-model baseline."""
 
 from __future__ import annotations
 
@@ -53,10 +54,12 @@ def test_fit_self_trained_adds_the_human_only_models_surest_predictions(ag):
 
     counts = modeling.class_counts(human_labels)
     assert modeling.class_counts(pseudo_labels) == counts  # one pseudo-label per human label, per class
-    # They are exactly what the model of human labels alone is surest of.
-    base = modeling.fit(settings, human_docs, human_labels)
+    # They are exactly what the model of human labels alone is surest of (that model solved
+    # by newton-cg: the same objective as the configured lbfgs, several times faster).
+    newton = settings.model_copy(update={"classifier_params": {**settings.classifier_params, "solver": "newton-cg"}})
+    picker = modeling.fit(newton, human_docs, human_labels)
     classes = sorted(counts)
-    proba = modeling.predict_proba(base, pool_docs, classes)
+    proba = modeling.predict_proba(picker, pool_docs, classes)
     predicted = np.asarray(classes, dtype=object)[proba.argmax(axis=1)]
     expected = modeling.confident_picks(predicted, proba.max(axis=1), counts, 1.0)
     assert pseudo_docs == [pool_docs[i] for i in expected]
@@ -69,8 +72,10 @@ def test_fit_self_trained_adds_the_human_only_models_surest_predictions(ag):
 
     off, (none_docs, _) = modeling.fit_self_trained(ModelSettings(self_training=0.0), human_docs, human_labels,
                                                     pool_docs)
-    assert none_docs == []
-    np.testing.assert_allclose(modeling.predict_proba(off, pool_docs[:50], classes), proba[:50])
+    assert none_docs == []  # off: the configured classifier on the human labels, as fit trains it
+    plain = modeling.fit(settings, human_docs, human_labels)
+    np.testing.assert_allclose(modeling.predict_proba(off, pool_docs[:50], classes),
+                               modeling.predict_proba(plain, pool_docs[:50], classes))
 
 
 def test_cross_validation_scores_each_fold_self_trained_on_its_own_labels(ag):
@@ -214,3 +219,63 @@ def test_auto_self_training_is_used_where_out_of_fold_evidence_says_it_helps(tmp
     assert f"(+57 self-training pseudo-labels: {figures}" in printed, printed
     summary = run_artifacts(cycle["flow_run_id"])["cycle-summary"].data.replace("\\", "")
     assert f"self-training (auto): on — {figures}" in summary, summary
+
+
+# -- what a retrain fits (the cost of self-training) ------------------------------------------------
+@pytest.fixture()
+def fits(monkeypatch):
+    """Every LogisticRegression fit: (solver, tol, warm-started) in order."""
+    from sklearn.linear_model import LogisticRegression
+
+    seen: list[tuple[str, float, bool]] = []
+    real = LogisticRegression.fit
+
+    def spy(self, x, y, sample_weight=None):
+        seen.append((self.solver, self.tol, bool(self.warm_start and hasattr(self, "coef_"))))
+        return real(self, x, y, sample_weight=sample_weight)
+
+    monkeypatch.setattr(LogisticRegression, "fit", spy)
+    return seen
+
+
+def test_a_self_trained_retrain_fits_the_configured_solver_once_and_warm(ag, fits):
+    """Self-training used: the model of the human labels only picks the pseudo-labels, solved
+    by newton-cg; the configured lbfgs fits once, the self-trained model, started from the
+    last one and stopped at SELF_TRAINED_TOL. Decided off (evidence reused): one lbfgs fit,
+    the plain model, at the configured tol; nothing else is fitted."""
+    docs, labels = ag
+    human_docs, human_labels, pool = docs[:120], labels[:120], docs[120:700]
+    first = modeling.self_train(ModelSettings(self_training=1), human_docs[:80], human_labels[:80], pool)
+    fits.clear()
+    trained = modeling.self_train(ModelSettings(self_training=1), human_docs, human_labels, pool, warm=first.model)
+    assert fits == [("newton-cg", 1e-4, False), ("lbfgs", modeling.SELF_TRAINED_TOL, True)]
+    assert trained.decision["used"] and trained.plain is None  # the picker is not the configured model
+
+    off = {"mode": "auto", "metric": "macro_f1", "oof_with": 0.5, "oof_without": 0.6, "se": 0.01, "folds": 5,
+           "evidence_labels": 100}
+    fits.clear()
+    kept_off = modeling.self_train(ModelSettings(), human_docs, human_labels, pool, previous=off)
+    assert fits == [("lbfgs", 1e-4, False)] and not kept_off.decision["used"]
+    assert kept_off.plain is kept_off.model and "it hurts" in kept_off.decision["reason"]
+
+
+def test_simulate_reports_random_with_the_plain_model_as_self_training_off_trains_it(tmp_path):
+    """`alflow simulate --strategies random`: with self-training on, the "random (plain
+    model)" curve is the curve random draws with self_training = 0, point for point (its
+    pseudo-labels come from a faster solver's model, so the plain model is fitted for it)."""
+    frame = pd.read_csv(AG_NEWS_CSV).head(300)
+    data = tmp_path / "ag.csv"
+    frame.to_csv(data, index=False)
+    curves = {}
+    for name, share in (("on", 1.0), ("off", 0.0)):
+        config = tmp_path / f"{name}.toml"
+        config.write_text(f"[model]\nself_training = {share}\n", encoding="utf-8")
+        result = runner.invoke(app, ["simulate", "--data", str(data), "--strategies", "random", "--batch", "10",
+                                     "--cycles", "2", "--init", "12", "--seeds", "1", "--out", str(tmp_path / name),
+                                     "--config", str(config), "--no-progress"])
+        assert result.exit_code == 0, result.output
+        curves[name] = pd.read_csv(tmp_path / name / "curves.csv")
+    on, off = curves["on"], curves["off"]
+    plain = on[on["strategy"] == "random (plain model)"].drop(columns="strategy").reset_index(drop=True)
+    pd.testing.assert_frame_equal(plain, off.drop(columns="strategy").reset_index(drop=True))
+    assert not on[on["strategy"] == "random"]["accuracy"].reset_index(drop=True).equals(plain["accuracy"])

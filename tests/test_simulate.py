@@ -56,6 +56,7 @@ def test_simulate_writes_curves_summary_and_plot_deterministically(sample_csv, t
     assert sorted(curves["n_labels"].unique().tolist())[:2] == [12, 22]
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "full-pool accuracy" in first.output and "labels_to_95" in first.output
+    assert "simulate:" not in first.output  # --no-progress: no progress lines either
     # The test set is the 80 'test' rows: the printed accuracy is a multiple of 1/80.
     assert all(abs(a * 80 - round(a * 80)) < 1e-9 for a in curves["accuracy"])
     # Same arguments, same numbers.
@@ -75,6 +76,7 @@ def test_simulate_writes_curves_summary_and_plot_deterministically(sample_csv, t
         (["--split-col", "split", "--test-split", "0.3"], "--split-col 'split' and --test-split 0.3"),
         (["--automation-bias", "1"], "--automation-bias 1.0: must be at least 0 and below 1"),
         (["--automation-bias", "-0.1"], "--automation-bias -0.1"),
+        (["--jobs", "0"], "--jobs 0: must be at least 1"),
     ],
 )
 def test_simulate_bad_input_is_one_line(sample_csv, tmp_path, more, needle):
@@ -84,6 +86,95 @@ def test_simulate_bad_input_is_one_line(sample_csv, tmp_path, more, needle):
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and needle in lines[0], result.output
     assert not (tmp_path / "out" / "curves.csv").exists()
+
+
+def jobs_args(data, out, jobs, *more):
+    """Two strategies x two seeds (four runs), three batches of 10 after a cold start of
+    12, with the label check (--noise) and the control estimates (--automation-bias): every
+    file a run adds to."""
+    return ["simulate", "--data", str(data), "--split-col", "split", "--strategies", "random,margin", "--batch", "10",
+            "--cycles", "3", "--init", "12", "--seeds", "2", "--noise", "0.1", "--automation-bias", "0.3",
+            "--out", str(out), "--jobs", str(jobs), *more]
+
+
+@pytest.fixture(scope="module")
+def jobs_runs(sample_csv, tmp_path_factory):
+    """The same simulation with --jobs 1 and --jobs 2, output captured (not a terminal) and
+    a progress line due after every cycle (PROGRESS_EVERY = 0): {jobs: (output, out dir)}.
+    With --jobs 2 this process's run_strategy raises: the runs must happen in the workers."""
+    from alflow.flows import simulate
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("a (strategy, seed) run in the parent process")
+
+    runs = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(simulate, "PROGRESS_EVERY", 0.0)
+        for jobs in (1, 2):
+            if jobs == 2:
+                patch.setattr(simulate, "run_strategy", not_here)
+            out = tmp_path_factory.mktemp(f"jobs{jobs}")
+            result = runner.invoke(app, jobs_args(sample_csv, out, jobs))
+            assert result.exit_code == 0, result.output
+            runs[jobs] = (result.output, out)
+    return runs
+
+
+def test_simulate_jobs_run_the_pairs_in_worker_processes_with_the_same_results(jobs_runs):
+    for name in ("curves.csv", "summary.csv", "estimates.csv"):
+        pd.testing.assert_frame_equal(pd.read_csv(jobs_runs[1][1] / name), pd.read_csv(jobs_runs[2][1] / name),
+                                      check_exact=True)
+    assert "flag_precision" in pd.read_csv(jobs_runs[2][1] / "summary.csv")  # the label check ran in them
+    assert len(pd.read_csv(jobs_runs[2][1] / "estimates.csv")) == 4
+
+
+DONE_LINE = re.compile(r"^simulate: (\w+) seed (\d) done: (\d+) cycles, (\d+) labels, accuracy (\d\.\d{3}), "
+                       r"\d+\.\d s \((\d)/4 runs\)$")
+CYCLE_LINE = re.compile(r"^simulate: (\w+) seed (\d): (\d)/3 cycles, \d+ s$")
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_simulate_prints_progress_lines_when_its_output_is_not_a_terminal(jobs_runs, jobs):
+    """A line per finished (strategy, seed) run with its cycles, labels and final accuracy,
+    and for a run still going one every PROGRESS_EVERY seconds (here: after every cycle),
+    in order, from the workers as from this process."""
+    output, out = jobs_runs[jobs]
+    lines = [line for line in output.splitlines() if line.startswith("simulate:")]
+    curves = pd.read_csv(out / "curves.csv")
+    done = [DONE_LINE.match(line) for line in lines if " done: " in line]
+    assert all(done) and len(done) == 4, lines
+    assert sorted(int(m[6]) for m in done) == [1, 2, 3, 4]  # the count of finished runs
+    for strategy in ("random", "margin"):
+        for seed in (0, 1):
+            last = curves[(curves["strategy"] == strategy) & (curves["seed"] == seed)].iloc[-1]
+            mine = [m for m in done if (m[1], int(m[2])) == (strategy, seed)]
+            assert len(mine) == 1, lines
+            assert (int(mine[0][3]), int(mine[0][4]), mine[0][5]) == (3, last["n_labels"], f"{last['accuracy']:.3f}")
+            own = [line for line in lines if line.startswith(f"simulate: {strategy} seed {seed}")]
+            assert [CYCLE_LINE.match(line)[3] for line in own[:-1]] == ["0", "1", "2", "3"], own
+            assert " done: " in own[-1]
+
+
+def test_the_simulate_flow_runs_the_pairs_in_workers_and_logs_each_one(sample_csv, tmp_path, prefect_api, caplog):
+    """The `simulate` flow (as a deployment runs it) with jobs=2: a progress line per
+    finished run in the flow run's log, the summary as its artifact."""
+    import logging
+
+    from test_ingest import run_logs_and_artifacts
+
+    from alflow.flows.simulate import simulate_flow
+
+    caplog.set_level(logging.INFO, logger="prefect.flow_runs")  # the tests' default is WARNING
+    state = simulate_flow(data=str(sample_csv), out=str(tmp_path / "out"), split_col="split",
+                          strategies=["random", "margin"], batch=10, cycles=2, init=12, seeds=2, jobs=2,
+                          return_state=True)
+    assert state.is_completed(), state
+    logs, artifacts = run_logs_and_artifacts(state.state_details.flow_run_id)
+    done = sorted(m for m in logs if m.startswith("simulate: ") and " done: " in m)
+    assert [m.split(" done: ")[0] for m in done] == ["simulate: margin seed 0", "simulate: margin seed 1",
+                                                     "simulate: random seed 0", "simulate: random seed 1"], logs
+    assert "simulation-summary" in artifacts
+    assert len(pd.read_csv(tmp_path / "out" / "curves.csv")) == (2 + 1) * 2 * 3  # (random, its plain arm, margin)
 
 
 def test_summary_definitions():

@@ -35,18 +35,24 @@ from alflow.tasks.review.forms import (
     answers_from_form,
     build_review_form,
     form_defaults,
+    form_description,
     review_key,
     shown_form_defaults,
 )
 from alflow.tasks.review.items import (
     ADJUDICATION,
     ReviewError,
+    batch_count_text,
     closed_batch_check,
     field_name,
+    field_rank,
+    find_batch,
     given_text,
     item_heading,
+    legacy_field_name,
     pick_batch,
     plan_review,
+    plural,
     prelabel_seen,
     reasked_note,
     review_round_items,
@@ -65,7 +71,8 @@ from alflow.tasks.review.record import (
 from alflow.tasks.review.resume import resume_batch, skip_unanswered
 
 __all__ = [
-    "ADJUDICATION", "EXPORT_COLUMNS", "closed_batch_check", "form_seconds_per_item", "prelabel_seen",
+    "ADJUDICATION", "EXPORT_COLUMNS", "batch_count_text", "closed_batch_check", "field_rank", "find_batch",
+    "form_description", "legacy_field_name", "plural", "form_seconds_per_item", "prelabel_seen",
     "reasked_note", "reviewer_reason", "shown_prelabel", "skip_unanswered", "FORMATS", "REVIEW_PAUSE_KEY", "STORED_ANSWERS", "ReviewError",
     "answers_from_form", "build_review_form", "expire_stale_batches", "export_batch", "field_name",
     "file_format", "form_defaults", "given_text", "import_answers", "item_heading", "label_studio_config",

@@ -6,21 +6,25 @@ from typing import Literal
 from uuid import UUID
 
 import pandas as pd
-from pydantic import ConfigDict, Field, create_model
+from pydantic import AliasChoices, ConfigDict, Field, create_model
 
 from alflow.config import SKIP
 from alflow.tasks.report import markdown_text
 from alflow.tasks.review.items import (
     ADJUDICATION,
     ReviewError,
+    batch_count_text,
     field_name,
+    field_rank,
     item_heading,
+    legacy_field_name,
+    plural,
     prelabel_seen,
     reasked_note,
     shown_prelabel,
     trim,
 )
-from alflow.tasks.store import Answer, document
+from alflow.tasks.store import RECHECK, Answer, document
 
 STORED_ANSWERS = "stored_answers"
 
@@ -34,13 +38,42 @@ def _ui_schema(schema: dict) -> None:
     schema["required"] = list(schema.get("properties", {}))
 
 
+def form_description(batch_id: str, batch: pd.DataFrame, cold_start: bool, independent: bool = False) -> str:
+    """What the Resume form says above its fields (Markdown): the batch and its size
+    (:func:`batch_count_text`), why an item has nothing preselected (a cold start: no model
+    yet), the items asked again, and for a later overlap round who must answer.
+
+    ``batch``: the round's rows (:meth:`Store.batch_items`); ``cold_start``: the batch was
+    queried without a model."""
+    lines = [f"**Batch {markdown_text(batch_id)}: {batch_count_text(batch)}.**"]
+    one = len(batch) == 1
+    if independent:
+        lines.append(f"{plural(len(batch), 'item')} of this batch still {'needs' if one else 'need'} an independent "
+                     f"answer, from someone who has not answered {'it' if one else 'them'} yet. A field is preset "
+                     "to the model's pre-label where there is one, never to another annotator's answer.")
+    elif cold_start:
+        lines.append("No model yet (cold start): nothing is preselected, so choose a class (or skip) for every "
+                     "item. From the next batch on, the model's pre-label is preselected and agreeing costs "
+                     "nothing.")
+    else:
+        lines.append("Each item's pre-label is preselected: leave it to agree, choose another class to correct "
+                     "it, or skip. An item shown without one needs a choice.")
+    reasked = int(batch["picked_by"].isin([ADJUDICATION, RECHECK]).sum())
+    if reasked:
+        lines.append(f"{plural(reasked, 'item')} marked ADJUDICATE or RECHECK {'is' if reasked == 1 else 'are'} "
+                     "asked again: the answers given so far are shown, and yours decides.")
+    return "\n\n".join(lines)
+
+
 def build_review_form(batch: pd.DataFrame, classes: list[str], text_chars: int, annotator: str | None,
                       shown: dict[str, str | None] | None = None,
-                      given: dict[str, list[tuple[str, str]]] | None = None, independent: bool = False):
+                      given: dict[str, list[tuple[str, str]]] | None = None, independent: bool = False,
+                      description: str | None = None):
     """A ``RunInput`` subclass for one batch (rows of :meth:`Store.batch_items`).
 
-    One field per item, in rank order: its heading as the title, its text (trimmed to
-    ``text_chars``) as the description, the classes plus ``skip`` as the choices and the
+    One field per item, in rank order, named '#1', '#2', ... (:func:`field_name`; a
+    submission with the legacy names item_001, ... is read too): its heading as the title,
+    its text (trimmed to ``text_chars``) as the description, the classes plus ``skip`` as the choices and the
     pre-label (or an answer already stored for it) as the default. An item without a
     pre-label (a cold start, a control item: :func:`shown_prelabel`) has no default and
     must be chosen. A last field names the annotator.
@@ -60,6 +93,7 @@ def build_review_form(batch: pd.DataFrame, classes: list[str], text_chars: int, 
     ``independent``: a later round of an overlap review, asking a further annotator for
     items others answered: defaults are the pre-labels, never others' answers, and the
     annotator (``None``: no default) must be someone new.
+    ``description``: Markdown the UI shows above the fields (:func:`form_description`).
     """
     from prefect.input import RunInput
 
@@ -73,17 +107,18 @@ def build_review_form(batch: pd.DataFrame, classes: list[str], text_chars: int, 
     for row in batch.itertuples(index=False):
         text = document(row.title, row.text, sep=" — ")
         default = row.answer if isinstance(row.answer, str) and not independent else shown_prelabel(row)
-        description = markdown_text(trim(text, text_chars))
+        text_markdown = markdown_text(trim(text, text_chars))
         note = reasked_note(row, (given or {}).get(row.item_id, []))
         if note is not None:  # no default but an answer given in this batch: the reviewer chooses
             head, _, rest = note.partition(". ")
-            description = f"**{markdown_text(head)}.** {markdown_text(rest)}\n\n{description}"
+            text_markdown = f"**{markdown_text(head)}.** {markdown_text(rest)}\n\n{text_markdown}"
             default = row.answer if isinstance(row.answer, str) else None
         if shown is not None:
             default = shown.get(field_name(row.rank))
         fields[field_name(row.rank)] = (
             choices,
-            Field(default if isinstance(default, str) else ..., title=item_heading(row), description=description),
+            Field(default if isinstance(default, str) else ..., title=item_heading(row), description=text_markdown,
+                  validation_alias=AliasChoices(field_name(row.rank), legacy_field_name(row.rank))),
         )
     who = ("Who is answering; stored with every label." if not independent else
            "Who is answering: these items need an independent answer from someone who has not answered them yet.")
@@ -91,7 +126,10 @@ def build_review_form(batch: pd.DataFrame, classes: list[str], text_chars: int, 
         str,
         Field(annotator if annotator else ..., title="Annotator", description=who, min_length=1, max_length=64),
     )
-    return create_model("ReviewBatch", __base__=ReviewForm, **fields)
+    form = create_model("ReviewBatch", __base__=ReviewForm, **fields)
+    if description:
+        form._description = description  # saved with the form; the UI shows it above the fields
+    return form
 
 
 # The key of the one stop for review in a cycle run: a replayed run (resumed after a
@@ -116,7 +154,8 @@ def shown_form_defaults(flow_run_id: str, suspended: bool,
     schema = read_flow_run_input(keyset["schema"], flow_run_id=UUID(flow_run_id))
     if not isinstance(schema, dict):
         return None
-    return {name: spec.get("default") for name, spec in schema.get("properties", {}).items()}
+    return {field_name(rank) if (rank := field_rank(name)) is not None else name: spec.get("default")
+            for name, spec in schema.get("properties", {}).items()}
 
 
 def answers_from_form(values: dict, batch: pd.DataFrame, form_seconds: float | None = None) -> list[Answer]:

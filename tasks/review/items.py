@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pandas as pd
 
@@ -18,8 +19,44 @@ class ReviewError(ValueError):
 
 
 def field_name(rank: int) -> str:
-    """The form field of the item at ``rank``: item_001, item_002, ..."""
+    """The Resume form's field of the item at ``rank``: '#1', '#2', ... as the reviewer
+    numbers items, so that the form's own messages ("'#15' is a required property") name
+    the item as the reviewer sees it."""
+    return f"#{int(rank)}"
+
+
+def legacy_field_name(rank: int) -> str:
+    """The field's name in forms saved before fields were named '#N': item_001, ... (a run
+    suspended then and resumed now still sends it)."""
     return f"item_{int(rank):03d}"
+
+
+_FIELD = re.compile(r"#(\d+)|item_(\d+)")
+
+
+def field_rank(name: str) -> int | None:
+    """The rank a form field asks about ('#15' or the legacy 'item_015' -> 15), or None for
+    any other field (the annotator)."""
+    match = _FIELD.fullmatch(name)
+    return None if match is None else int(match.group(1) or match.group(2))
+
+
+def batch_count_text(batch: pd.DataFrame) -> str:
+    """'20 items + 1 adjudication', '20 items (2 of them rechecks)': a batch's size as
+    asked. Adjudications come on top of query.batch_size; rechecks are part of it."""
+    adjudications = int((batch["picked_by"] == ADJUDICATION).sum())
+    rechecks = int((batch["picked_by"] == RECHECK).sum())
+    text = plural(len(batch) - adjudications, "item")
+    if rechecks:
+        text += f" ({rechecks} of them {'rechecks' if rechecks > 1 else 'a recheck'})"
+    if adjudications:
+        text += f" + {plural(adjudications, 'adjudication')}"
+    return text
+
+
+def plural(n: int, noun: str) -> str:
+    """'1 item', '3 items'."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def trim(text: str, limit: int) -> str:
@@ -157,6 +194,26 @@ def pick_batch(store: Store, batch_id: str | None) -> dict:
     if batch is None:
         raise ReviewError(f"batch {batch_id} does not exist")
     return batch
+
+
+def find_batch(store: Store, ref: str) -> dict:
+    """The batch ``ref`` names: its id, a prefix of exactly one batch id, or 'latest' (the
+    one created last); a one-line :class:`ReviewError` naming ``ref`` otherwise."""
+    batches = store.batches()
+    if ref == "latest":
+        if batches.empty:
+            raise ReviewError("no batch has been queried yet (`alflow run` queries one)")
+        return batches.iloc[-1].to_dict()
+    exact = store.batch(ref)
+    if exact is not None:
+        return exact
+    matches = batches[batches["batch_id"].str.startswith(ref)] if ref else batches.iloc[0:0]
+    if len(matches) == 1:
+        return matches.iloc[0].to_dict()
+    if len(matches) > 1:
+        raise ReviewError(f"batch {ref} is ambiguous: {len(matches)} batches start with it "
+                          f"({', '.join(matches['batch_id'].head(5))}); give more of the id")
+    raise ReviewError(f"batch {ref} does not exist (`alflow show latest` shows the newest batch)")
 
 
 def closed_batch_check(batch: dict, late: bool) -> None:

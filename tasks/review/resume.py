@@ -6,7 +6,14 @@ from uuid import UUID
 
 from alflow.config import SKIP
 from alflow.tasks.review.forms import STORED_ANSWERS
-from alflow.tasks.review.items import ADJUDICATION, ReviewError, field_name, pick_batch
+from alflow.tasks.review.items import (
+    ADJUDICATION,
+    ReviewError,
+    field_name,
+    field_rank,
+    legacy_field_name,
+    pick_batch,
+)
 from alflow.tasks.review.liveness import _expire_if_abandoned, _read_run
 from alflow.tasks.store import Answer, LabelWrite, Store
 
@@ -56,8 +63,8 @@ def resume_batch(store: Store, batch_id: str | None, *, annotator: str, skip_res
     # The form the run waits with (a later overlap round asks about some items only, and
     # a run input may hold no field its form lacks).
     fields = _waiting_form_fields(run)
-    values = {field_name(r.rank): r.answer for r in items.itertuples(index=False)
-              if fields is None or field_name(r.rank) in fields}
+    values = {_form_key(r.rank, fields): r.answer for r in items.itertuples(index=False)
+              if fields is None or r.rank in fields.values()}
     values["annotator"] = annotator
     values[STORED_ANSWERS] = True
     try:
@@ -87,8 +94,17 @@ def skip_unanswered(store: Store, batch_id: str, annotator: str) -> LabelWrite:
                                annotator=annotator, origin="cli", batch_id=batch_id)
 
 
-def _waiting_form_fields(run) -> set[str] | None:
-    """The item fields of the form a paused run waits with (None: unknown, e.g. no run)."""
+def _form_key(rank: int, fields: dict[str, int] | None) -> str:
+    """The key the waiting form has for the item at ``rank``: its field name, or the legacy
+    one of a form saved before fields were named '#N'."""
+    if fields is not None and field_name(rank) not in fields and legacy_field_name(rank) in fields:
+        return legacy_field_name(rank)
+    return field_name(rank)
+
+
+def _waiting_form_fields(run) -> dict[str, int] | None:
+    """The item fields of the form a paused run waits with, name -> rank (None: unknown,
+    e.g. no run)."""
     from prefect.input.actions import read_flow_run_input
 
     keyset = getattr(getattr(run, "state", None), "state_details", None)
@@ -98,4 +114,4 @@ def _waiting_form_fields(run) -> set[str] | None:
     schema = read_flow_run_input(keyset["schema"], flow_run_id=run.id)
     if not isinstance(schema, dict):
         return None
-    return {name for name in schema.get("properties", {}) if name.startswith("item_")}
+    return {name: rank for name in schema.get("properties", {}) if (rank := field_rank(name)) is not None}

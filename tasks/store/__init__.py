@@ -6,6 +6,8 @@ One module per concern, each a part of :class:`Store`:
   schema migrations (``migrations/NNNN_*.sql``);
 * :mod:`~alflow.tasks.store.pool`: items, the gold holdout, predictions, the pool;
 * :mod:`~alflow.tasks.store.cursors`: each source's cursor (what it has already delivered);
+* :mod:`~alflow.tasks.store.scans`: a file's records read by DuckDB's own reader, written in
+  one transaction;
 * :mod:`~alflow.tasks.store.batches`: queried batches and their items;
 * :mod:`~alflow.tasks.store.labels`: the append-only answers and effective labels;
 * :mod:`~alflow.tasks.store.models`: model versions and cycles (the learning curve);
@@ -32,9 +34,10 @@ from alflow.tasks.store.locks import LockHeldError, LockStore, describe_holder
 from alflow.tasks.store.models import ModelStore
 from alflow.tasks.store.pool import DOC_SQL, PoolStore, document, holdout_sql, title_adds
 from alflow.tasks.store.quality import CONTROL, RECHECK, QualityStore
+from alflow.tasks.store.scans import ScanRefused, ScanStore, StagedScan
 
 
-class Store(CursorStore, PoolStore, LabelStore, ModelStore, LockStore, QualityStore):
+class Store(ScanStore, CursorStore, PoolStore, LabelStore, ModelStore, LockStore, QualityStore):
     """The alflow database at ``path``. Cheap to create; holds no connection between calls.
 
     See :class:`~alflow.tasks.store.database.Database` for ``path`` and ``lock_timeout``.
@@ -88,6 +91,9 @@ __all__ = [
     "PoolStore",
     "QualityStore",
     "RECHECK",
+    "ScanRefused",
+    "ScanStore",
+    "StagedScan",
     "Store",
     "StoreError",
     "StoreLockedError",

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import duckdb
 import pandas as pd
 
 from alflow.tasks.faults import fault_point
@@ -60,11 +61,20 @@ class CursorStore(PoolStore):
         with self.transaction() as con:
             new, duplicate = self._insert_items(con, items, ingest_id)
             total = {**counts, "new": counts["new"] + new, "duplicate": counts["duplicate"] + duplicate}
-            self._insert_ingest(con, ingest_id, source, flow_run_id, started_at, total, bad_reasons)
-            fault_point("ingest-after-write")  # items written, cursor not: the transaction keeps them together
-            if cursor is not None:
-                con.execute(
-                    "INSERT OR REPLACE INTO source_cursors VALUES (?, ?, ?, ?)",
-                    [source, json.dumps({"value": cursor, "settings": settings_key}), ingest_id, utcnow()],
-                )
+            self._record_finish(con, ingest_id, source, flow_run_id, started_at, total, bad_reasons, cursor,
+                                settings_key)
         return new, duplicate
+
+    @staticmethod
+    def _record_finish(con: duckdb.DuckDBPyConnection, ingest_id: str, source: str, flow_run_id: str | None,
+                       started_at: datetime, counts: dict, bad_reasons: dict, cursor: Any = None,
+                       settings_key: str | None = None) -> None:
+        """A source's ``ingests`` row (``counts`` its totals) and its cursor, in the caller's
+        transaction, after the source's last items."""
+        PoolStore._insert_ingest(con, ingest_id, source, flow_run_id, started_at, counts, bad_reasons)
+        fault_point("ingest-after-write")  # items written, cursor not: the transaction keeps them together
+        if cursor is not None:
+            con.execute(
+                "INSERT OR REPLACE INTO source_cursors VALUES (?, ?, ?, ?)",
+                [source, json.dumps({"value": cursor, "settings": settings_key}), ingest_id, utcnow()],
+            )

@@ -384,6 +384,26 @@ class LabelStore(BatchStore):
         counts["not_shown"] = counts["answers"] - counts["shown"]
         return counts
 
+    def batch_answer_history(self, batch_id: str) -> pd.DataFrame:
+        """Every answer given in a batch, by item rank then oldest first, with one row of
+        NULL answer columns for an item nobody answered there: rank, item_id, effective
+        (the item's effective label now, from ``effective_labels``: NULL while it has none),
+        label_id, annotator, label, origin, created_at, prelabel_shown, seconds,
+        form_seconds, decisive (from ``answers``) and current (the annotator's answer that
+        holds in this batch, from ``batch_answers``; false for one they replaced)."""
+        return self.query_df(
+            """SELECT bi.rank, bi.item_id, e.label AS effective, a.label_id, a.annotator, a.label, a.origin,
+                      a.created_at, a.prelabel_shown, a.seconds, a.form_seconds, a.decisive,
+                      coalesce(a.label_id IN (SELECT label_id FROM batch_answers WHERE batch_id = ?), false)
+                          AS current
+            FROM batch_items bi
+            LEFT JOIN answers a ON a.batch_id = bi.batch_id AND a.item_id = bi.item_id
+            LEFT JOIN effective_labels e ON e.item_id = bi.item_id
+            WHERE bi.batch_id = ?
+            ORDER BY bi.rank, a.label_id""",
+            [batch_id, batch_id],
+        )
+
     def labels(self) -> pd.DataFrame:
         """Every label row, oldest first (the append-only history)."""
         return self.query_df("SELECT * FROM labels ORDER BY label_id")

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 import pandas as pd
+import pyarrow as pa
 
 from alflow.tasks.store.database import Database, utcnow
 from alflow.tasks.store.quality import QualityStore
@@ -31,7 +32,10 @@ class ModelStore(Database):
 
     def register_model(self, model_version: int, path: str, classifier: str, params: dict,
                        n_labels: int, label_watermark: int, metrics: dict | None,
-                       promoted: bool, flow_run_id: str | None, labels: list[str] | None = None) -> None:
+                       promoted: bool, flow_run_id: str | None, labels: list[str] | None = None,
+                       holdout_predictions: pa.Table | None = None) -> None:
+        """The model's row and, if given, its ``holdout_predictions`` (item_id, label: what
+        its holdout metrics counted), in one transaction."""
         with self.transaction() as con:
             con.execute(
                 """INSERT INTO models (model_version, path, classifier, params, n_labels, label_watermark,
@@ -41,6 +45,32 @@ class ModelStore(Database):
                  label_watermark, json.dumps(metrics) if metrics is not None else None,
                  promoted, flow_run_id, utcnow(), json.dumps(labels) if labels is not None else None],
             )
+            if holdout_predictions is not None:
+                self._insert_holdout_predictions(con, model_version, holdout_predictions)
+
+    # -- holdout predictions (schema v10) ---------------------------------------------------
+    def holdout_predictions(self, model_version: int) -> pd.DataFrame:
+        """Every stored holdout prediction of ``model_version``: (item_id, label), by item_id."""
+        return self.query_df("SELECT item_id, label FROM holdout_predictions WHERE model_version = ? "
+                             "ORDER BY item_id", [model_version])
+
+    def write_holdout_predictions(self, model_version: int, predictions: pa.Table) -> int:
+        """Store ``model_version``'s labels (item_id, label) of holdout items in one
+        transaction; items it already has one for keep theirs. Returns the rows written."""
+        if predictions.num_rows == 0:
+            return 0
+        with self.transaction() as con:
+            return self._insert_holdout_predictions(con, model_version, predictions)
+
+    @staticmethod
+    def _insert_holdout_predictions(con, model_version: int, predictions: pa.Table) -> int:
+        """:meth:`write_holdout_predictions` inside the caller's transaction."""
+        con.register("holdout_incoming", predictions)
+        return int(con.execute(
+            """INSERT INTO holdout_predictions BY NAME
+            SELECT ?::INTEGER AS model_version, item_id, label FROM holdout_incoming ON CONFLICT DO NOTHING""",
+            [model_version],
+        ).fetchone()[0])
 
     @staticmethod
     def _model_row(row: dict) -> dict:

@@ -139,6 +139,34 @@ class PoolStore(Database):
             WHERE {holdout_sql(fraction)} ORDER BY i.item_id"""
         )
 
+    def holdout_labels(self, fraction: float, labels: Sequence[str]) -> pd.DataFrame:
+        """The held-out gold items whose gold label is one of ``labels``: (item_id, label),
+        ordered by item_id. No texts: a model's holdout metrics need only its predictions."""
+        return self.query_df(
+            f"""SELECT i.item_id, i.gold_label AS label FROM items i
+            WHERE {holdout_sql(fraction)} AND list_contains(?, i.gold_label) ORDER BY i.item_id""",
+            [list(labels)],
+        )
+
+    def holdout_chunks(self, fraction: float, labels: Sequence[str], chunk_size: int,
+                       unpredicted_by: int | None = None) -> Iterator[pa.RecordBatch]:
+        """The texts of the items :meth:`holdout_labels` lists: Arrow record batches of at
+        most ``chunk_size`` rows (item_id, doc), in no particular order; with
+        ``unpredicted_by``, only those that model version has no stored holdout prediction
+        of (``holdout_predictions``). One streaming read, like :meth:`unscored_chunks`."""
+        unpredicted = ("" if unpredicted_by is None else
+                       f"AND i.item_id NOT IN (SELECT item_id FROM holdout_predictions "
+                       f"WHERE model_version = {int(unpredicted_by)})")
+        with self.connect() as con:
+            reader = con.sql(
+                f"""SELECT i.item_id, {DOC_SQL} AS doc FROM items i
+                WHERE {holdout_sql(fraction)} AND list_contains(?, i.gold_label) {unpredicted}""",
+                params=[list(labels)],
+            ).to_arrow_reader(chunk_size)
+            for batch in reader:
+                if batch.num_rows:
+                    yield batch
+
     def gold_labels(self, item_ids: Sequence[str]) -> dict[str, str | None]:
         frame = self.items(item_ids)
         return dict(zip(frame["item_id"], frame["gold_label"]))
