@@ -2,7 +2,8 @@
 and `--jobs 1` against every core, side by side in one run (issue 23).
 
 Three arms, each a fresh process timed from outside (wall seconds of the whole command,
-start-up included), run in turn and rotated round by round so that other work on a shared
+start-up included; `alflow` as ``python -m alflow.flows.cli``, the entry point its console
+script calls), run in turn and rotated round by round so that other work on a shared
 machine falls on all of them alike:
 
 - ``alflow simulate --jobs 1``: the (strategy, seed) runs one after another in one process;
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -205,16 +207,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    alflow = str(Path(sys.executable).with_name("alflow"))
+    # the `alflow` command's own entry point (what the console script calls)
+    alflow = [sys.executable, "-m", "alflow.flows.cli"]
     work = Path(tempfile.mkdtemp(prefix="alflow-bench-simulate-"))
     config = work / "simulate.toml"
     config.write_text(CONFIG, encoding="utf-8")
     shape = ["--strategies", args.strategies, "--seeds", str(args.seeds), "--cycles", str(args.cycles),
              "--batch", str(args.batch), "--init", str(args.init)]
     arms = {
-        "jobs 1": lambda r: [alflow, "simulate", "--data", str(args.data), *shape, "--config", str(config),
+        "jobs 1": lambda r: [*alflow, "simulate", "--data", str(args.data), *shape, "--config", str(config),
                              "--out", str(work / f"jobs1-{r}"), "--jobs", "1", "--no-progress"],
-        "every core": lambda r: [alflow, "simulate", "--data", str(args.data), *shape, "--config", str(config),
+        "every core": lambda r: [*alflow, "simulate", "--data", str(args.data), *shape, "--config", str(config),
                                  "--out", str(work / f"cores-{r}"), "--no-progress"],
         "plain loop": lambda r: [sys.executable, "-c", PLAIN, str(args.data), str(config), args.strategies,
                                  str(args.seeds), str(args.cycles), str(args.batch), str(args.init)],
@@ -234,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.exit(f"round {r + 1}: --jobs 1 and every core wrote different curves or summaries ({work})")
         rounds.append({"order": order, **measured})
         write_report(args, rounds, measured["plain loop"]["output"])  # each round as it ends
+    shutil.rmtree(work)
     print(args.out.read_text(encoding="utf-8"))
     return 0
 
@@ -271,7 +275,8 @@ def write_report(args, rounds: list[dict], plain_out: str) -> None:
         f"Data: `{args.data.name}` (pool/test split 75/25 as `alflow simulate` draws it); strategies "
         f"{args.strategies}, {args.seeds} seeds, {args.cycles} batches of {args.batch} after a cold start of "
         f"{args.init}; the shipped `[model]` with `self_training = 0` and the shipped `[query]`. Each arm is a "
-        "fresh process timed from outside (wall seconds of the whole command, start-up included); the arms "
+        "fresh process timed from outside (wall seconds of the whole command, start-up included; `alflow` run "
+        "as `python -m alflow.flows.cli`, its console script's entry point); the arms "
         "are rotated round by round. CPU: the seconds of the arm's whole process tree (sampled every 0.2 s). "
         "Other work: the machine's busy cores during the arm (`/proc/stat`) minus the arm's own CPU per "
         "second.",

@@ -332,7 +332,8 @@ def test_page_fetches_wait_the_per_domain_delay(google):
     site = [t for t, path, _, _ in google.requests if path == "/robots.txt" or path.startswith("/articles/")]
     assert len(site) == 4  # robots.txt, then three pages (the fourth result is disallowed)
     gaps = [b - a for a, b in zip(site, site[1:], strict=False)]
-    assert min(gaps) >= 0.29, gaps
+    # arrivals at the server, so a loaded machine can delay the first one (seen: 0.269); no wait gives ~0
+    assert min(gaps) >= 0.2, gaps
 
 
 # -- retryable failures hold the cursor; pages only from public addresses -------------------------
