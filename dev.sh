@@ -54,9 +54,12 @@ case "${1:-}" in
         shift
         setup test
         ensure_chromium
-        # Two workers (pytest-xdist): most of the suite waits on Prefect servers, a browser
-        # and paused runs, so two cut the wall time by a quarter on 2 cores. ALFLOW_TEST_WORKERS=0: one process.
-        exec "$VENV_DIR/bin/python" -m pytest -n "${ALFLOW_TEST_WORKERS:-2}" "$@"
+        # Three workers (pytest-xdist) on 2 cores: a third of the suite's time is waiting
+        # (Prefect servers starting, paused runs polling, a browser rendering, a cron
+        # minute), which a third worker fills. A module runs on one worker (loadfile: its
+        # module fixtures are built once), the longest first as tests/conftest.py orders
+        # them (MODULE_SECONDS; --no-loadscope-reorder keeps that order). ALFLOW_TEST_WORKERS=0: one process.
+        exec "$VENV_DIR/bin/python" -m pytest -n "${ALFLOW_TEST_WORKERS:-3}" --dist loadfile --no-loadscope-reorder "$@"
         ;;
     *)
         echo "usage: ./dev.sh run [alflow run options] | ./dev.sh test [pytest options]" >&2

@@ -37,7 +37,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from ingest import LABELS, REPO, arguments, bench_project  # the benchmark next door
+from ingest import LABELS, REPO, arguments, bench_project, children_cpu, tree_sample  # the benchmark next door
 
 from alflow.tasks.timings import STEPS, timings_line
 
@@ -94,36 +94,6 @@ def task_runs_of_last_cycle(api_url: str) -> int:
         "sort": "START_TIME_DESC", "limit": 1, "flows": {"name": {"any_": ["active-learning-cycle"]}}}).json()
     return int(httpx.post(f"{api_url}/task_runs/count", timeout=30,
                           json={"flow_runs": {"id": {"any_": [runs[0]["id"]]}}}).json())
-
-
-def tree_sample(pid: int, cpu: dict[int, float]) -> int:
-    """Resident bytes of process ``pid`` and all its descendants now (0 once it is gone);
-    records each one's CPU seconds so far in ``cpu`` (by pid)."""
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        processes = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0
-    total = 0
-    for process in processes:
-        try:
-            with process.oneshot():
-                total += process.memory_info().rss
-                times = process.cpu_times()
-                cpu[process.pid] = times.user + times.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
-
-
-def children_cpu() -> float:
-    """CPU seconds (user + system) of this process's ended and reaped descendants so far."""
-    import resource
-
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def measured(alflow, *args: str, every: float = 0.1) -> tuple[float, str, int, float, float]:

@@ -8,8 +8,9 @@ rows repeat an earlier one, so deduplication has work to do), measures:
   whose files source is that CSV - a first run into an empty store (``--repeat`` times, each
   into a new store), then a re-run of the unchanged file, then ``--full`` (which reads and
   matches every row again). Reported as the wall of the whole command (start-up, Prefect's
-  flow and task runs and the artifact included) and as the in-task time (the
-  ``ingest-corpus`` task run's time as Prefect recorded it);
+  flow and task runs and the artifact included), its CPU seconds (every thread of the
+  process, DuckDB's included) and as the in-task time (the ``ingest-corpus`` task run's
+  time as Prefect recorded it);
 * **floor**: DuckDB alone, in this process - ``read_csv``, the same normalisation and sha256
   in SQL (``normalise_sql``/``content_hash_sql`` of the files connector, the exact rule), the
   first copy of each item, one anti-join insert into the same ``items`` table, committed -
@@ -18,7 +19,10 @@ rows repeat an earlier one, so deduplication has work to do), measures:
   benchmark wrote it (``regexp_replace`` of every whitespace run, single spaces included;
   the same result, about four times the regex work);
 * **Python's reader**: the path every file took before (``connector.fetch``, a record per row
-  in Python, chunks of ``WRITE_CHUNK``), through ``ingest_source`` in this process, once.
+  in Python, chunks of ``WRITE_CHUNK``), through ``ingest_source`` in this process, once;
+* **start-up**: what the command imports before it reads a row, each in a fresh process
+  (Prefect and the ingest flow's modules; scikit-learn, which the config's check of
+  ``model.classifier`` imports), to say where the time outside the task goes.
 
 Prints the rates and the ratios (medians over the repeats), and writes
 ``benchmarks/results/ingest.md``. Run on a shared machine, take the ratios (each measured
@@ -37,6 +41,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -92,18 +97,78 @@ class Alflow:
                         PREFECT_LOGGING_LEVEL="WARNING")
 
     def __call__(self, *args: str) -> tuple[float, str]:
-        """(wall seconds, stdout) of ``alflow ARGS --config CONFIG``; raises on a non-zero exit."""
+        """(wall seconds, stdout) of ``alflow ARGS --config CONFIG``; raises on a non-zero exit.
+        ``last_cpu``: the command's CPU seconds (user + system, all its threads); ``last_peak``:
+        its process tree's peak resident bytes, sampled every 0.1 s (the children's
+        ``ru_maxrss`` would report this process's own size: a child counts its parent's pages
+        until it execs)."""
         command = [sys.executable, "-m", "alflow.flows.cli", *args, "--config", str(self.config)]
+        cpu = children_cpu()
         start = time.perf_counter()
-        done = subprocess.run(command, env=self.env, cwd=REPO, capture_output=True, text=True, timeout=1800)
+        process = subprocess.Popen(command, env=self.env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True)
+        peak, done = 0, threading.Event()
+
+        def sample() -> None:
+            nonlocal peak
+            while not done.is_set():
+                peak = max(peak, tree_sample(process.pid, {}))
+                done.wait(0.1)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        out, err = process.communicate(timeout=1800)
         wall = time.perf_counter() - start
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
-        return wall, done.stdout
+        done.set()
+        sampler.join()
+        self.last_cpu, self.last_peak = children_cpu() - cpu, peak
+        if process.returncode != 0:
+            raise RuntimeError(f"{' '.join(args)} failed:\n{out}\n{err}")
+        return wall, out
 
     def stop(self) -> None:
         subprocess.run([sys.executable, "-m", "alflow.flows.cli", "server", "stop", "--config", str(self.config)],
                        env=self.env, cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def children_cpu() -> float:
+    """CPU seconds (user + system) of this process's ended and reaped children so far."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def import_seconds(modules: str) -> float:
+    """Wall seconds of ``import MODULES`` in a fresh interpreter (its start-up subtracted)."""
+    def timed(code: str) -> float:
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, capture_output=True, timeout=300)
+        return time.perf_counter() - start
+
+    return timed(f"import {modules}") - timed("pass")
+
+
+def tree_sample(pid: int, cpu: dict[int, float]) -> int:
+    """Resident bytes of process ``pid`` and all its descendants now (0 once it is gone);
+    records each one's CPU seconds so far in ``cpu`` (by pid)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for process in processes:
+        try:
+            with process.oneshot():
+                total += process.memory_info().rss
+                times = process.cpu_times()
+                cpu[process.pid] = times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
 
 
 def in_task_seconds(api_url: str) -> float:
@@ -145,10 +210,10 @@ def every_run_sql(expr: str) -> str:
     return f"trim(regexp_replace(nfc_normalize({expr}), '{_SPACE}+', ' ', 'g'))"
 
 
-def floor_path(csv_path: Path, database: Path, normalise=None) -> float:
-    """Seconds of DuckDB alone: its CSV reader, the normalisation and hash in SQL, one copy
-    of each item (the corpus repeats rows whole: any copy is the first one's twin), one
-    anti-join insert, committed (the file closed, as ours closes it)."""
+def floor_path(csv_path: Path, database: Path, normalise=None) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of DuckDB alone: its CSV reader, the normalisation and hash
+    in SQL, one copy of each item (the corpus repeats rows whole: any copy is the first one's
+    twin), one anti-join insert, committed (the file closed, as ours closes it)."""
     from alflow.connectors.files import content_hash_sql, normalise_sql
     from alflow.tasks.store import Store
 
@@ -157,7 +222,7 @@ def floor_path(csv_path: Path, database: Path, normalise=None) -> float:
         stale.unlink(missing_ok=True)
     store = Store(database)
     store.migrate()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     with store.transaction() as con:
         con.execute(
             f"""INSERT INTO items BY NAME
@@ -170,7 +235,7 @@ def floor_path(csv_path: Path, database: Path, normalise=None) -> float:
             ANTI JOIN items USING (item_id)""",
             [str(csv_path)],
         )
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def items_digest(database: Path) -> tuple[int, int]:
@@ -213,22 +278,24 @@ def bench_project(rows: int) -> Iterator[tuple[Alflow, Path, float]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import resource
-
     args = arguments(argv, __doc__, "ingest.md")
     load_start = os.getloadavg()[0]
-    firsts, tasks, floors, every_run = [], [], [], []
+    firsts, first_cpus, first_peaks, tasks, floors, floor_cpus, every_run = [], [], [], [], [], [], []
     with bench_project(args.rows) as (alflow, csv_path, server):
         api = alflow.env["PREFECT_API_URL"]
         state = alflow.config.parent / "state"
         for _ in range(args.repeat):
-            floors.append(floor_path(csv_path, csv_path.with_name("floor.duckdb")))
-            every_run.append(floor_path(csv_path, csv_path.with_name("every-run.duckdb"), every_run_sql))
+            wall, cpu = floor_path(csv_path, csv_path.with_name("floor.duckdb"))
+            floors.append(wall)
+            floor_cpus.append(cpu)
+            every_run.append(floor_path(csv_path, csv_path.with_name("every-run.duckdb"), every_run_sql)[0])
             shutil.rmtree(state, ignore_errors=True)
             wall, first_out = alflow("ingest", "--no-progress")
             firsts.append(wall)
+            first_cpus.append(alflow.last_cpu)
+            first_peaks.append(alflow.last_peak)
             tasks.append(in_task_seconds(api))
-        peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+        peak_rss = max(first_peaks)
         ours_items = items_digest(state / "alflow.duckdb")
         if ours_items != items_digest(csv_path.with_name("floor.duckdb")) or \
                 ours_items != items_digest(csv_path.with_name("every-run.duckdb")):
@@ -238,10 +305,13 @@ def main(argv: list[str] | None = None) -> int:
         full_wall, full_out = alflow("ingest", "--no-progress", "--full")
         full_task = in_task_seconds(api)
         python_reader = python_reader_path(alflow.config)
+    startup = {"Prefect and the ingest flow's modules": import_seconds("alflow.flows.ingest"),
+               "scikit-learn (the config's model.classifier check)": import_seconds("sklearn.linear_model")}
     load_end = os.getloadavg()[0]
 
     n = args.rows
     first, task, floor, slow_floor = median(firsts), median(tasks), median(floors), median(every_run)
+    first_cpu, floor_cpu = median(first_cpus), median(floor_cpus)
 
     def rate(seconds: float) -> str:
         return f"{n / seconds:,.0f}"
@@ -269,15 +339,21 @@ def main(argv: list[str] | None = None) -> int:
         f"start, {load_end:.1f} at the end). Medians over {args.repeat} first runs, each into a new store, each "
         "after the two floors.", "",
         f"`alflow ingest` said: first `{first_out.strip()}`; re-run `{rerun_out.strip()}`; "
-        f"`--full` `{full_out.strip()}`. Prefect server start (once, before): {server:.1f} s. Peak RSS of an "
-        f"`alflow ingest` process: {peak_rss / 2**20:,.0f} MiB. Each floor stored the very items ours stored.", "",
+        f"`--full` `{full_out.strip()}`. Prefect server start (once, before): {server:.1f} s. Peak RSS of a first "
+        f"run's `alflow ingest` (its process, sampled every 0.1 s): {peak_rss / 2**20:,.0f} MiB. Each floor stored the very items ours stored.", "",
         "| path | seconds | records/s | runs (s) |", "|---|---:|---:|---|",
         *[f"| {name} | {seconds:.2f} | {rate(seconds)} | {spread(values)} |" for name, seconds, values in rows], "",
         f"Outside the task (start-up, imports, Prefect's flow and task runs, the artifact): "
-        f"{first - task:.2f} s of the first run's wall, {rerun_wall - rerun_task:.2f} s of the re-run's.", "",
+        f"{first - task:.2f} s of the first run's wall, {rerun_wall - rerun_task:.2f} s of the re-run's; of it, "
+        "imports alone (each in a fresh process, measured in this run): "
+        + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in startup.items()) + ".", "",
+        f"CPU seconds (less changed by other work on the machine than wall seconds): the first run's whole "
+        f"`alflow ingest` process {first_cpu:.2f} s ({spread(first_cpus)}), the floor {floor_cpu:.2f} s "
+        f"({spread(floor_cpus)}).", "",
         "| ratio | value |", "|---|---:|",
         f"| first run: `alflow ingest` wall rate / floor rate | {floor / first:.2f} |",
         f"| first run: in task rate / floor rate | {floor / task:.2f} |",
+        f"| first run: floor CPU seconds / `alflow ingest` CPU seconds | {floor_cpu / first_cpu:.2f} |",
         f"| first run: `alflow ingest` wall rate / every-run floor rate | {slow_floor / first:.2f} |",
         f"| first run in task: Python's reader / ours | {python_reader / task:.1f}x |",
         f"| target: first run (`alflow ingest` wall) >= 0.75 of the floor | {meets(floor / first >= 0.75)} "

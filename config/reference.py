@@ -41,7 +41,7 @@ def toml_value(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, (str, Path)):
-        text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+        text = str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")  # a basic string: one line
         return f'"{text}"'
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"

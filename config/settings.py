@@ -13,6 +13,7 @@ import os
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -21,9 +22,11 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_serializer,
+    model_validator,
 )
 
-from alflow.config.sources import GoogleSource, WikipediaSource, YouTubeSource
+from alflow.config.sources import _BLOCK_NAME, _ENV_NAME, GoogleSource, WikipediaSource, YouTubeSource
 
 CONFIG_FILENAME = "alflow.toml"
 ENV_PREFIX = "ALFLOW_"
@@ -81,6 +84,12 @@ class ModelSettings(_Section):
         description="This many LSA dimensions (TruncatedSVD of the pool's TF-IDF, rows L2-normalised) appended "
                     'to the TF-IDF features; 0 = none. Needs vectorizer_fit = "pool".',
     )
+    features: Literal["tfidf", "embeddings", "tfidf+embeddings"] = Field(
+        "tfidf",
+        description='What the classifier reads of a text: "tfidf" (its words), "embeddings" (the vector of [llm] '
+                    'embedding_model, each item embedded once and stored) or "tfidf+embeddings" (both side by '
+                    'side). With embeddings, [llm] base_url and embedding_model must be set.',
+    )
     self_training: Union[Literal["auto"], float] = Field(
         "auto",
         description="Self-training: each new model also trains on the unlabeled pool items a first model of the "
@@ -115,6 +124,22 @@ class ModelSettings(_Section):
         if value and info.data.get("vectorizer_fit") == "labeled":
             raise ValueError('needs vectorizer_fit = "pool" (LSA dimensions are fitted on the pool)')
         return value
+
+    @field_validator("features")
+    @classmethod
+    def _lsa_is_tfidf_only(cls, value: str, info: ValidationInfo) -> str:
+        if value != "tfidf" and info.data.get("svd_components"):
+            raise ValueError(f'{value!r} with svd_components: LSA dimensions are for features = "tfidf" only')
+        return value
+
+    @model_serializer(mode="wrap")
+    def _default_features_unwritten(self, handler):
+        # A model's params are stored and matched as JSON: leaving the default out keeps
+        # every TF-IDF model's params what they were before this key existed.
+        data = handler(self)
+        if isinstance(data, dict) and data.get("features") == "tfidf":
+            del data["features"]
+        return data
     classifier: str = Field(
         "sklearn.linear_model.LogisticRegression", validate_default=True,
         description="Any scikit-learn classifier with predict_proba, by import path; it reads the TF-IDF "
@@ -124,6 +149,8 @@ class ModelSettings(_Section):
     @field_validator("classifier")
     @classmethod
     def _importable_with_proba(cls, value: str, info: ValidationInfo) -> str:
+        if not (info.context or {}).get("check_model", True):
+            return value  # a command that builds no model (load_config's check_model)
         klass = import_object(value)
         if not callable(klass):
             raise ValueError(f"{value} is not a class")
@@ -411,6 +438,155 @@ class ScheduleSettings(_Section):
         return value
 
 
+DEFAULT_LLM_PROMPT = (
+    "Classify the text into exactly one of these labels: {labels}.\n"
+    "{descriptions}\n"
+    'Answer with JSON only: {"label": "<one of the labels>"}.\n'
+    "\n"
+    "Text:\n"
+    "{text}"
+)
+
+
+class LLMSettings(_Section):
+    """An OpenAI-compatible endpoint (Ollama, vLLM, llama.cpp, LM Studio) for zero-shot
+    pre-labels, a second opinion for querying and embeddings as features. The key is named
+    here (an environment variable or a Prefect Secret block), never written here."""
+
+    base_url: str | None = Field(
+        None,
+        description='The endpoint\'s OpenAI-compatible API root, e.g. "http://localhost:11434/v1" (Ollama) or '
+                    '"http://localhost:8000/v1" (vLLM); unset turns the LLM off.',
+    )
+    model: str | None = Field(
+        None, min_length=1,
+        description='The chat model that pre-labels, as the endpoint names it (e.g. "llama3.1:8b"); unset: no '
+                    "LLM pre-labels.",
+    )
+    embedding_model: str | None = Field(
+        None, min_length=1,
+        description='The embedding model for [model] features with embeddings (e.g. "nomic-embed-text").',
+    )
+    api_key_env: str | None = Field(
+        None,
+        description="The NAME of the environment variable holding the API key, sent as a Bearer token (at most "
+                    "one of api_key_env, api_key_secret; neither: no key, as local servers need).",
+    )
+    api_key_secret: str | None = Field(
+        None,
+        description="The name of the Prefect Secret block holding the API key (at most one of api_key_env, "
+                    "api_key_secret).",
+    )
+    prompt: str = Field(
+        DEFAULT_LLM_PROMPT,
+        description="The message sent for each item: {labels} becomes the classes, {descriptions} one line "
+                    "per described class (label_descriptions), {text} the item's text; other braces are "
+                    "literal. Needs {labels} and {text}.",
+    )
+    label_descriptions: dict[str, str] = Field(
+        default_factory=dict,
+        description='One line per class telling the model what it means, e.g. { spam = "unsolicited '
+                    'advertising" }; keys must be classes of labels.',
+    )
+    max_concurrency: int = Field(4, ge=1, le=64, description="Requests in flight at once.")
+    timeout_seconds: float = Field(
+        30.0, gt=0, le=600, description="A request with no answer after this many seconds is retried, then failed."
+    )
+    max_items_per_cycle: int = Field(
+        200, ge=1, le=100_000, description="At most this many items are sent for an LLM pre-label per cycle."
+    )
+    retries: int = Field(
+        2, ge=0, le=10,
+        description="Retries of a request that failed in a way that may pass (a timeout, 429, 5xx, a lost "
+                    "connection), after the first attempt.",
+    )
+    retry_wait_seconds: float = Field(
+        1.0, ge=0, le=60, description="Seconds before the first retry, doubled for each next one."
+    )
+    max_retry_after_seconds: float = Field(
+        60.0, ge=0,
+        description="The longest Retry-After (429) a request waits; a longer one fails that request with a line "
+                    "naming the wait.",
+    )
+    embedding_batch_size: int = Field(
+        64, ge=1, le=4096, description="Texts per /embeddings request."
+    )
+    second_opinion: bool = Field(
+        False,
+        description="Rank high the items where the trained model and the LLM disagree (a strategy composed with "
+                    "query.strategy); unset: true when base_url and model are set.",
+    )
+    weak_label_confidence: float | None = Field(
+        None, gt=0.0, le=1.0,
+        description="LLM pre-labels at least this confident join self-training as weak labels (never as human "
+                    "answers); unset: no weak labels.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _second_opinion_default(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("second_opinion") is None:
+            data = {**data, "second_opinion": bool(data.get("base_url") and data.get("model"))}
+        return data
+
+    @field_validator("base_url")
+    @classmethod
+    def _api_root(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None  # ALFLOW_LLM__BASE_URL="" turns it off too
+        value = value.strip().rstrip("/")
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+            raise ValueError(f'must be an http(s) URL like "http://localhost:11434/v1" (got {value!r})')
+        return value
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        # Never echo the value: a key pasted here by mistake must not reach the error line.
+        if value is not None and not _ENV_NAME.match(value):
+            raise ValueError('must be the NAME of an environment variable holding the key, e.g. api_key_env = '
+                             '"OPENAI_API_KEY" (never the key itself)')
+        return value
+
+    @field_validator("api_key_secret")
+    @classmethod
+    def _block_name(cls, value: str | None) -> str | None:
+        if value is not None and not _BLOCK_NAME.match(value):
+            raise ValueError("must be the name of a Prefect Secret block holding the key (lowercase letters, "
+                             "digits and dashes), never the key itself")
+        return value
+
+    @field_validator("prompt")
+    @classmethod
+    def _placeholders(cls, value: str) -> str:
+        missing = [name for name in ("{labels}", "{text}") if name not in value]
+        if missing:
+            raise ValueError(f"needs the placeholders {{labels}} and {{text}}; {' and '.join(missing)} missing")
+        return value
+
+    @field_validator("label_descriptions")
+    @classmethod
+    def _one_line_each(cls, value: dict[str, str]) -> dict[str, str]:
+        for label, line in value.items():
+            if "\n" in line.strip() or not line.strip():
+                raise _NestedError((label,), "must be one non-empty line")
+        return {label: line.strip() for label, line in value.items()}
+
+    @model_validator(mode="after")
+    def _coherent(self) -> "LLMSettings":
+        if self.api_key_env is not None and self.api_key_secret is not None:
+            raise _NestedError(("api_key_secret",), "set at most one of api_key_env and api_key_secret")
+        if self.base_url is None:
+            return self
+        if self.model is None and self.embedding_model is None:
+            raise _NestedError(("model",), "base_url is set but neither model nor embedding_model is")
+        for key in ("second_opinion", "weak_label_confidence"):
+            if getattr(self, key) and self.model is None:
+                raise _NestedError((key,), "needs [llm] model (the chat model that pre-labels)")
+        return self
+
+
 class FilesSource(_Section):
     """A local file or folder: CSV, JSONL, Parquet, or a folder of .txt files."""
 
@@ -504,6 +680,7 @@ class Settings(_Section):
     store: StoreSettings = Field(default_factory=StoreSettings)
     schedules: ScheduleSettings = Field(default_factory=ScheduleSettings)
     runner: RunnerSettings = Field(default_factory=RunnerSettings)
+    llm: LLMSettings = Field(default_factory=LLMSettings, validate_default=True)
     sources: list[SourceSettings] = Field(
         default_factory=list, description="The [[sources]] tables: where items come from."
     )
@@ -543,6 +720,28 @@ class Settings(_Section):
                         (index, "label_map"),
                         f"{raw!r} maps to {mapped!r}, which is not one of labels {labels}",
                     )
+        return value
+
+    @field_validator("llm")
+    @classmethod
+    def _llm_descriptions_name_classes(cls, value: LLMSettings, info: ValidationInfo) -> LLMSettings:
+        labels = info.data.get("labels")
+        if labels is None:
+            return value  # labels itself is invalid; that error is reported
+        for label in value.label_descriptions:
+            if label not in labels:
+                raise _NestedError(("label_descriptions", label), f"is not one of labels {labels}")
+        return value
+
+    @field_validator("llm")
+    @classmethod
+    def _llm_embeds_for_features(cls, value: LLMSettings, info: ValidationInfo) -> LLMSettings:
+        model = info.data.get("model")
+        if model is not None and model.features != "tfidf":
+            missing = [key for key in ("base_url", "embedding_model") if getattr(value, key) is None]
+            if missing:
+                raise _NestedError((missing[0],), f'needs to be set: model.features = "{model.features}" '
+                                                  "embeds through [llm]")
         return value
 
     @property
@@ -649,9 +848,14 @@ def find_config(path: str | os.PathLike | None = None) -> Path:
 
 
 def load_config(
-    path: str | os.PathLike | None = None, environ: dict[str, str] | None = None
+    path: str | os.PathLike | None = None, environ: dict[str, str] | None = None, *, check_model: bool = True
 ) -> Settings:
-    """Read, merge and validate the settings. Raises ConfigError with a one-line message."""
+    """Read, merge and validate the settings. Raises ConfigError with a one-line message.
+
+    ``check_model``: import ``model.classifier`` and check it takes ``classifier_params``
+    and has predict_proba. Commands that build no model (ingest) pass False: importing
+    scikit-learn is about 1.4 s, a tenth of `alflow ingest` on a million rows; every
+    command that trains or scores checks it."""
     config_path = find_config(path)
     try:
         data = tomllib.loads(config_path.read_text(encoding="utf-8"))
@@ -665,7 +869,7 @@ def load_config(
         _apply(data, key_path, value, env_name)
         origins[key_path] = env_name
     try:
-        settings = Settings.model_validate(data)
+        settings = Settings.model_validate(data, context={"check_model": check_model})
     except ValidationError as exc:
         raise ConfigError(_format_error(exc, origins, str(config_path))) from None
     return _resolve_paths(settings, config_path)

@@ -62,6 +62,7 @@ from alflow.connectors.http import (
     host_of,
     redact,
 )
+from alflow.connectors.keys import KeyUnavailable, read_api_key
 
 log = logging.getLogger(__name__)
 
@@ -178,23 +179,10 @@ class GoogleConnector:
 
     # -- Custom Search JSON API ---------------------------------------------------------
     def _api_key(self) -> str:
-        s = self.settings
-        if s.api_key_env:
-            key = (self.environ.get(s.api_key_env) or "").strip()
-            if not key:
-                raise self._fail(f"the environment variable {s.api_key_env} (api_key_env) is not set")
-        else:
-            try:
-                from prefect.blocks.system import Secret
-
-                key = str(Secret.load(s.api_key_secret, _sync=True).get()).strip()
-            except Exception as exc:  # noqa: BLE001 - any failure is "cannot read the block"
-                raise SourceError(
-                    f"source {self.name}: cannot read the Prefect Secret block "
-                    f"'{s.api_key_secret}' (api_key_secret): {type(exc).__name__}"
-                ) from None
-            if not key:
-                raise self._fail(f"the Prefect Secret block '{s.api_key_secret}' is empty")
+        try:
+            key = read_api_key(self.settings.api_key_env, self.settings.api_key_secret, self.environ)
+        except KeyUnavailable as exc:
+            raise SourceError(f"source {self.name}: {exc}") from None
         self._secrets = (key,)
         return key
 

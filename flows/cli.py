@@ -65,10 +65,10 @@ def friendly(command: Callable) -> Callable:
     return wrapper
 
 
-def _settings(config: Path | None):
+def _settings(config: Path | None, check_model: bool = True):
     from alflow.config import load_config
 
-    return load_config(config)
+    return load_config(config, check_model=check_model)
 
 
 def _store(settings):
@@ -283,7 +283,7 @@ def ingest(
     from alflow.flows.ingest import ingest as ingest_flow
     from alflow.tasks.progress import enable_bars
 
-    settings = _settings(config)
+    settings = _settings(config, check_model=False)  # ingest builds no model
     source_names(settings, source)  # an unknown name fails here, before anything starts
     _store(settings)
     if not settings.sources:
@@ -323,7 +323,10 @@ def status_report(settings, store, api_url: str | None) -> dict:
     (:func:`alflow.tasks.agreement.agreement_report`: ``kappa``, ``alpha``, ``per_annotator``,
     ``prelabel``, ``batches``, ``adjudication_pending``). Each cycle's ``timings``: seconds
     in each step, ``overhead`` and ``wall`` (:mod:`alflow.tasks.timings`; None for a cycle
-    recorded before they were)."""
+    recorded before they were). ``llm``, when ``[llm]`` is set or an LLM was asked before:
+    ``usage`` (what every run asked it, summed: :meth:`Store.llm_usage`, None if nothing)
+    and ``prelabels`` (answers against the pre-labels shown, apart by who suggested them:
+    :meth:`Store.prelabel_kept`)."""
     import pandas as pd
 
     from alflow.flows.cycle import waiting_batches
@@ -362,6 +365,9 @@ def status_report(settings, store, api_url: str | None) -> dict:
     from alflow.tasks.agreement import agreement_report
 
     report["agreement"] = agreement_report(store, adjudication_threshold=settings.review.adjudication_threshold)
+    usage = store.llm_usage(any_run=True)
+    if settings.llm.base_url or usage is not None:
+        report["llm"] = {"usage": usage, "prelabels": store.prelabel_kept()}
     if api_url:
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -419,6 +425,8 @@ def status(
         if figures["compared"]:
             console.print(escape(f"  {name}: agrees with the consensus on {figures['agreement']:.0%} of "
                                  f"{figures['compared']} shared items"))
+    if "llm" in report:
+        _print_llm(report["llm"])
     if not report["cycles"]:
         console.print("cycles: none yet")
         return
@@ -435,6 +443,18 @@ def status(
         from alflow.tasks.timings import timings_line
 
         console.print(f"time in cycle {timed[-1]['cycle']}: {timings_line(timed[-1]['timings'])}")
+
+
+def _print_llm(llm: dict) -> None:
+    """The pre-labels kept, the LLM's apart from the model's, and what the LLM was asked
+    (nothing when no LLM pre-label was ever shown and nothing was asked)."""
+    from alflow.tasks.report import kept_text, llm_usage_text
+
+    kept = llm["prelabels"]
+    if kept["llm"]["shown"]:
+        console.print(escape(f"pre-labels kept: LLM {kept_text(kept['llm'])}; model {kept_text(kept['model'])}"))
+    if llm["usage"]:
+        console.print(escape(f"LLM asked so far: {llm_usage_text(llm['usage'])}"))
 
 
 def _print_quality(report: dict) -> None:
@@ -490,7 +510,8 @@ def batch_report(settings, store, batch: dict) -> dict:
     :func:`alflow.tasks.report.review_outcome`) and ``arrived`` (how they arrived, '' for
     none: :func:`alflow.tasks.report.arrival_text`), ``prelabel`` (:meth:`Store.prelabel_agreement`)
     and ``items`` in rank order: ``rank``, ``item_id``, ``source``, ``title``, ``text``,
-    ``url``, ``picked_by``, ``prelabel``, ``confidence``, ``score``, ``overlap``, ``state``
+    ``url``, ``picked_by``, ``prelabel``, ``confidence``, ``prelabel_by`` (``model`` or
+    ``llm``: who suggested it), ``score``, ``overlap``, ``state``
     (:meth:`Store.item_states`), ``effective_label`` (from the store's ``effective_labels``
     view; None while it has none) and ``answers``: every answer given to it in this batch,
     oldest first, each ``annotator``, ``label``, ``origin``, ``created_at`` (UTC),
@@ -518,8 +539,8 @@ def batch_report(settings, store, batch: dict) -> dict:
         rows = by_item[row.item_id]
         report["items"].append({
             **{key: _json_value(getattr(row, key)) for key in ("rank", "item_id", "source", "title", "text", "url",
-                                                              "picked_by", "prelabel", "confidence", "score",
-                                                              "overlap")},
+                                                              "picked_by", "prelabel", "confidence", "prelabel_by",
+                                                              "score", "overlap")},
             "state": state.get(row.item_id),
             "effective_label": _json_value(rows["effective"].iloc[0]),
             "answers": [{key: _json_value(answer[key]) for key in answer_keys}
@@ -548,6 +569,7 @@ def show(
 
     from alflow.tasks.report import ORIGIN_WORDS
     from alflow.tasks.review import find_batch, trim
+    from alflow.tasks.review.items import confidence_text
     from alflow.tasks.store import document
 
     settings = _settings(config)
@@ -568,8 +590,8 @@ def show(
         effective = item["effective_label"] or _NO_LABEL.get(item["state"], "none")
         prelabel = ""
         if item["prelabel"] is not None:
-            sure = f" ({item['confidence']:.0%})" if item["confidence"] is not None else ""
-            prelabel = f" · model's pre-label {item['prelabel']}{sure}"
+            who = "LLM's" if item["prelabel_by"] == "llm" else "model's"
+            prelabel = f" · {who} pre-label {item['prelabel']} ({confidence_text(item['confidence'])})"
         console.print(f"[bold]#{item['rank']}[/] · {escape(item['source'])} · picked by {escape(item['picked_by'])}"
                       f"{escape(prelabel)} · effective label: [bold]{escape(effective)}[/]")
         console.print(f"  {escape(trim(document(item['title'], item['text'], sep=' — '), width))}")
@@ -886,7 +908,7 @@ def simulate(
     cycles: Annotated[int, typer.Option("--cycles", help="Batches per run.")] = 25,
     init: Annotated[int, typer.Option("--init", help="Cold-start labels.")] = 20,
     seeds: Annotated[int, typer.Option("--seeds", help="Runs per strategy (seeds 0..n-1).")] = 5,
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Take \\[model] and \\[query] from this file (default: the shipped alflow.toml).")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Take \\[model] and \\[query] from this file (default: the shipped alflow.toml); with \\[llm] base_url, the LLM's zero-shot accuracy on the test set is a baseline, and features with embeddings embed the data through it.")] = None,
     noise: Annotated[float, typer.Option("--noise", help="Flip this share of the simulated answers and report "
                                          "how well the label check finds them (vs random re-review).")] = 0.0,
     automation_bias: Annotated[Optional[float], typer.Option("--automation-bias", help="The annotator accepts the "
@@ -931,6 +953,14 @@ def simulate(
         table.add_row(row.strategy, f"{row.aulc_mean:.3f}", f"{row.aulc_std:.3f}", f"{row.final_accuracy:.3f}", to95,
                       *ratios)
     console.print(table)
+    if result.llm is not None:
+        from alflow.flows.simulate import llm_caption
+
+        console.print(llm_caption(result.llm), soft_wrap=True, markup=False, highlight=False)
+        passes = Table("strategy", "labels to pass the LLM")
+        for row in result.summary.itertuples(index=False):
+            passes.add_row(row.strategy, "never" if math.isnan(row.labels_to_llm) else f"{row.labels_to_llm:g}")
+        console.print(passes)
     if "flag_precision" in result.summary:
         from alflow.flows.simulate import label_check_caption
 

@@ -1,7 +1,11 @@
 """One active-learning cycle, as a Prefect flow.
 
-    ingest -> load model -> pre-label pool -> query batch -> review (suspend or pause)
-           -> record labels -> retrain + evaluate -> record cycle + artifacts
+    ingest -> load model -> pre-label pool -> [ask the LLM] -> query batch -> review (suspend
+           or pause) -> record labels -> retrain + evaluate -> record cycle + artifacts
+
+With ``[llm]`` set, the LLM is asked about the query's candidates (alflow.tasks.llm): on a
+cold start its answers pre-label the first batch, later they are a second opinion the
+query ranks disagreements by. An LLM that cannot be used is logged and the cycle goes on.
 
 Every step can be re-run: ingest and pre-label skip what is stored, the query returns the
 run's existing batch, retraining on unchanged labels returns the model already trained.
@@ -33,8 +37,9 @@ from alflow.config import CONFIG_FILENAME, ConfigError, load_config
 from alflow.flows.ingest import ingest_for_cycle
 from alflow.tasks.faults import fault_point
 from alflow.tasks.finish import adopt_abandoned_batch, finish_cycle, finish_interrupted
+from alflow.tasks.llm import llm_opinions_task, llm_wanted
 from alflow.tasks.prelabel import prelabel_task
-from alflow.tasks.query import query_task
+from alflow.tasks.query import batch_k, query_task
 from alflow.tasks.report import finish_batch_artifacts, publish_batch, review_outcome
 from alflow.tasks.review import (
     STORED_ANSWERS,
@@ -269,7 +274,10 @@ def select_batch(store: Store, settings, run_id: str | None, config_path: str, a
     if settings.stopping.budget is not None:
         budget_left = settings.stopping.budget - counts["answered"]
     with clock.step("query"):
-        batch_id = query_task(settings, model_version, run_id, budget_left)
+        # the LLM's answers about the candidates, or None (no [llm], or it could not be used)
+        opinions = (llm_opinions_task(settings, model_version, run_id, batch_k(settings, budget_left))
+                    if llm_wanted(settings, model_version) else None)
+        batch_id = query_task(settings, model_version, run_id, budget_left, opinions)
     clock.asked()
     if batch_id is None:
         stop = "budget spent" if budget_left is not None and budget_left <= 0 else "pool exhausted"

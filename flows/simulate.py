@@ -11,6 +11,12 @@ what a run would have drawn. Each batch carries the control slice a real batch c
 (``query.control_share`` of it, drawn uniformly from the pool, answered blind; out of
 training unless ``query.control_trains``), and ``n_labels`` counts it.
 
+With ``[llm] base_url`` and ``model`` in ``--config``, the LLM labels the test set once
+(:func:`llm_baseline`): its zero-shot accuracy is a line on curves.png and, per strategy, the
+labels its mean curve needs to pass it are in the summary (:data:`LLM_COLUMNS`). With
+``[model] features`` reading embeddings, every text is embedded once through the same
+endpoint and kept in memory (:func:`embed_dataset`).
+
 ``--automation-bias P``: the annotator accepts the pre-label shown with every active pick
 (the then-current model's prediction) with probability P, else answers itself; a control
 item is shown blind, so it always answers itself. :data:`ESTIMATE_COLUMNS` then say how far
@@ -26,13 +32,16 @@ import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import pandas as pd
 from prefect import flow
 
 from alflow.config import ModelSettings, QuerySettings
+
+if TYPE_CHECKING:
+    from alflow.tasks.modeling import VectorTable
 
 SUMMARY_COLUMNS = ["strategy", "aulc_mean", "aulc_std", "final_accuracy", "labels_to_95", "labels_vs_random",
                    "labels_vs_best_random"]
@@ -41,6 +50,9 @@ SUMMARY_COLUMNS = ["strategy", "aulc_mean", "aulc_std", "final_accuracy", "label
 LABEL_CHECK_COLUMNS = ["noise", "flipped", "flags", "flag_precision", "flag_recall", "random_precision",
                        "random_recall"]
 CURVE_COLUMNS = ["strategy", "seed", "cycle", "n_labels", "accuracy", "macro_f1"]
+# With [llm] base_url in --config: the LLM's zero-shot figures on the test set (the same for
+# every strategy), and the labels each strategy's mean curve needs to beat its accuracy.
+LLM_COLUMNS = ["llm_accuracy", "llm_macro_f1", "labels_to_llm"]
 # With --automation-bias: each run's final model, its accuracy on the test set (the truth)
 # beside what the control slice estimates (blind answers, Wilson 95%), what it would have
 # estimated had the control items been shown with the pre-label (the old design), and the
@@ -79,6 +91,9 @@ class Dataset:
     test_docs: np.ndarray  # (n_test,) str
     test_labels: np.ndarray  # (n_test,) str
     classes: list[str]
+    # with [model] features reading embeddings: every pool and test text's vector, embedded
+    # once through [llm] (embed_dataset), registered in each process that trains
+    vectors: "VectorTable | None" = None
 
 
 @dataclass
@@ -87,6 +102,21 @@ class SimulationResult:
     summary: pd.DataFrame  # SUMMARY_COLUMNS
     full_accuracy: float
     out_dir: Path
+    llm: "LLMBaseline | None" = None  # with [llm] base_url in the config
+
+
+@dataclass
+class LLMBaseline:
+    """The LLM's zero-shot answers on the test set, asked once (:func:`llm_baseline`):
+    ``accuracy`` and ``macro_f1`` over every test item (an answer that is not a class, or
+    none, counts as wrong), the endpoint's ``model`` name, and ``usage``
+    (:class:`alflow.connectors.llm.LLMUsage` as a dict: requests, failures, tokens, seconds)."""
+
+    model: str
+    accuracy: float
+    macro_f1: float
+    n: int
+    usage: dict
 
 
 def load_dataset(path: str | Path, text_col: str = "text", label_col: str = "label",
@@ -155,6 +185,85 @@ def read_settings(config: str | Path | None = None) -> tuple[ModelSettings, Quer
             key = ".".join(str(p) for p in (section, *first["loc"]))
             raise ConfigError(f"{path}: {key}: {first['msg']}") from None
     return sections[0], sections[1]
+
+
+def read_llm_settings(config: str | Path | None = None):
+    """``[llm]`` of ``config`` (:class:`alflow.config.settings.LLMSettings`), or None when
+    there is no config or its ``base_url`` is unset (no LLM baseline, no embeddings)."""
+    from alflow.config import ConfigError
+    from alflow.config.settings import LLMSettings
+
+    if config is None:
+        return None
+    path = Path(config)
+    data = tomllib.loads(path.read_text(encoding="utf-8")).get("llm", {})  # read_settings has read it whole
+    try:
+        llm = LLMSettings(**data)
+    except Exception as exc:  # pydantic's ValidationError: first error, one line
+        first = exc.errors()[0] if hasattr(exc, "errors") else {"loc": (), "msg": str(exc)}
+        key = ".".join(str(p) for p in ("llm", *first["loc"]))
+        raise ConfigError(f"{path}: {key}: {first['msg']}") from None
+    return llm if llm.base_url else None
+
+
+def llm_baseline(data: Dataset, llm, client=None) -> LLMBaseline | None:
+    """The LLM's zero-shot figures on ``data``'s test set: every test text classified once
+    through ``llm`` (:class:`~alflow.config.settings.LLMSettings`) into ``data.classes``.
+    None (and a warning) when the endpoint is unusable (refused, 401, 404): the curves
+    stand without the line."""
+    import logging
+
+    from sklearn.metrics import f1_score
+
+    from alflow.connectors.llm import LLMClient, LLMError
+
+    own = client is None
+    client = client or LLMClient(llm)
+    try:
+        answers, usage = client.classify(data.test_docs.tolist(), data.classes)
+    except LLMError as exc:
+        logging.getLogger("alflow").warning(f"simulate: no LLM baseline: {exc}")
+        return None
+    finally:
+        if own:
+            client.close()
+    predicted = [a.label if a.status == "ok" and a.label is not None else "" for a in answers]
+    truth = data.test_labels.tolist()
+    return LLMBaseline(
+        model=str(llm.model), n=len(truth),
+        accuracy=float(np.mean([p == t for p, t in zip(predicted, truth)])) if truth else math.nan,
+        # over the classes only: a missing answer is a miss of its true class, not a class of its own
+        macro_f1=float(f1_score(truth, predicted, labels=data.classes, average="macro", zero_division=0)),
+        usage=usage.as_dict())
+
+
+def embed_dataset(data: Dataset, model_settings: ModelSettings, llm, client=None) -> None:
+    """With ``[model] features`` reading embeddings: every distinct pool and test text
+    embedded once through ``llm`` into ``data.vectors`` (in memory), and registered for
+    this process's models (:func:`alflow.tasks.modeling.register_vectors`). A one-line
+    :class:`SimulationError` without ``[llm] base_url`` and ``embedding_model``, or when
+    the endpoint fails."""
+    from alflow.connectors.llm import LLMClient, LLMError
+    from alflow.tasks import modeling
+
+    if model_settings.features == "tfidf":
+        return
+    if llm is None or not llm.embedding_model:
+        raise SimulationError(f"--config: model.features = {model_settings.features!r} needs [llm] base_url "
+                              "and embedding_model")
+    docs = list(dict.fromkeys(data.pool_docs.tolist() + data.test_docs.tolist()))
+    own = client is None
+    client = client or LLMClient(llm)
+    try:
+        vectors, _ = client.embed(docs, llm.embedding_model)
+    except LLMError as exc:
+        raise SimulationError(f"--config: embedding the data set with {llm.embedding_model!r} failed: {exc}") \
+            from None
+    finally:
+        if own:
+            client.close()
+    data.vectors = modeling.VectorTable(llm.embedding_model, docs, vectors)
+    modeling.register_vectors(data.vectors)
 
 
 def resolve_strategies(names: Sequence[str], query: QuerySettings) -> list[str]:
@@ -294,6 +403,8 @@ def corpus(data: Dataset, model_settings: ModelSettings):
     cached on ``data``."""
     from alflow.tasks import modeling
 
+    if model_settings.features == "embeddings":
+        return None  # no TF-IDF to count words for
     cache = data.__dict__.setdefault("_corpus", {})
     key = json.dumps(model_settings.vectorizer_params, sort_keys=True, default=str)
     if key not in cache:
@@ -496,9 +607,36 @@ def summarize(curves: pd.DataFrame, full_accuracy: float) -> pd.DataFrame:
     return summary
 
 
-def plot_curves(curves: pd.DataFrame, full_accuracy: float, path: str | Path, title: str = "") -> Path:
+def labels_to_pass(curves: pd.DataFrame, accuracy: float) -> float:
+    """The first mean n_labels at which a strategy's mean accuracy over seeds (per cycle)
+    is above ``accuracy``; NaN if it never is (``curves``: one strategy's rows)."""
+    by_cycle = curves.groupby("cycle").agg(n_labels=("n_labels", "mean"), accuracy=("accuracy", "mean"))
+    passed = by_cycle.loc[by_cycle["accuracy"] > accuracy, "n_labels"]
+    return float(passed.iloc[0]) if len(passed) else math.nan
+
+
+def with_llm(summary: pd.DataFrame, curves: pd.DataFrame, llm: LLMBaseline) -> pd.DataFrame:
+    """``summary`` with :data:`LLM_COLUMNS`: the LLM's figures, and per strategy the labels
+    its mean curve needs to pass the LLM's accuracy (:func:`labels_to_pass`)."""
+    passes = {name: labels_to_pass(curves[curves["strategy"] == name], llm.accuracy) for name in summary["strategy"]}
+    return summary.assign(llm_accuracy=llm.accuracy, llm_macro_f1=llm.macro_f1,
+                          labels_to_llm=summary["strategy"].map(passes).astype(float))
+
+
+def reference_lines(full_accuracy: float, llm: LLMBaseline | None = None) -> list[tuple[float, str, str]]:
+    """The horizontal lines of curves.png: (accuracy, legend label, line style) of the
+    95%-of-full-pool target and, with ``llm``, of the LLM's zero-shot accuracy."""
+    lines = [(TARGET_SHARE * full_accuracy, f"95% of full pool ({full_accuracy:.3f})", "--")]
+    if llm is not None:
+        lines.append((llm.accuracy, f"LLM zero-shot, {llm.model} ({llm.accuracy:.3f})", ":"))
+    return lines
+
+
+def plot_curves(curves: pd.DataFrame, full_accuracy: float, path: str | Path, title: str = "",
+                llm: LLMBaseline | None = None) -> Path:
     """Accuracy against labels per strategy: the mean over seeds, a band of ±1 standard
-    deviation, and the 95%-of-full-pool target as a dashed line. Written as PNG."""
+    deviation, and :func:`reference_lines` (the 95%-of-full-pool target; the LLM's
+    zero-shot accuracy with ``llm``). Written as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -512,8 +650,8 @@ def plot_curves(curves: pd.DataFrame, full_accuracy: float, path: str | Path, ti
         mean, std = by_cycle["accuracy"].mean(), by_cycle["accuracy"].std(ddof=0).fillna(0.0)
         (line,) = ax.plot(x, mean, label=name, linewidth=1.6)
         ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.18, linewidth=0)
-    ax.axhline(TARGET_SHARE * full_accuracy, color="grey", linestyle="--", linewidth=1,
-               label=f"95% of full pool ({full_accuracy:.3f})")
+    for y, label, style in reference_lines(full_accuracy, llm):
+        ax.axhline(y, color="grey" if style == "--" else "black", linestyle=style, linewidth=1, label=label)
     ax.set_xlabel("labels")
     ax.set_ylabel("test accuracy")
     ax.set_title(title or "learning curves (mean ± 1 sd over seeds)")
@@ -635,6 +773,10 @@ def _start_worker(data: Dataset, model_settings: ModelSettings, events) -> None:
     from threadpoolctl import threadpool_limits
 
     _exit_with_parent()
+    if data.vectors is not None:
+        from alflow.tasks import modeling
+
+        modeling.register_vectors(data.vectors)
     _worker.update(data=data, model_settings=model_settings, events=events, limits=threadpool_limits(limits=1))
 
 
@@ -783,9 +925,12 @@ def simulate(data_path: str | Path, out_dir: str | Path, *, text_col: str = "tex
     names = resolve_strategies(strategies, query)
     pairs = [(name, seed) for name in names for seed in range(seeds)]
     workers = min(jobs, len(pairs))
+    llm = read_llm_settings(config)
     data = load_dataset(data_path, text_col, label_col, split_col, test_split)
     if init >= len(data.pool_docs):
         raise SimulationError(f"--init {init}: the pool has only {len(data.pool_docs)} items")
+    embed_dataset(data, model_settings, llm)
+    baseline = llm_baseline(data, llm) if llm is not None and llm.model else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     queries = {name: query.model_copy(update={"strategy": name}) for name in names}
@@ -820,10 +965,13 @@ def simulate(data_path: str | Path, out_dir: str | Path, *, text_col: str = "tex
         per_seed.to_csv(out / "estimates.csv", index=False)
         means = per_seed.groupby("strategy", sort=False)[ESTIMATE_COLUMNS[1:]].mean()
         summary = summary.assign(automation_bias=automation_bias).join(means, on="strategy")
+    if baseline is not None:
+        summary = with_llm(summary, curves, baseline)
     curves.to_csv(out / "curves.csv", index=False)
     summary.to_csv(out / "summary.csv", index=False)
-    plot_curves(curves, full, out / "curves.png", title=f"{Path(data_path).name}: batch {batch}, {seeds} seeds")
-    return SimulationResult(curves, summary, full, out)
+    plot_curves(curves, full, out / "curves.png", title=f"{Path(data_path).name}: batch {batch}, {seeds} seeds",
+                llm=baseline)
+    return SimulationResult(curves, summary, full, out, baseline)
 
 
 def summary_markdown(result: SimulationResult) -> str:
@@ -836,6 +984,9 @@ def summary_markdown(result: SimulationResult) -> str:
         lines.append(f"| {row.strategy} | {row.aulc_mean:.3f} | {row.aulc_std:.3f} | {row.final_accuracy:.3f} | "
                      f"{row.labels_to_95:g} | {_figure(row.labels_vs_random, 2)} | "
                      f"{_figure(row.labels_vs_best_random, 2)} |")
+    if result.llm is not None:
+        lines += ["", llm_caption(result.llm), "", "| strategy | labels to pass the LLM |", "|---|---:|"]
+        lines += [f"| {row.strategy} | {_labels(row.labels_to_llm)} |" for row in result.summary.itertuples(index=False)]
     if "flag_precision" in result.summary:
         lines += ["", label_check_caption(result.summary), "",
                   "| strategy | flipped | flags | precision | recall | random precision | random recall |",
@@ -848,6 +999,20 @@ def summary_markdown(result: SimulationResult) -> str:
                   "|---|" + "---:|" * (len(ESTIMATE_HEADERS) - 1)]
         lines += ["| " + " | ".join(cells) + " |" for cells in estimate_rows(result.summary)]
     return "\n".join(lines)
+
+
+def llm_caption(llm: LLMBaseline) -> str:
+    """One line on the LLM baseline: its zero-shot figures and what asking cost."""
+    usage = llm.usage
+    unanswered = sum(int(usage.get(k) or 0) for k in ("failed", "outside", "malformed"))
+    return (f"LLM zero-shot ({llm.model}) on the {llm.n} test items: accuracy {llm.accuracy:.3f}, macro F1 "
+            f"{llm.macro_f1:.3f} ({unanswered} without a class; {int(usage.get('requests') or 0)} requests, "
+            f"{float(usage.get('seconds') or 0.0):.1f} s); labels to pass it: the first labels count at which "
+            "a strategy's mean accuracy is above it")
+
+
+def _labels(value: float) -> str:
+    return "never" if value is None or math.isnan(value) else f"{value:g}"
 
 
 def _figure(value: float, digits: int = 3) -> str:
@@ -886,7 +1051,8 @@ def simulate_flow_body(**kwargs) -> SimulationResult:
     result = simulate(**kwargs, log=get_run_logger().info)
     table = result.summary.replace({math.inf: "inf"}).to_dict("records")
     create_table_artifact(key="simulation-summary", table=table,
-                          description=f"Full-pool accuracy {result.full_accuracy:.3f}")
+                          description=f"Full-pool accuracy {result.full_accuracy:.3f}"
+                          + (f"; LLM zero-shot accuracy {result.llm.accuracy:.3f}" if result.llm else ""))
     png = base64.b64encode((result.out_dir / "curves.png").read_bytes()).decode()
     create_markdown_artifact(key="simulation-curves", description="Learning curves (mean ± 1 sd over seeds)",
                              markdown=summary_markdown(result) + f"\n\n![learning curves](data:image/png;base64,{png})")
@@ -908,4 +1074,5 @@ def simulate_flow(data: str, out: str, text_col: str = "text", label_col: str = 
                                 batch=batch, cycles=cycles, init=init, seeds=seeds, config=config, noise=noise,
                                 automation_bias=automation_bias, jobs=jobs)
     return {"full_accuracy": result.full_accuracy, "out": str(result.out_dir),
+            "llm_accuracy": result.llm.accuracy if result.llm else None,
             "summary": result.summary.replace({math.inf: "inf"}).to_dict("records")}

@@ -191,3 +191,87 @@ def agreement_line(report: dict) -> str:
         n = report["adjudication_pending"]
         parts.append(f"{n} item{'s' if n != 1 else ''} waiting for adjudication")
     return "agreement: " + "; ".join(parts)
+
+
+# -- multi-label answers: tag sets ------------------------------------------------------------
+def masi_distance(a, b) -> float:
+    """MASI distance of two tag sets (Passonneau 2006), in [0, 1]: ``1 - J * M`` with J the
+    Jaccard overlap |a & b| / |a | b| and M 1 for equal sets, 2/3 when one contains the
+    other, 1/3 when they only overlap, 0 when disjoint. Two empty sets ("no tag applies",
+    both) agree: 0."""
+    a, b = frozenset(a), frozenset(b)
+    if a == b:
+        return 0.0
+    union = len(a | b)
+    jaccard = len(a & b) / union
+    if a <= b or b <= a:
+        monotonicity = 2.0 / 3.0
+    elif a & b:
+        monotonicity = 1.0 / 3.0
+    else:
+        monotonicity = 0.0
+    return 1.0 - jaccard * monotonicity
+
+
+def _tag_set(value, where: str) -> frozenset | None:
+    if _missing(value):
+        return None
+    if isinstance(value, str) or not hasattr(value, "__iter__"):
+        raise ValueError(f"{where} must be a set of tags (or None/NaN when not answered), got {value!r}")
+    return frozenset(value)
+
+
+def krippendorff_alpha_sets(data, distance=masi_distance) -> float:
+    """Krippendorff's alpha for tag sets, with ``distance`` between two sets (MASI by default).
+
+    ``data``: (n_annotators, n_items), one tag set per cell (any iterable of tag names; an
+    empty set is an answer: no tag applies) or None/NaN where an annotator did not answer.
+    Items with fewer than two answers are left out. alpha = 1 - D_o / D_e, the observed
+    and the expected mean distance over pairs of answers from the coincidence matrix of the
+    distinct sets (Krippendorff 2011 with a custom metric): 1 is perfect agreement, 0 what
+    chance gives. NaN when fewer than two pairable answers remain or they never differ.
+    """
+    rows = [list(r) for r in data]
+    if not rows:
+        return float("nan")
+    n_items = len(rows[0])
+    if any(len(r) != n_items for r in rows):
+        raise ValueError("krippendorff_alpha_sets needs one row per annotator, all of the same length")
+    units = []
+    for j in range(n_items):
+        values = [_tag_set(r[j], f"answer of annotator {i} on item {j}") for i, r in enumerate(rows)]
+        values = [v for v in values if v is not None]
+        if len(values) >= 2:
+            units.append(values)
+    domain = sorted({v for unit in units for v in unit}, key=lambda s: sorted(s))
+    if not units or len(domain) < 2:
+        return float("nan")
+    index = {v: i for i, v in enumerate(domain)}
+    coincidence = np.zeros((len(domain), len(domain)))
+    for unit in units:
+        counts = np.zeros(len(domain))
+        for v in unit:
+            counts[index[v]] += 1
+        coincidence += (np.outer(counts, counts) - np.diag(counts)) / (len(unit) - 1)
+    delta = np.array([[distance(x, y) for y in domain] for x in domain], dtype=float)
+    n_c = coincidence.sum(axis=1)
+    n = n_c.sum()
+    observed = (coincidence * delta).sum() / n
+    expected = (np.outer(n_c, n_c) * delta).sum() / (n * (n - 1))
+    if expected == 0:
+        return float("nan")
+    return float(1.0 - observed / expected)
+
+
+def per_tag_kappa(a: Sequence, b: Sequence, tags: Sequence[str]) -> dict[str, float]:
+    """Cohen's kappa of two annotators per tag: ``a`` and ``b`` (n,), one tag set per item
+    or None/NaN where not answered; for each of ``tags``, :func:`cohen_kappa` of "has the
+    tag" over the items both answered. ``{tag: kappa}``, NaN where undefined (a tag both
+    always or never gave)."""
+    if len(a) != len(b):
+        raise ValueError(f"per_tag_kappa needs answers for the same items: {len(a)} != {len(b)}")
+    first = [_tag_set(v, f"annotator a's answer on item {j}") for j, v in enumerate(a)]
+    second = [_tag_set(v, f"annotator b's answer on item {j}") for j, v in enumerate(b)]
+    return {tag: cohen_kappa([None if s is None else int(tag in s) for s in first],
+                             [None if s is None else int(tag in s) for s in second])
+            for tag in tags}

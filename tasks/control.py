@@ -49,19 +49,56 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
 
 
 def bootstrap_interval(truth: np.ndarray, predicted: np.ndarray, metric, seed: int, confidence: float = 0.95,
-                       resamples: int = 1000) -> tuple[float, float]:
+                       resamples: int = 1000, batched: bool = False) -> tuple[float, float]:
     """A percentile bootstrap interval of ``metric(truth, predicted)`` over items: (low, high).
 
     ``truth`` / ``predicted``: arrays of n labels; ``metric``: a function of the two;
-    resampled ``resamples`` times with a generator seeded by ``seed``."""
+    resampled ``resamples`` times with a generator seeded by ``seed``. ``batched``:
+    ``metric`` takes every resample at once, two (resamples, n) arrays, and returns
+    (resamples,) values (see :func:`macro_f1_rows`); the draws are the same either way."""
     n = len(truth)
     if n == 0:
         return math.nan, math.nan
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, n, size=(resamples, n))
-    values = np.array([metric(truth[d], predicted[d]) for d in draws])
+    if batched:
+        values = np.asarray(metric(truth[draws], predicted[draws]), dtype=float)
+    else:
+        values = np.array([metric(truth[d], predicted[d]) for d in draws])
     tail = (1.0 - confidence) / 2.0
     return float(np.quantile(values, tail)), float(np.quantile(values, 1.0 - tail))
+
+
+def class_codes(values, classes) -> np.ndarray:
+    """``values`` (n labels) as indices into ``classes``; a label not in them is
+    ``len(classes)``, which no class counts (as scikit-learn's ``labels=`` does)."""
+    index = {c: i for i, c in enumerate(classes)}
+    return np.fromiter((index.get(v, len(index)) for v in values), dtype=np.int64, count=len(values))
+
+
+def macro_f1_rows(n_classes: int):
+    """Macro F1 over ``n_classes`` of many label sets at once, for :func:`bootstrap_interval`
+    (``batched=True``): ``metric(truth, predicted)`` with (r, n) arrays of
+    :func:`class_codes` returns (r,) values, each what ``f1_score(t, p, labels=classes,
+    average="macro", zero_division=0)`` gives for that row, from per-class counts
+    (F1 = 2 tp / (answers + predictions) of the class, 0 when both are 0). A thousand
+    resamples cost milliseconds instead of a thousand scikit-learn calls (~4 s a cycle)."""
+    width = n_classes + 1  # the last bin: labels outside the classes, never counted
+
+    def metric(truth: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+        r = truth.shape[0]
+        row = np.broadcast_to(np.arange(r)[:, None] * width, truth.shape)
+
+        def per_class(codes: np.ndarray) -> np.ndarray:  # (r, n_classes) counts
+            return np.bincount(codes.ravel(), minlength=r * width).reshape(r, width)[:, :n_classes]
+
+        hit = truth == predicted
+        tp = per_class((truth + row)[hit])
+        both = per_class(truth + row) + per_class(predicted + row)
+        f1 = np.divide(2.0 * tp, both, out=np.zeros(both.shape), where=both > 0)
+        return f1.mean(axis=1)
+
+    return metric
 
 
 def control_size(share: float, k: int) -> int:
@@ -133,8 +170,6 @@ def control_estimate(store: Store, model_version: int | None, metric: str = "acc
     (macro F1: a bootstrap seeded by ``seed``). Macro F1 needs an answer of every class in
     ``classes``; without them the figure falls back to accuracy and ``note`` says why.
     Figures are None while n is 0."""
-    from sklearn.metrics import f1_score
-
     outcomes = store.control_outcomes(model_version) if model_version is not None else pd.DataFrame(
         columns=["item_id", "batch_id", "label", "predicted"])
     n = len(outcomes)
@@ -149,14 +184,11 @@ def control_estimate(store: Store, model_version: int | None, metric: str = "acc
         if missing:
             estimate["note"] = f"macro_f1 needs a control answer of every class (none yet of {', '.join(missing)})"
         else:
-            truth = outcomes["label"].to_numpy(dtype=object)
-            predicted = outcomes["predicted"].to_numpy(dtype=object)
-
-            def macro_f1(t, p):
-                return f1_score(t, p, labels=list(classes), average="macro", zero_division=0)
-
-            f_low, f_high = bootstrap_interval(truth, predicted, macro_f1, seed, confidence)
-            estimate.update(metric="macro_f1", value=float(macro_f1(truth, predicted)),
+            truth = class_codes(outcomes["label"].tolist(), classes)
+            predicted = class_codes(outcomes["predicted"].tolist(), classes)
+            macro_f1 = macro_f1_rows(len(classes))
+            f_low, f_high = bootstrap_interval(truth, predicted, macro_f1, seed, confidence, batched=True)
+            estimate.update(metric="macro_f1", value=float(macro_f1(truth[None, :], predicted[None, :])[0]),
                             value_low=f_low, value_high=f_high)
     if estimate["metric"] == "accuracy":
         estimate.update(value=estimate["accuracy"], value_low=estimate["low"], value_high=estimate["high"])

@@ -50,6 +50,7 @@ from alflow.tasks.report import (
     curve_picture,
     cycle_markdown,
     find_artifact,
+    llm_report,
     publish_cycle,
     publish_learning_curve,
     review_outcome,
@@ -58,6 +59,7 @@ from alflow.tasks.report import (
 from alflow.tasks.stopping import assess_cycle_task
 from alflow.tasks.store import LabelWrite, Store, owner_gone
 from alflow.tasks.timings import CycleClock
+from alflow.tasks.embeddings import use_stored_vectors
 from alflow.tasks.train import TrainResult, retrain_task
 
 # What a cycle finished by a later run says of its answers: they were recorded by the run
@@ -89,6 +91,8 @@ def complete_cycle(store: Store, settings: Settings, run_id: str | None, cycle: 
     """Assess ``cycle`` unless it was, then publish its artifacts unless they were."""
     recorded = store.cycle_report(cycle)
     if recorded is None or recorded["report"] is None:
+        # a cycle finished by a later process assesses before anything here trained or loaded
+        use_stored_vectors(store, settings, embed=False)
         assess(store, settings, run_id, cycle, batch_id, train, clock, label_summary)
         fault_point("quality-row")
         recorded = store.cycle_report(cycle)
@@ -112,7 +116,7 @@ def assess(store: Store, settings: Settings, run_id: str | None, cycle: int, bat
         "batch_id": batch_id, "counts": counts, "train": asdict(train), "label_summary": label_summary,
         "metric": settings.evaluation.metric, "quality": quality, "annotators": annotators,
         "prelabel": store.prelabel_agreement(batch_id) if batch_id is not None else None,
-        "timings": timings.seconds,
+        "timings": timings.seconds, "llm": llm_report(store, batch_id),
     })
     store.record_assessment(cycle, train.model_version, quality, report, batch_id, run_id, timings)
 
@@ -144,20 +148,20 @@ def publish_artifacts(store: Store, settings: Settings, cycle: int, run_id: str 
         train = report["train"] if report["train"]["model_version"] is not None else None
         markdown = cycle_markdown(report["counts"], cycles, train, report["batch_id"], report["label_summary"],
                                   report["metric"], report["prelabel"], url, quality=report["quality"],
-                                  annotators=report["annotators"], timings=report["timings"])
+                                  annotators=report["annotators"], timings=report["timings"], llm=report.get("llm"))
         store.record_artifact(cycle, "summary", publish_cycle(markdown, cycle))
 
 
 def cycle_summary(cycle: int, report: dict) -> dict:
     """What a cycle run returns, from the cycle's stored report (the same whichever run
     finished it): cycle, batch_id, model_version, promoted, n_labels, metrics, stop,
-    counts, quality, agreement, timings."""
+    counts, quality, agreement, timings, llm (:func:`~alflow.tasks.report.llm_report`)."""
     train, counts, quality = report["train"], report["counts"], report["quality"]
     stop = quality["stop"] or ("pool exhausted" if counts["pool"] == 0 else None)
     return {"cycle": cycle, "batch_id": report["batch_id"], "model_version": train["model_version"],
             "promoted": train["promoted"], "n_labels": train["n_labels"], "metrics": train["metrics"],
             "stop": stop, "counts": counts, "quality": quality, "agreement": report["annotators"],
-            "timings": report["timings"]}
+            "timings": report["timings"], "llm": report.get("llm")}
 
 
 def recorded_training(row: dict) -> TrainResult:

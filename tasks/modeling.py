@@ -10,9 +10,11 @@ cannot run code when it is opened.
 from __future__ import annotations
 
 import json
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Protocol, Sequence
 
 import numpy as np
 from sklearn.feature_extraction.text import TfidfVectorizer
@@ -45,13 +47,26 @@ def _vectorizer_params(params: dict) -> dict:
 
 
 def build_model(settings: ModelSettings) -> Pipeline:
-    """An unfitted ``Pipeline(tfidf, [lsa,] classifier)`` from the model settings.
+    """An unfitted pipeline from the model settings, by ``features``:
 
-    ``lsa`` (only with ``svd_components``) appends that many LSA dimensions to the TF-IDF
-    row: ``[tfidf | normalize(TruncatedSVD(tfidf))]``, sparse (n, vocabulary + components).
+    * ``"tfidf"``: ``Pipeline(tfidf, [lsa,] clf)``; ``lsa`` (only with ``svd_components``)
+      appends that many LSA dimensions to the TF-IDF row: ``[tfidf | normalize(TruncatedSVD(tfidf))]``,
+      sparse (n, vocabulary + components);
+    * ``"embeddings"``: ``Pipeline(embeddings, clf)``: (n, d) dense rows of the text's vector
+      (:class:`EmbeddingFeatures`);
+    * ``"tfidf+embeddings"``: ``Pipeline(features, clf)``, ``features`` a FeatureUnion of the
+      two side by side, sparse (n, vocabulary + d).
     """
     classifier = import_object(settings.classifier)(**settings.classifier_params)
-    steps = [("tfidf", TfidfVectorizer(**_vectorizer_params(settings.vectorizer_params)))]
+    if settings.features == "embeddings":
+        return Pipeline([("embeddings", EmbeddingFeatures()), ("clf", classifier)])
+    tfidf = TfidfVectorizer(**_vectorizer_params(settings.vectorizer_params))
+    if settings.features == "tfidf+embeddings":
+        from sklearn.pipeline import FeatureUnion
+
+        union = FeatureUnion([("tfidf", tfidf), ("embeddings", EmbeddingFeatures())])
+        return Pipeline([("features", union), ("clf", classifier)])
+    steps = [("tfidf", tfidf)]
     if settings.svd_components:
         from sklearn.decomposition import TruncatedSVD
         from sklearn.pipeline import FeatureUnion
@@ -60,6 +75,166 @@ def build_model(settings: ModelSettings) -> Pipeline:
         svd = Pipeline([("svd", TruncatedSVD(settings.svd_components, random_state=0)), ("norm", Normalizer())])
         steps.append(("lsa", FeatureUnion([("words", FunctionTransformer(accept_sparse=True)), ("svd", svd)])))
     return Pipeline(steps + [("clf", classifier)])
+
+
+# -- embeddings as features --------------------------------------------------------------------
+# Where a model's embedding step finds the vectors of the texts it is given: a source per
+# embedding model, registered by the process that owns them (alflow.tasks.embeddings: the
+# store's vectors, read in the flow's process; simulate: its data set's, in memory), and a
+# source for this thread alone over it (the trust probe's). The model file holds no vector
+# and no source: only which embedding model it reads and the dimension.
+_SOURCES: dict[str, "VectorSource"] = {}
+_ACTIVE: list[str] = []  # the embedding model a step fitted now reads: the last registered
+_THREAD = threading.local()
+
+
+class VectorSource(Protocol):
+    """Vectors of texts under one embedding model: ``source(docs)`` -> (n, d) float32."""
+
+    model: str
+
+    def __call__(self, docs: Sequence[str]) -> np.ndarray: ...
+
+
+def register_vectors(source: VectorSource) -> None:
+    """Make ``source`` where every embedding step of its embedding model, in every thread of
+    this process, finds its vectors; and the one a step fitted from now on reads."""
+    _SOURCES[source.model] = source
+    _ACTIVE[:] = [source.model]
+
+
+@contextmanager
+def thread_vectors(source: VectorSource):
+    """For the block, in this thread only, every embedding step reads ``source``."""
+    before = getattr(_THREAD, "source", None)
+    _THREAD.source = source
+    try:
+        yield source
+    finally:
+        _THREAD.source = before
+
+
+def vector_source(embedding_model: str | None = None) -> VectorSource:
+    """The source of ``embedding_model`` (None: the one a step being fitted reads)."""
+    local = getattr(_THREAD, "source", None)
+    if local is not None and embedding_model in (None, local.model):
+        return local
+    name = embedding_model if embedding_model is not None else (_ACTIVE[0] if _ACTIVE else None)
+    if name is None or name not in _SOURCES:
+        wanted = f"embedding model {embedding_model!r}" if embedding_model else "an embedding model"
+        raise ModelError(f"no vectors of {wanted} in this process: set [llm] base_url and embedding_model "
+                         "(features with embeddings are scored where the store is, not on Dask workers)")
+    return _SOURCES[name]
+
+
+class EmbeddingFeatures(TransformerMixin, BaseEstimator):
+    """Texts -> their embedding vectors, (n, d) float64 rows times ``weight``.
+
+    ``fit`` records which embedding model the vectors come from (``embedding_model_``) and
+    their dimension (``dim_``); ``transform`` reads them from that model's
+    :class:`VectorSource` (:func:`register_vectors`) and refuses vectors of another
+    dimension. The rows are L2-normalised as the endpoint's client returns them, so beside
+    TF-IDF rows (norm 1) each block weighs alike at ``weight = 1``.
+    """
+
+    def __init__(self, weight: float = 1.0):
+        self.weight = weight
+
+    def fit(self, docs, y=None):
+        source = vector_source()
+        docs = list(docs)
+        self.embedding_model_ = source.model
+        self.dim_ = int(np.asarray(source(docs[:1])).shape[1]) if docs else 0
+        return self
+
+    def transform(self, docs):
+        x = np.asarray(vector_source(self.embedding_model_)(list(docs)), dtype=np.float64)
+        if x.ndim != 2 or x.shape[1] != self.dim_:
+            raise ModelError(f"embeddings of {self.embedding_model_!r} have {x.shape[-1]} dimensions, the model "
+                             f"was trained on {self.dim_}")
+        return x * self.weight if self.weight != 1.0 else x
+
+
+class VectorTable:
+    """A :class:`VectorSource` held in memory: ``docs`` (n,) and their ``vectors`` (n, d),
+    looked up by text (simulate's data set, embedded once)."""
+
+    def __init__(self, model: str, docs: Sequence[str], vectors: np.ndarray):
+        self.model = model
+        self.vectors = np.asarray(vectors, dtype=np.float32)
+        self.index: dict[str, int] = {}
+        for i, doc in enumerate(docs):
+            self.index.setdefault(doc, i)
+
+    def __call__(self, docs: Sequence[str]) -> np.ndarray:
+        rows = [self.index.get(doc, -1) for doc in docs]
+        missing = sum(1 for r in rows if r < 0)
+        if missing:
+            raise ModelError(f"{missing} of {len(rows)} texts have no embedding of {self.model!r}")
+        return self.vectors[rows] if rows else np.empty((0, self.vectors.shape[1]), np.float32)
+
+
+class _ProbeVectors:
+    """Deterministic vectors for any text (the trust probe: fitting needs some)."""
+
+    model = "probe"
+
+    def __call__(self, docs: Sequence[str]) -> np.ndarray:
+        return np.asarray([[len(d) % 7 + 1.0, d.count(" ") + 1.0, 1.0] for d in docs], dtype=np.float32)
+
+
+def embedding_steps(model) -> list[EmbeddingFeatures]:
+    """The embedding steps of a pipeline (at its top or in a FeatureUnion of it)."""
+    found = []
+    for _, step in getattr(model, "steps", []):
+        if isinstance(step, EmbeddingFeatures):
+            found.append(step)
+        for _, inner in getattr(step, "transformer_list", []):
+            if isinstance(inner, EmbeddingFeatures):
+                found.append(inner)
+    return found
+
+
+def embeddings_needed(model) -> tuple[str, int] | None:
+    """(embedding model, dimension) a fitted pipeline reads, or None for a TF-IDF model."""
+    steps = [s for s in embedding_steps(model) if hasattr(s, "embedding_model_")]
+    return (steps[0].embedding_model_, int(steps[0].dim_)) if steps else None
+
+
+def similarity_features(model) -> Callable[[Sequence[str]], object]:
+    """``texts -> rows`` whose cosine says how alike texts are (near-duplicates, badge):
+    the model's TF-IDF step where it has one (the words), else its embedding rows."""
+    steps = model.named_steps
+    if "tfidf" in steps:
+        return steps["tfidf"].transform
+    if "features" in steps:
+        tfidf = dict(steps["features"].transformer_list)["tfidf"]
+        return tfidf.transform
+    return steps["embeddings"].transform
+
+
+def _tfidf_of(features: Pipeline):
+    """The TF-IDF step of fitted-or-not feature steps, wherever it sits; None without one."""
+    steps = features.named_steps
+    if "tfidf" in steps:
+        return steps["tfidf"]
+    if "features" in steps:
+        return dict(steps["features"].transformer_list).get("tfidf")
+    return None
+
+
+def _fit_embeddings(features: Pipeline, docs: Sequence[str]) -> None:
+    for step in embedding_steps(features):
+        step.fit(docs)
+
+
+def _vstack(a, b):
+    """Rows of ``a`` then ``b``: sparse if either is, else dense."""
+    import scipy.sparse as sp
+
+    if sp.issparse(a) or sp.issparse(b):
+        return sp.vstack([a, b]).tocsr()
+    return np.vstack([a, b])
 
 
 def fit_features(settings: ModelSettings, docs: Sequence[str], seed: int = 0) -> Pipeline:
@@ -73,7 +248,11 @@ def fit_features(settings: ModelSettings, docs: Sequence[str], seed: int = 0) ->
     if not docs:
         raise ModelError("no documents to fit the vectorizer on")
     features = build_model(settings)[:-1]
-    tfidf = features.named_steps["tfidf"].fit(docs)
+    _fit_embeddings(features, docs)
+    tfidf = _tfidf_of(features)
+    if tfidf is None:
+        return features
+    tfidf.fit(docs)
     if "lsa" in features.named_steps:
         x = tfidf.transform(docs)
         # TruncatedSVD needs fewer components than documents and terms (tiny pools, tests).
@@ -122,10 +301,13 @@ def fit(settings: ModelSettings, docs: Sequence[str], labels: Sequence[str],
 def labeled_features(settings: ModelSettings, docs: Sequence[str], corpus: "Corpus | None" = None) -> Pipeline:
     """The feature steps of ``vectorizer_fit = "labeled"`` fitted on ``docs``: TF-IDF of
     the labeled items (from ``corpus``' counts when it has them all, the same features)."""
-    if corpus is not None and corpus.serves(settings, docs):
+    if settings.features == "tfidf" and corpus is not None and corpus.serves(settings, docs):
         return Pipeline([("tfidf", CorpusTfidf(corpus).fit(docs))])
     features = build_model(settings)[:-1]
-    features.named_steps["tfidf"].fit(list(docs))
+    _fit_embeddings(features, list(docs))
+    tfidf = _tfidf_of(features)
+    if tfidf is not None:
+        tfidf.fit(list(docs))
     return features
 
 
@@ -396,7 +578,6 @@ def self_training_evidence(settings: ModelSettings, x, y: np.ndarray, pool_x, sh
     bootstrap standard error of their paired difference (items resampled, both arms on
     the same resample); or {reason} when the labels are too few for folds.
     """
-    import scipy.sparse as sp
     from sklearn.linear_model import LogisticRegression
 
     classes, codes = np.unique(np.asarray(y, dtype=object).astype(str), return_inverse=True)
@@ -422,7 +603,7 @@ def self_training_evidence(settings: ModelSettings, x, y: np.ndarray, pool_x, sh
         if type(st) is LogisticRegression:  # started at the fold's plain model: the same optimum, sooner
             st.set_params(warm_start=True)
             st.coef_, st.intercept_ = base.coef_.copy(), base.intercept_.copy()
-        st = st.fit(sp.vstack([x[train], pool_x[picks]]).tocsr(), np.concatenate([y[train], predicted[picks]]))
+        st = st.fit(_vstack(x[train], pool_x[picks]), np.concatenate([y[train], predicted[picks]]))
         with_[test] = [index[str(c)] for c in st.predict(x[test])]
     weights = np.random.default_rng([seed, 26]).multinomial(len(y), np.full(len(y), 1.0 / len(y)),
                                                              size=AUTO_BOOTSTRAP).astype(float)
@@ -435,7 +616,8 @@ def self_training_evidence(settings: ModelSettings, x, y: np.ndarray, pool_x, sh
 def self_train(settings: ModelSettings, docs: Sequence[str], labels: Sequence[str],
                pool_docs: Sequence[str] | None, features: Pipeline | None = None, *,
                metric: str = "macro_f1", seed: int = 0, corpus: "Corpus | None" = None,
-               previous: Mapping | None = None, warm: Pipeline | None = None) -> SelfTrained:
+               previous: Mapping | None = None, warm: Pipeline | None = None,
+               weak: tuple[Sequence[str], Sequence[str]] | None = None) -> SelfTrained:
     """The model of a retrain, self-trained or not as ``settings.self_training`` says.
 
     The features are fitted once (``features`` as given with ``vectorizer_fit = "pool"``;
@@ -458,6 +640,11 @@ def self_train(settings: ModelSettings, docs: Sequence[str], labels: Sequence[st
     ``decision`` dict); its evidence stands until the labels have grown :data:`AUTO_REFRESH`
     times past the count it was gathered on (``evidence_labels``).
 
+    ``weak``: (docs, labels) of weak labels (the LLM's surest pre-labels of pool items,
+    ``[llm] weak_label_confidence``): rows of the final model beside the pseudo-labels,
+    self-trained or not; never read by the evidence nor by the model that picks the
+    pseudo-labels, so only human labels judge and pick. ``pool_docs`` should leave them out.
+
     BLAS runs on one thread here: the fits are many small dense products on coefficient
     matrices, which threads do not speed up and, on a busy machine, slow down many times
     over (one retrain on 200 AG News labels: 0.26 s on one thread, 6.9 s on two busy cores
@@ -467,16 +654,15 @@ def self_train(settings: ModelSettings, docs: Sequence[str], labels: Sequence[st
 
     with threadpool_limits(limits=1, user_api="blas"):
         return _self_train(settings, docs, labels, pool_docs, features, metric=metric, seed=seed, corpus=corpus,
-                           previous=previous, warm=warm)
+                           previous=previous, warm=warm, weak=weak)
 
 
 def _self_train(settings: ModelSettings, docs: Sequence[str], labels: Sequence[str],
                 pool_docs: Sequence[str] | None, features: Pipeline | None = None, *,
                 metric: str = "macro_f1", seed: int = 0, corpus: "Corpus | None" = None,
-                previous: Mapping | None = None, warm: Pipeline | None = None) -> SelfTrained:
+                previous: Mapping | None = None, warm: Pipeline | None = None,
+                weak: tuple[Sequence[str], Sequence[str]] | None = None) -> SelfTrained:
     """The body of :func:`self_train`."""
-    import scipy.sparse as sp
-
     mode, share = self_training_mode(settings)
     reason = trainable(labels)
     if reason:
@@ -486,12 +672,21 @@ def _self_train(settings: ModelSettings, docs: Sequence[str], labels: Sequence[s
         features = (labeled_features(settings, docs, corpus) if settings.vectorizer_fit == "labeled"
                     else fit_features(settings, docs))
     x = features.transform(docs)
+    weak_docs, weak_y = (list(weak[0]), np.asarray(list(weak[1]), dtype=object)) if weak else ([], None)
     decision = {"mode": mode, "used": False, "share": share}
+    if weak_docs:
+        decision["weak_labels"] = len(weak_docs)
 
     def plain(why: str | None = None) -> SelfTrained:
-        """The configured classifier on the human labels alone: the retrain's model."""
-        model = Pipeline(list(features.steps) + [("clf", _clf(settings).fit(x, y))])
-        return SelfTrained(model, [], [], dict(decision, **({"reason": why} if why else {})), model)
+        """The configured classifier on the human labels (and the weak ones): the retrain's model."""
+        decided = dict(decision, **({"reason": why} if why else {}))
+        if not weak_docs:
+            model = Pipeline(list(features.steps) + [("clf", _clf(settings).fit(x, y))])
+            return SelfTrained(model, [], [], decided, model)
+        final_features, train_x = _with_extra(settings, features, x, docs, weak_docs, corpus)
+        model = Pipeline(list(final_features.steps)
+                         + [("clf", _clf(settings).fit(train_x, np.concatenate([y, weak_y])))])
+        return SelfTrained(model, [], [], decided, None)
 
     if mode == "off":
         return plain("self_training = 0")
@@ -542,17 +737,30 @@ def _self_train(settings: ModelSettings, docs: Sequence[str], labels: Sequence[s
     if settings.vectorizer_fit == "labeled":
         # the final model's TF-IDF also reads the pseudo-labeled texts, their words too (with
         # the plain model's TF-IDF, AG News margin: AULC 0.806 and 620 labels, not 0.812 and 570)
-        final_features = labeled_features(settings, docs + extra_docs, corpus)
-        train_x = final_features.transform(docs + extra_docs)
+        final_features = labeled_features(settings, docs + extra_docs + weak_docs, corpus)
+        train_x = final_features.transform(docs + extra_docs + weak_docs)
     else:
-        final_features, train_x = features, sp.vstack([x, pool_x()[picks]]).tocsr()
+        final_features, train_x = features, _vstack(x, pool_x()[picks])
+        if weak_docs:
+            train_x = _vstack(train_x, features.transform(weak_docs))
     final = _final_clf(settings, picker, features, final_features, warm)
-    final.fit(train_x, np.concatenate([y, predicted[picks]]))
+    final.fit(train_x, np.concatenate([y, predicted[picks]] + ([weak_y] if weak_docs else [])))
     if getattr(final, "warm_start", False):
         final.set_params(warm_start=False)
     decision["used"] = True
     model = Pipeline(list(final_features.steps) + [("clf", final)])
     return SelfTrained(model, extra_docs, predicted[picks].tolist(), dict(decision), None)
+
+
+def _with_extra(settings: ModelSettings, features: Pipeline, x, docs: list[str], extra: list[str],
+                corpus: "Corpus | None"):
+    """(features, rows) of ``docs`` then ``extra``: with ``vectorizer_fit = "labeled"`` the
+    features refitted on both (the words of the extra texts count too), else ``features``
+    as they are, with the extra rows under ``x``."""
+    if settings.vectorizer_fit == "labeled":
+        final = labeled_features(settings, docs + extra, corpus)
+        return final, final.transform(docs + extra)
+    return features, _vstack(x, features.transform(extra))
 
 
 def self_training_note(decision: Mapping | None) -> str | None:
@@ -561,9 +769,12 @@ def self_training_note(decision: Mapping | None) -> str | None:
     "no self-training: why"; None when it was off by configuration (or never recorded)."""
     decision = decision or {}
     pseudo = decision.get("pseudo_labels")
+    weak = f", +{decision['weak_labels']} LLM weak labels" if decision.get("weak_labels") else ""
     why = f": {decision['reason']}" if decision.get("mode") == "auto" and decision.get("reason") else ""
     if pseudo:
-        return f"+{pseudo} self-training pseudo-labels{why}"
+        return f"+{pseudo} self-training pseudo-labels{weak}{why}"
+    if weak:
+        return f"no self-training{weak}{why}"
     return f"no self-training{why}" if why else None
 
 
@@ -709,7 +920,8 @@ def trusted_types(settings: ModelSettings, classes: Sequence[str]) -> frozenset[
     key = json.dumps([settings.model_dump(mode="json"), list(classes)], sort_keys=True, default=str)
     if key not in _TRUSTED:
         try:
-            model = fit(settings, *_probe_corpus(classes))
+            with thread_vectors(_ProbeVectors()):
+                model = fit(settings, *_probe_corpus(classes))
             found = set(sio.get_untrusted_types(data=sio.dumps(model)))
         except Exception:  # noqa: BLE001 - a classifier the probe cannot fit
             model = build_model(settings)

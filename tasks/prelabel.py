@@ -23,7 +23,7 @@ import atexit
 import logging
 import threading
 from collections import deque
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -32,7 +32,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from alflow.config import RunnerSettings, Settings
-from alflow.tasks.modeling import score_chunk
+from alflow.tasks.modeling import embeddings_needed, score_chunk
 from alflow.tasks.progress import track
 from alflow.tasks.retrying import is_transient
 from alflow.tasks.store import Store
@@ -192,6 +192,13 @@ class LocalClusterKeeper:
         self._workers = 0
         self._users = 0
         self._timer: threading.Timer | None = None
+        self._starting = False  # a start_soon thread is starting it (read without the lock)
+
+    @property
+    def starting(self) -> bool:
+        """True while :meth:`start_soon` is starting the cluster: a step that asks for it
+        now would wait for its workers (seconds of imports)."""
+        return self._starting
 
     def running(self, workers: int) -> bool:
         """True if a cluster of ``workers`` worker processes is up (its start-up is paid)."""
@@ -204,15 +211,19 @@ class LocalClusterKeeper:
         workers start and import while that work runs. Unused, it stops after
         ``idle_seconds``. Returns the thread."""
         def start() -> None:
-            with self._lock:
-                if self._users == 0 and not (self._up() and self._workers == workers):
-                    try:
-                        self._ensure(workers)
-                    except Exception as exc:  # noqa: BLE001 - the step that uses it starts it again, or says why
-                        _logger.warning(f"the local Dask cluster did not start ahead of its step: {exc}")
-                        return
-                    self._idle(idle_seconds)
+            try:
+                with self._lock:
+                    if self._users == 0 and not (self._up() and self._workers == workers):
+                        try:
+                            self._ensure(workers)
+                        except Exception as exc:  # noqa: BLE001 - the step that uses it starts it again, or says why
+                            _logger.warning(f"the local Dask cluster did not start ahead of its step: {exc}")
+                            return
+                        self._idle(idle_seconds)
+            finally:
+                self._starting = False
 
+        self._starting = True  # from now: a step asking for the cluster finds it starting
         thread = threading.Thread(target=start, name="alflow-dask-start", daemon=True)
         thread.start()
         return thread
@@ -343,6 +354,8 @@ def on_runner(settings: Settings, n_items: int, scoring_task, **fixed) -> Iterat
     warm = (not runner.dask_address and n_items > settings.query.chunk_size
             and LOCAL_CLUSTER.running(runner.workers))
     kind = runner_kind(runner, n_items, warm)
+    if embeddings_needed(fixed.get("model")) is not None:
+        kind = "threads"  # its vectors are read from DuckDB in this process (alflow.tasks.embeddings)
     with task_runner(settings, kind) as started:
         def submit(docs: pa.Array):
             return started.submit(scoring_task, dict(fixed, docs=docs))
@@ -383,13 +396,30 @@ def prelabel_with_runner(settings: Settings, model, model_version: int) -> tuple
 
 
 def predict_with_runner(settings: Settings, model, chunks: Iterable[pa.RecordBatch],
-                        n_items: int) -> tuple[pa.Table, str | None]:
+                        n_items: int) -> tuple[pa.Table, str | None, int]:
     """:func:`predict_items` with the chunks predicted on the configured task runner:
-    ((item_id, label) table, the runner kind used, None when ``n_items`` is 0)."""
+    ((item_id, label) table, the runner kind used (None when no chunk went to it), how
+    many items were predicted in this process instead).
+
+    While this process's LocalCluster is starting (:meth:`LocalClusterKeeper.start_soon`,
+    during the retrain's fit), chunks are predicted here rather than waiting for its
+    workers' start-up with nothing to do; the runner takes the rest once it is up."""
     if n_items == 0:
-        return predict_items(model, [], 0), None
-    with on_runner(settings, n_items, predict_chunk_task, model=model) as (submit, in_flight, kind):
-        return predict_items(model, chunks, n_items, submit=submit, in_flight=in_flight), kind
+        return predict_items(model, [], 0), None, 0
+    runner: dict = {"here": 0}
+    with ExitStack() as stack:
+        def submit(docs: pa.Array):
+            if "submit" not in runner:
+                if LOCAL_CLUSTER.starting and not settings.runner.dask_address:
+                    runner["here"] += len(docs)
+                    return _Now(predicted_labels(model, docs))
+                runner["submit"], _, runner["kind"] = stack.enter_context(
+                    on_runner(settings, n_items, predict_chunk_task, model=model))
+            return runner["submit"](docs)
+
+        table = predict_items(model, chunks, n_items, submit=submit,
+                              in_flight=IN_FLIGHT_PER_WORKER * settings.runner.workers)
+    return table, runner.get("kind"), runner["here"]
 
 
 @task(name="pre-label", retries=1, retry_delay_seconds=10, cache_policy=NONE,

@@ -3,11 +3,17 @@
 :func:`select` and :func:`cold_start_select` are the selection itself, over plain arrays;
 a real cycle (:func:`query_batch`) and ``alflow simulate`` both call them, so a simulation
 replays exactly what a run would ask.
+
+With an LLM (``[llm]``, :mod:`alflow.tasks.llm`), the cycle asks it about candidates before
+the query and hands its answers (``opinions``) in: a cold start picks, in each coverage
+cluster, the candidate the LLM is least sure of and pre-labels the batch with its answers;
+a model's query ranks first the items where the LLM names another class (the second
+opinion). Without an LLM, or when it could not be used, nothing changes.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -24,6 +30,9 @@ from alflow.tasks.review import plan_review
 from alflow.tasks.store import Store
 from alflow.tasks.store.batches import PoolChangedError
 
+if TYPE_CHECKING:
+    from alflow.tasks.llm import Opinions
+
 # How often the query picks again when another cycle took some of its picks meanwhile.
 QUERY_ATTEMPTS = 3
 # Members of the bagged committee of the ``committee`` strategy.
@@ -35,6 +44,8 @@ CANDIDATE_FACTOR = 8
 # What ``picked_by`` says for a strategy's own (non-random) picks.
 PICKED_BY = {"badge": "diversity", "class_balanced": "class_balance", "committee": "committee",
              "cluster_margin": "diversity"}
+# What ``picked_by`` says for a pick ranked first because the LLM names another class than the model.
+DISAGREEMENT = "disagreement"
 
 
 def batch_rng(seed: int, store: Store) -> np.random.Generator:
@@ -43,13 +54,21 @@ def batch_rng(seed: int, store: Store) -> np.random.Generator:
     return np.random.default_rng([seed, n_batches])
 
 
-def strategy_label(settings: Settings, model_version: int | None) -> str:
+def batch_k(settings: Settings, budget_left: int | None) -> int:
+    """How many items the next batch asks: query.batch_size, fewer when the budget is short."""
+    return settings.query.batch_size if budget_left is None else min(settings.query.batch_size, budget_left)
+
+
+def strategy_label(settings: Settings, model_version: int | None, llm: bool = False) -> str:
+    """The batch's ``strategy``: 'cold-start:coverage', 'margin+exploration(0.1)'; with the
+    LLM's answers used (``llm``), 'cold-start:coverage+llm', 'margin+second_opinion+...'."""
     q = settings.query
     if model_version is None:
-        return f"cold-start:{q.cold_start}"
+        return f"cold-start:{q.cold_start}" + ("+llm" if llm else "")
+    name = f"{q.strategy}+second_opinion" if llm and q.strategy != "random" else q.strategy
     if q.strategy == "random" or q.exploration == 0:
-        return q.strategy
-    return f"{q.strategy}+exploration({q.exploration:g})"
+        return name
+    return f"{name}+exploration({q.exploration:g})"
 
 
 # -- the selection, shared by a real cycle and `alflow simulate` ------------------------------
@@ -98,8 +117,9 @@ def build_pool(q: QuerySettings, proba: np.ndarray, model, docs_of: Callable[[np
     from alflow.tasks import modeling
 
     needs_features = q.near_duplicate is not None or q.strategy in ("badge", "cluster_margin")
-    # TF-IDF rows: near-duplicates are about the words (not the LSA topic dimensions).
-    vectorize = model.named_steps["tfidf"].transform if needs_features else None
+    # TF-IDF rows: near-duplicates are about the words (not the LSA topic dimensions); a
+    # model without TF-IDF (features = "embeddings") gives its embedding rows.
+    vectorize = modeling.similarity_features(model) if needs_features else None
     features = (lambda rows: vectorize(docs_of(np.asarray(rows)))) if needs_features else None
     embedding = None
     if q.strategy == "cluster_margin" and "lsa" in model.named_steps:
@@ -126,18 +146,86 @@ def build_pool(q: QuerySettings, proba: np.ndarray, model, docs_of: Callable[[np
 
 def select(q: QuerySettings, pool: strategies.Pool, k: int,
            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """The configured strategy's batch: (indices into the pool, scores, picked_by)."""
-    strategy = strategies.get_strategy(q.strategy, q.exploration, q.near_duplicate, q.candidates)
+    """The configured strategy's batch: (indices into the pool, scores, picked_by).
+
+    With ``pool.second_opinion`` (the LLM's answers), the items where it names another
+    class than the model come first (:func:`~alflow.tasks.strategies.with_second_opinion`),
+    picked_by 'disagreement'."""
+    second = pool.second_opinion is not None and q.strategy != "random"
+    strategy = strategies.get_strategy(q.strategy, q.exploration, q.near_duplicate, q.candidates,
+                                       second_opinion=second)
     idx, scores = strategy(pool, k, rng)
     if q.strategy == "random":
         picked_by = ["random"] * len(idx)
     else:
         own = PICKED_BY.get(q.strategy, "uncertainty")
         picked_by = ["exploration" if np.isnan(s) else own for s in scores]
+    if second and len(idx):
+        differ = strategies.disagreement(pool.proba[idx], pool.second_opinion[idx]) == 1.0
+        picked_by = [DISAGREEMENT if d and p != "exploration" else p for d, p in zip(differ, picked_by)]
     return idx, scores, picked_by
 
 
 # -- a real cycle: the same selection over the store ------------------------------------------
+def cold_start_candidates(store: Store, settings: Settings, k: int, rng: np.random.Generator,
+                          holdout: float | None, m: int) -> pd.DataFrame:
+    """No model yet, an LLM to ask: about ``m`` candidates for a batch of ``k``, as
+    (item_id, doc, group), in the order to ask them (every group's first, then every
+    group's second, ...). With query.cold_start = "coverage" a seeded sample of the pool
+    (query.coverage_sample) is clustered into k groups and each gives its max(1, m // k)
+    members nearest its centre (:func:`~alflow.tasks.strategies.coverage_groups`); with
+    "random", max(m, k) items of the sample, all in group 0. :func:`llm_cold_start_picks`
+    then takes from each group the candidate the LLM is least sure of."""
+    sample = store.sample_pool(settings.query.coverage_sample, int(rng.integers(2**31 - 1)), holdout)
+    if sample.empty or k <= 0:
+        return pd.DataFrame({"item_id": [], "doc": [], "group": []})
+    if settings.query.cold_start == "coverage":
+        features = TfidfVectorizer(sublinear_tf=True, min_df=1).fit_transform(sample["doc"].tolist())
+        rows, groups = strategies.coverage_groups(features, k, max(1, m // k), rng)
+        order = np.lexsort((np.arange(rows.size), groups, _turns(groups)))
+        rows, groups = rows[order], groups[order]
+    else:
+        rows = rng.choice(len(sample), size=min(len(sample), max(m, k)), replace=False)
+        groups = np.zeros(rows.size, dtype=np.int64)
+    return pd.DataFrame({"item_id": sample["item_id"].to_numpy()[rows], "doc": sample["doc"].to_numpy()[rows],
+                         "group": groups})
+
+
+def _turns(groups: np.ndarray) -> np.ndarray:
+    """Each row's place within its group (0 = first), a group's rows being consecutive."""
+    turns = np.zeros(groups.size, dtype=np.int64)
+    for i in range(1, groups.size):
+        turns[i] = turns[i - 1] + 1 if groups[i] == groups[i - 1] else 0
+    return turns
+
+
+def llm_cold_start_picks(store: Store, settings: Settings, k: int, holdout: float | None,
+                         opinions: "Opinions") -> pd.DataFrame:
+    """No model yet, the LLM's answers about the cold-start candidates in hand: from each
+    group (:func:`cold_start_candidates`), the candidate still in the pool that the LLM is
+    least sure of (1 - margin of its probabilities; where it gave no confidence, the one
+    nearest the group's centre), pre-labeled with its answer (prelabel_by 'llm').
+
+    Coverage and uncertainty together: each cluster of the pool gives one item, so the
+    first batch still spans the pool's topics, and within a cluster the item the LLM finds
+    hardest is where a person's answer adds most (its sure answers are cheap to confirm
+    and teach the first model little). Clustering first keeps k near-copies of one
+    confusing kind of text out of the batch."""
+    ids = np.asarray(opinions.item_ids, dtype=object)
+    keep = np.isin(ids, store.pool_members(ids.tolist(), holdout))
+    uncertainty = opinions.uncertainty()
+    rows = np.flatnonzero(keep)[strategies.least_confident_per_group(opinions.groups[keep], uncertainty[keep], k)]
+    labels = opinions.labels[rows]
+    return pd.DataFrame({
+        "item_id": ids[rows],
+        "score": uncertainty[rows],
+        "prelabel": labels,
+        "confidence": opinions.confidence[rows],
+        "picked_by": settings.query.cold_start,
+        "prelabel_by": ["llm" if isinstance(label, str) else None for label in labels],
+    })
+
+
 def cold_start_picks(store: Store, settings: Settings, k: int, rng: np.random.Generator,
                      holdout: float | None) -> pd.DataFrame:
     """No model yet: :func:`cold_start_select` over a seeded sample of the pool."""
@@ -197,11 +285,24 @@ def read_candidates(store: Store, model_version: int, n_classes: int, q: QuerySe
     return item_ids, proba, labels, explore, whole
 
 
+def second_opinion_candidates(store: Store, settings: Settings, model_version: int, k: int,
+                              holdout: float | None) -> list[str]:
+    """The model's most uncertain pool items, most uncertain first: the candidates the
+    query ranks (:func:`candidate_plan`, without its exploration sample), where a second
+    opinion can change the batch; none for the random strategy, which ranks nothing."""
+    by, per_label, n = candidate_plan(settings.query, k)
+    if by is None:
+        return []
+    item_ids, _, _ = store.top_predictions(model_version, len(settings.labels), by, n, holdout, per_label=per_label)
+    return item_ids.tolist()
+
+
 def model_picks(store: Store, settings: Settings, model_version: int, k: int,
-                rng: np.random.Generator, holdout: float | None) -> pd.DataFrame:
+                rng: np.random.Generator, holdout: float | None, opinions: "Opinions | None" = None) -> pd.DataFrame:
     """:func:`select` over candidates read from the stored predictions (never the whole
     pool); candidates' texts come from DuckDB. A batch left short (the near-duplicate filter
-    spent the candidates) reads twice as many and picks again, with the same draws."""
+    spent the candidates) reads twice as many and picks again, with the same draws.
+    ``opinions``: the LLM's answers about some candidates, the pool's second opinion."""
     from alflow.tasks.store import document
 
     q = settings.query
@@ -228,6 +329,8 @@ def model_picks(store: Store, settings: Settings, model_version: int, k: int,
         pool = build_pool(q, proba, model, docs_of, labeled["doc"].tolist(), labeled["label"].tolist(),
                           settings.labels, settings.model, rng)
         pool.explore = None if whole else explore
+        if opinions is not None:
+            pool.second_opinion = opinions.proba_for(item_ids)
         idx, scores, picked_by = select(q, pool, k, rng)
         if len(idx) >= k or whole:
             break
@@ -242,15 +345,17 @@ def model_picks(store: Store, settings: Settings, model_version: int, k: int,
 
 
 def query_batch(store: Store, settings: Settings, model_version: int | None,
-                flow_run_id: str | None, budget_left: int | None = None) -> str | None:
+                flow_run_id: str | None, budget_left: int | None = None,
+                opinions: "Opinions | None" = None) -> str | None:
     """Pick and record a batch; returns its batch_id, or None if nothing is left to ask.
 
     Idempotent per flow run: a retried or re-run step returns the run's existing batch.
     If another cycle recorded a batch with some of the same items meanwhile, the batch is
     refused by the store and picked again from the pool as it now is (``QUERY_ATTEMPTS``
-    times at most): an item is never in two open batches.
+    times at most): an item is never in two open batches. ``opinions``: the LLM's answers
+    about this cycle's candidates (:func:`alflow.tasks.llm.llm_opinions`), or None.
     """
-    k = settings.query.batch_size if budget_left is None else min(settings.query.batch_size, budget_left)
+    k = batch_k(settings, budget_left)
     holdout = settings.holdout_fraction
     for attempt in range(1, QUERY_ATTEMPTS + 1):
         if flow_run_id:
@@ -260,10 +365,12 @@ def query_batch(store: Store, settings: Settings, model_version: int | None,
         if k <= 0:
             return None
         rng = batch_rng(settings.seed, store)
-        if model_version is None:
+        if model_version is None and opinions is not None:
+            picks = llm_cold_start_picks(store, settings, k, holdout, opinions)
+        elif model_version is None:
             picks = cold_start_picks(store, settings, k, rng, holdout)
         else:
-            picks = model_picks(store, settings, model_version, k, rng, holdout)
+            picks = model_picks(store, settings, model_version, k, rng, holdout, opinions)
         # flagged labels to recheck first, the random control slice last (alflow.tasks.control)
         picks = compose_batch(store, settings, model_version, picks, k)
         # items whose answers tie or disagree go first; review.overlap on a share (alflow.tasks.review)
@@ -272,7 +379,8 @@ def query_batch(store: Store, settings: Settings, model_version: int | None,
             return None
         picks = picks.assign(rank=np.arange(1, len(picks) + 1))
         try:
-            batch_id = store.create_batch(flow_run_id, strategy_label(settings, model_version), model_version, picks)
+            batch_id = store.create_batch(flow_run_id, strategy_label(settings, model_version, opinions is not None),
+                                          model_version, picks)
         except PoolChangedError:
             if attempt == QUERY_ATTEMPTS:
                 raise
@@ -285,7 +393,7 @@ def query_batch(store: Store, settings: Settings, model_version: int | None,
 @task(name="query", retries=1, retry_delay_seconds=10, cache_policy=NONE,
       retry_condition_fn=is_transient)
 def query_task(settings: Settings, model_version: int | None, flow_run_id: str | None,
-               budget_left: int | None = None) -> str | None:
+               budget_left: int | None = None, opinions: "Opinions | None" = None) -> str | None:
     store = Store(settings.database, settings.store.lock_timeout_seconds)
     with store.held():  # a score of short reads: open the file once, not per read
-        return query_batch(store, settings, model_version, flow_run_id, budget_left)
+        return query_batch(store, settings, model_version, flow_run_id, budget_left, opinions)

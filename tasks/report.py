@@ -195,17 +195,74 @@ def review_outcome(store, batch_id: str) -> tuple[str, str]:
     return outcome_line(answers_line(store.prelabel_agreement(batch_id)), arrival), arrival
 
 
+def llm_report(store, batch_id: str | None) -> dict | None:
+    """The LLM's part in a cycle, for its report: ``prelabels`` (how the batch's answers
+    took the pre-labels shown, apart by who suggested them: :meth:`Store.prelabel_kept`)
+    and ``usage`` (what the run that queried the batch asked the LLM, summed over its
+    steps: :meth:`Store.llm_usage`); None when the LLM had no part (nothing asked, no LLM
+    pre-label shown)."""
+    if batch_id is None:
+        return None
+    batch = store.batch(batch_id)
+    run = batch["flow_run_id"] if batch is not None and isinstance(batch["flow_run_id"], str) else None
+    usage = store.llm_usage(run) if run is not None else None
+    kept = store.prelabel_kept(batch_id)
+    if usage is None and not kept["llm"]["shown"]:
+        return None
+    return {"usage": usage, "prelabels": kept}
+
+
+def kept_text(counts: dict) -> str:
+    """'14 of 20 kept (5 changed, 1 skipped)': answers against the pre-labels shown
+    (:meth:`Store.prelabel_kept`'s counts of one suggester)."""
+    text = f"{counts['kept']} of {counts['shown']} kept"
+    more = [f"{counts[key]} {key}" for key in ("changed", "skipped") if counts.get(key)]
+    return text + (f" ({', '.join(more)})" if more else "")
+
+
+def llm_usage_text(usage: dict) -> str:
+    """'203 requests (3 retried), 2 failed, 1 outside the classes, 9,100 prompt + 400
+    completion tokens, 8.2 s' (tokens: 'no token counts' when the server gave none), and
+    why the endpoint could not be used, if it could not."""
+    parts = [f"{usage['requests']} requests" + (f" ({usage['retried']} retried)" if usage.get("retried") else "")]
+    parts += [f"{usage[key]} {words}" for key, words in (("failed", "failed"), ("outside", "outside the classes"),
+                                                          ("malformed", "malformed")) if usage.get(key)]
+    if usage.get("prompt_tokens") is None and usage.get("completion_tokens") is None:
+        parts.append("no token counts")
+    else:
+        parts.append(f"{usage.get('prompt_tokens') or 0:,} prompt + {usage.get('completion_tokens') or 0:,} "
+                     "completion tokens")
+    parts.append(f"{usage.get('seconds') or 0:.1f} s")
+    text = ", ".join(parts)
+    return text + (f"; could not be used: {usage['error']}" if usage.get("error") else "")
+
+
+def llm_lines(llm: dict) -> list[str]:
+    """Markdown lines: the humans' agreement with the LLM's pre-labels, apart from the
+    model's ('LLM pre-labels: 14 of 20 kept'), and what the run asked the LLM."""
+    lines = []
+    kept = llm.get("prelabels") or {}
+    if (kept.get("llm") or {}).get("shown"):
+        lines.append(f"- LLM pre-labels: **{kept_text(kept['llm'])}**")
+        if (kept.get("model") or {}).get("shown"):
+            lines.append(f"- model pre-labels: **{kept_text(kept['model'])}**")
+    if llm.get("usage"):
+        lines.append(f"- LLM: {markdown_text(llm_usage_text(llm['usage']))}")
+    return lines
+
+
 def cycle_markdown(counts: dict, cycles: pd.DataFrame, train: dict | None, batch_id: str | None,
                    label_summary: str, metric: str, agreement: dict | None = None,
                    curve_url: str | None = None, quality: dict | None = None,
-                   annotators: dict | None = None, timings: dict | None = None) -> str:
+                   annotators: dict | None = None, timings: dict | None = None, llm: dict | None = None) -> str:
     """The run summary: pool, labels, the batch (its answers against the pre-labels shown,
     :func:`answers_line`, and ``label_summary``: how they arrived, :func:`arrival_text`),
     this cycle's metrics vs the previous, learning curve (the picture at
     ``curve_url``, when given, above the table); with ``quality``
     (:func:`alflow.tasks.stopping.assess_cycle`) the control-slice estimate beside them,
     the label flags and every stopping rule's state; with ``timings`` (seconds by step,
-    :mod:`alflow.tasks.timings`) where the cycle's time went."""
+    :mod:`alflow.tasks.timings`) where the cycle's time went; with ``llm``
+    (:func:`llm_report`) the LLM's pre-labels kept and what it was asked."""
     lines = ["# Active-learning cycle", ""]
     lines.append(f"- pool: **{counts['pool']}** items waiting of {counts['items']} stored"
                  + (f" ({counts['holdout']} held out for evaluation)" if counts.get("holdout") else ""))
@@ -213,6 +270,8 @@ def cycle_markdown(counts: dict, cycles: pd.DataFrame, train: dict | None, batch
     if batch_id:  # '20 answers, 13 kept the pre-label, 6 changed it, 1 skipped (from the terminal)'
         line = label_summary if agreement is None else outcome_line(answers_line(agreement), label_summary)
         lines.append(f"- batch `{batch_id}`: {markdown_text(line)}")
+    if llm is not None:
+        lines += llm_lines(llm)
     if annotators is not None:  # alflow.tasks.agreement.agreement_report
         lines += annotator_lines(annotators)
     if train:

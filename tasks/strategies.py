@@ -18,14 +18,18 @@ Every strategy has one shape, modAL-like: ``strategy(pool, k, rng) -> (indices, 
   - ``explore`` (e,): the rows exploration may draw from, a uniform sample of a larger
     pool of which these rows are the most uncertain candidates plus that sample (None:
     every row);
+  - ``second_opinion`` (n, c): another model's probabilities for the same rows (an LLM's,
+    :mod:`alflow.tasks.llm`), NaN rows where it gave none; a row may be one-hot where it
+    named a class without probabilities;
 * ``k``: how many items to pick (clipped to n_items);
 * ``rng``: a ``numpy.random.Generator`` (random picks and k-means++ seeding use it);
 * returns ``indices`` (<= k,) into the pool rows, in pick order (most informative first)
   and ``scores`` of the same length (higher = more informative; NaN for random picks).
 
-Strategies compose: :func:`with_exploration` spends a share of the batch on random picks,
-:func:`without_near_duplicates` drops any pick too similar to another pick or to a labeled
-item, and :func:`get_strategy` builds the configured composition by name.
+Strategies compose: :func:`with_second_opinion` ranks first the items another model (the
+LLM) labels differently, :func:`with_exploration` spends a share of the batch on random
+picks, :func:`without_near_duplicates` drops any pick too similar to another pick or to a
+labeled item, and :func:`get_strategy` builds the configured composition by name.
 """
 
 from __future__ import annotations
@@ -49,9 +53,15 @@ class Pool:
     committee: Callable[[np.ndarray], np.ndarray] | None = None
     embedding: Callable[[np.ndarray], np.ndarray] | None = None
     explore: np.ndarray | None = None
+    second_opinion: np.ndarray | None = None
 
     def __post_init__(self):
         self.proba = _check_proba(self.proba)
+        if self.second_opinion is not None:
+            self.second_opinion = np.asarray(self.second_opinion, dtype=float)
+            if self.second_opinion.shape != self.proba.shape:
+                raise ValueError(f"second_opinion must have the shape of proba {self.proba.shape}, "
+                                 f"got {self.second_opinion.shape}")
 
     @property
     def n(self) -> int:
@@ -357,6 +367,53 @@ def with_exploration(strategy: Strategy, share: float) -> Strategy:
     return composed
 
 
+def disagreement(proba: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """(n,) 1.0 where ``other`` (n, c) names another top class than ``proba`` (n, c), 0.0
+    where both name the same, NaN where ``other``'s row has no opinion (any NaN in it)."""
+    proba, other = _check_proba(proba), np.asarray(other, dtype=float)
+    if other.shape != proba.shape:
+        raise ValueError(f"the second opinion must have the shape of proba {proba.shape}, got {other.shape}")
+    missing = np.isnan(other).any(axis=1)
+    differ = (proba.argmax(axis=1) != np.nan_to_num(other, nan=-1.0).argmax(axis=1)).astype(float)
+    differ[missing] = np.nan
+    return differ
+
+
+def with_second_opinion(strategy: Strategy) -> Strategy:
+    """``strategy``, after the items on which the second opinion (``pool.second_opinion``,
+    e.g. an LLM's) names another top class than the model (:func:`disagreement`).
+
+    The disagreeing items come first, the one the model is least sure of first (smallest
+    margin of ``pool.proba``, ties by index), at most k of them; ``strategy``'s own picks
+    fill the rest in its order. Their scores are 1 + (1 - margin), above any margin score.
+
+    Disagreement is binary, not a divergence: an LLM's token probabilities are poorly
+    calibrated (zero-shot answers are often near-certain either way), and a server without
+    log-probabilities gives only a class, so a KL or JS divergence would mostly rank by how
+    sure the LLM happens to sound. Where the two name different classes one of them is
+    wrong, and the model's own margin says where a label teaches it the most. A no-op
+    without ``pool.second_opinion``.
+    """
+
+    def composed(pool, k: int, rng: np.random.Generator):
+        pool = as_pool(pool)
+        k = max(0, min(int(k), pool.n))
+        if pool.second_opinion is None or k == 0:
+            return strategy(pool, k, rng)
+        differ = np.flatnonzero(disagreement(pool.proba, pool.second_opinion) == 1.0)
+        unsure = MEASURES["margin"](pool.proba[differ])
+        order = top_k(unsure, k)
+        first = differ[order]
+        picks, scores = strategy(pool, k, rng)
+        rest = ~np.isin(picks, first)
+        take = k - first.size
+        return (np.concatenate([first, picks[rest][:take]]).astype(np.int64),
+                np.concatenate([1.0 + unsure[order], np.asarray(scores, dtype=float)[rest][:take]]))
+
+    composed.__name__ = f"{getattr(strategy, '__name__', 'strategy')}+second_opinion"
+    return composed
+
+
 def n_exploration(k: int, share: float) -> int:
     """How many of a batch of k :func:`with_exploration` draws at random (halves round up)."""
     return int(math.floor(k * share + 0.5))
@@ -438,12 +495,14 @@ NAMES = ("least_confidence", "margin", "entropy", "random", "badge", "class_bala
 
 
 def get_strategy(name: str, exploration: float = 0.0, near_duplicate: float | None = None,
-                 candidates: int = 10) -> Strategy:
-    """The configured strategy by name, composed: exploration share, then near-duplicates.
+                 candidates: int = 10, second_opinion: bool = False) -> Strategy:
+    """The configured strategy by name, composed: the second opinion, the exploration
+    share, then near-duplicates.
 
     ``name``: one of :data:`NAMES`; ``near_duplicate``: cosine threshold (None: off);
     ``candidates``: how many times k smallest-margin items badge, committee and
-    cluster_margin look at.
+    cluster_margin look at; ``second_opinion``: disagreements with ``pool.second_opinion``
+    first (:func:`with_second_opinion`; not for random, whose batch is the baseline).
     """
     if name == "random":
         base = random_sampling
@@ -457,6 +516,8 @@ def get_strategy(name: str, exploration: float = 0.0, near_duplicate: float | No
         base = cluster_margin(candidates)
     else:
         base = uncertainty_sampling(name)
+    if name != "random" and second_opinion:
+        base = with_second_opinion(base)
     if name != "random" and exploration > 0:
         base = with_exploration(base, exploration)
     if near_duplicate is not None:
@@ -500,3 +561,61 @@ def coverage(features, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np
         picks.extend(int(i) for i in np.sort(extra))
     picks_arr = np.asarray(picks, dtype=np.int64)
     return picks_arr, np.asarray([shares.get(i, np.nan) for i in picks], dtype=float)
+
+
+def coverage_groups(features, k: int, per_group: int,
+                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Cold-start candidates for a second look: the rows of ``features`` (n, d) clustered
+    into k groups as :func:`coverage` does (k-means seeded from ``rng``), and from each
+    group its ``per_group`` members nearest the centre, nearest first.
+
+    Returns (rows (m,), group (m,)), m <= k * per_group: group 0 is the largest cluster;
+    within a group, rows are nearest the centre first. An empty cluster gives nothing.
+    """
+    from sklearn.cluster import MiniBatchKMeans
+
+    n = features.shape[0]
+    k = max(0, min(int(k), n))
+    if k == 0 or per_group < 1:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+    if k == n:
+        return np.arange(n, dtype=np.int64), np.arange(n, dtype=np.int64)
+    seed = int(rng.integers(2**31 - 1))
+    kmeans = MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=3, batch_size=2048)
+    assignment = kmeans.fit_predict(features)
+    distance = kmeans.transform(features)[np.arange(n), assignment]  # to the row's own centre
+    sizes = np.bincount(assignment, minlength=k)
+    rows, groups = [], []
+    for group, cluster in enumerate(np.lexsort((np.arange(k), -sizes))):  # biggest cluster first
+        members = np.flatnonzero(assignment == cluster)
+        nearest = members[np.lexsort((members, distance[members]))][:per_group]
+        rows.append(nearest)
+        groups.append(np.full(nearest.size, group))
+    return np.concatenate(rows).astype(np.int64), np.concatenate(groups).astype(np.int64)
+
+
+def least_confident_per_group(group: np.ndarray, uncertainty: np.ndarray, k: int) -> np.ndarray:
+    """k positions: each group's most uncertain member, groups in order (0 first), then
+    each group's next one, and so on while k are wanted.
+
+    ``group`` (m,) ints; ``uncertainty`` (m,), higher = less sure, NaN for a member without
+    one (it comes after the group's members that have one, in position order). One group
+    gives the k most uncertain; k groups give one member each. Returns positions (<= k,)
+    in pick order.
+    """
+    group = np.asarray(group, dtype=np.int64)
+    uncertainty = np.asarray(uncertainty, dtype=float)
+    if group.shape != uncertainty.shape or group.ndim != 1:
+        raise ValueError(f"group and uncertainty must be (m,) alike, got {group.shape} and {uncertainty.shape}")
+    m = group.size
+    k = max(0, min(int(k), m))
+    if k == 0:
+        return np.empty(0, dtype=np.int64)
+    positions = np.arange(m)
+    unknown = np.isnan(uncertainty)
+    within = np.lexsort((positions, np.where(unknown, 0.0, -uncertainty), unknown, group))
+    turn = np.empty(m, dtype=np.int64)  # the member's place in its group: 0 = its first pick
+    starts = np.r_[0, np.flatnonzero(np.diff(group[within])) + 1]
+    for start, stop in zip(starts, np.r_[starts[1:], m]):
+        turn[within[start:stop]] = np.arange(stop - start)
+    return np.lexsort((positions, group, turn))[:k].astype(np.int64)

@@ -22,9 +22,10 @@ from prefect.cache_policies import NONE
 
 from alflow.config import Settings
 from alflow.tasks import modeling
+from alflow.tasks.embeddings import use_stored_vectors
 from alflow.tasks.faults import fault_point
 from alflow.tasks.retrying import is_transient
-from alflow.tasks.store import Store
+from alflow.tasks.store import Store, document
 
 log = logging.getLogger("alflow")
 
@@ -80,6 +81,9 @@ def _mismatch(store: Store, settings: Settings, row: dict, model=None) -> tuple[
     ``classes_`` outside ``labels``, or stored probabilities of another width, tell.
     """
     version = int(row["model_version"])
+    embeddings = _embeddings_mismatch(settings, row, model)
+    if embeddings is not None:
+        return embeddings, "retraining with the configured features"
     if row["classifier"] != settings.model.classifier:
         why = f"model.classifier changed since model v{version} ({row['classifier']} -> {settings.model.classifier})"
         return why, "retraining with the configured classifier"
@@ -100,6 +104,41 @@ def _mismatch(store: Store, settings: Settings, row: dict, model=None) -> tuple[
     if old == new:
         return None
     return f"labels changed since model v{version} ({old} -> {new})", "retraining on the new class list"
+
+
+def _embeddings_needed(row: dict, model=None) -> tuple[str, int] | None:
+    """(embedding model, dimension) the model of ``row`` reads (its metrics say, else the
+    loaded ``model``), or None for a model of TF-IDF features alone."""
+    stored = (_metrics(row).get("embeddings") or {})
+    if stored.get("model"):
+        return str(stored["model"]), int(stored["dim"])
+    return modeling.embeddings_needed(model) if model is not None else None
+
+
+def _embeddings_mismatch(settings: Settings, row: dict, model=None) -> str | None:
+    """Why the model of ``row`` cannot read this config's embeddings (one line naming both
+    embedding models), or None."""
+    needed = _embeddings_needed(row, model)
+    if needed is None:
+        return None
+    name, dim = needed
+    version = int(row["model_version"])
+    if settings.model.features == "tfidf":
+        return (f"model v{version} reads embeddings of {name!r} ({dim} dimensions) and model.features is now "
+                f"'tfidf'")
+    configured = settings.llm.embedding_model
+    if configured != name:
+        return (f"model v{version} reads embeddings of {name!r} ({dim} dimensions), the config names "
+                f"llm.embedding_model {configured!r}")
+    return None
+
+
+def _metrics(row: dict) -> dict:
+    """A ``models`` row's metrics as a dict, whether parsed already or JSON text ({} if none)."""
+    metrics = row.get("metrics")
+    if isinstance(metrics, str):
+        metrics = json.loads(metrics)
+    return metrics if isinstance(metrics, dict) else {}
 
 
 def find_usable_model(store: Store, settings: Settings,
@@ -154,6 +193,7 @@ def load_current_model(store: Store, settings: Settings, logger: logging.Logger 
     model (see :func:`find_usable_model`). If nothing is trainable on the configured labels
     yet, logs it and returns None.
     """
+    use_stored_vectors(store, settings, logger=logger)  # before the pool is pre-labeled
     current, problem = find_usable_model(store, settings, logger)
     if problem is None:
         return current
@@ -197,6 +237,9 @@ def _retrain(store: Store, settings: Settings, flow_run_id: str | None,
     """
     holdout = settings.holdout_fraction
     control_trains = settings.query.control_trains
+    # the cycle's pre-label embedded every item (load_current_model): a retrain after the
+    # review needs no endpoint, and a text without a vector is embedded when it is read
+    use_stored_vectors(store, settings, logger=logger, embed=False)
     frame, watermark = store.training_set(holdout, control_trains)
     frame = frame[frame["label"].isin(settings.labels)].reset_index(drop=True)
     labels = frame["label"].tolist()
@@ -214,13 +257,13 @@ def _retrain(store: Store, settings: Settings, flow_run_id: str | None,
             [watermark, json.dumps(params, default=str), json.dumps(list(settings.labels)), control_trains],
         )
         for row in existing.to_dict("records"):
-            if model_file(settings, row).is_file():
+            if model_file(settings, row).is_file() and _embeddings_mismatch(settings, row) is None:
                 return TrainResult(int(row["model_version"]), int(row["n_labels"]),
                                    json.loads(row["metrics"]) if row["metrics"] else None, bool(row["promoted"]),
                                    "already trained on these labels", counts), None
 
     gold = store.holdout_labels(holdout, settings.labels) if holdout else None
-    if on_runner and gold is not None:
+    if on_runner and gold is not None and settings.model.features == "tfidf":  # embeddings: scored on threads
         from alflow.tasks.prelabel import start_runner_soon
 
         # The cluster starts while the model trains, if the evaluation needs it, or the
@@ -231,16 +274,21 @@ def _retrain(store: Store, settings: Settings, flow_run_id: str | None,
     if settings.model.vectorizer_fit == "pool":  # unsupervised: the pool's words, not its labels
         vocabulary = store.sample_pool(settings.model.vectorizer_sample, settings.seed, holdout)["doc"].tolist()
         features = modeling.fit_features(settings.model, vocabulary + docs)
+    weak = weak_labels(store, settings)
     unlabeled = None
     if settings.model.self_training != 0:  # held-out items are never in the pool, so never pseudo-labeled
         unlabeled = store.sample_pool(settings.model.self_training_sample, settings.seed, holdout)["doc"].tolist()
+        if weak[0]:  # an item is a weak label or a candidate pseudo-label, not both
+            taken = set(weak[0])
+            unlabeled = [doc for doc in unlabeled if doc not in taken]
     current = find_usable_model(store, settings, logger)[0] if replaces is None else None
     current_model = current.model if current is not None else None
     previous = _previous_self_training(store, params, settings.labels)
     trained = modeling.self_train(settings.model, docs, labels, unlabeled, features=features,
                                   metric=settings.evaluation.metric, seed=settings.seed, previous=previous,
                                   # the self-trained fit starts where the current self-trained model ended
-                                  warm=current_model if current is not None and _self_trained(current.row) else None)
+                                  warm=current_model if current is not None and _self_trained(current.row) else None,
+                                  weak=weak if weak[0] else None)
     model, pseudo_docs = trained.model, trained.pseudo_docs
     metric = settings.evaluation.metric
 
@@ -297,6 +345,9 @@ def _retrain(store: Store, settings: Settings, flow_run_id: str | None,
     else:
         decision = modeling.should_promote(new_score, current_score if current is not None else None,
                                            metric, compared)
+    needed = modeling.embeddings_needed(model)
+    if needed is not None:  # which vectors it reads: checked before it is loaded (_mismatch)
+        metrics["embeddings"] = {"model": needed[0], "dim": needed[1]}
     metrics = dict(metrics, control_trains=control_trains,
                    self_training=dict(trained.decision, pseudo_labels=len(pseudo_docs),
                                       pool_sample=len(unlabeled or [])),
@@ -315,6 +366,33 @@ def _retrain(store: Store, settings: Settings, flow_run_id: str | None,
     fault_point("promotion")
     return TrainResult(version, len(frame), metrics, decision.promoted, decision.reason, counts,
                        evaluate_seconds), model
+
+
+def weak_labels(store: Store, settings: Settings) -> tuple[list[str], list[str]]:
+    """(docs, labels) of the weak labels a retrain adds: with ``[llm] weak_label_confidence``,
+    the stored LLM pre-labels of this config's lineage (endpoint, model, prompt) that named
+    a class with at least that confidence, of items still in the pool: never an answered
+    item (so never a control item once answered), an item of an open batch (a control item
+    waiting) or a held-out one. Nothing is written: they live in ``llm_predictions`` and
+    count as no one's answer. Empty lists when off or when nothing qualifies."""
+    from alflow.connectors.llm import LLMClient
+
+    floor = settings.llm.weak_label_confidence
+    if floor is None or settings.llm.base_url is None or not settings.llm.model:
+        return [], []
+    with LLMClient.from_settings(settings) as client:  # no request: the lineage names the cached answers
+        version = store.find_llm_version(client.lineage, list(settings.labels))
+    if version is None:
+        return [], []
+    answers = store.llm_labels(version, floor)
+    answers = answers[answers["label"].isin(settings.labels)]
+    members = store.pool_members(answers["item_id"].tolist(), settings.holdout_fraction)
+    if not members:
+        return [], []
+    label_of = dict(zip(answers["item_id"], answers["label"]))
+    items = store.items(members)
+    docs = [document(title, text) for title, text in zip(items["title"], items["text"])]
+    return docs, [label_of[item_id] for item_id in items["item_id"]]
 
 
 def _previous_self_training(store: Store, params: dict, labels) -> dict | None:
@@ -357,7 +435,8 @@ def holdout_predictions(store: Store, settings: Settings, model, gold: pd.DataFr
     ``stored_version``: the model is that promoted version; its stored holdout labels are
     read and only the items it has none of are predicted, then stored with it. The texts
     stream out of DuckDB in ``query.chunk_size`` chunks, predicted on the task runner
-    with ``on_runner`` (:func:`alflow.tasks.prelabel.predict_with_runner`), else here.
+    with ``on_runner`` (:func:`alflow.tasks.prelabel.predict_with_runner`: here while
+    this process's Dask cluster is still starting), else here.
     """
     from alflow.tasks.prelabel import predict_items, predict_with_runner
 
@@ -367,12 +446,12 @@ def holdout_predictions(store: Store, settings: Settings, model, gold: pd.DataFr
         known = store.holdout_predictions(stored_version)
         known = known[known["item_id"].isin(set(gold["item_id"]))]
         n -= len(known)
-    kind = None
+    kind, here = None, 0
     if n:
         chunks = store.holdout_chunks(settings.holdout_fraction, settings.labels, settings.query.chunk_size,
                                       unpredicted_by=stored_version)
         if on_runner:
-            fresh, kind = predict_with_runner(settings, model, chunks, n)
+            fresh, kind, here = predict_with_runner(settings, model, chunks, n)
         else:
             fresh = predict_items(model, chunks, n)
     else:
@@ -380,8 +459,11 @@ def holdout_predictions(store: Store, settings: Settings, model, gold: pd.DataFr
     if stored_version is not None:
         store.write_holdout_predictions(stored_version, fresh)
     version = "the new model" if stored_version is None else f"model v{stored_version}"
+    where = [f"{kind} runner"] if kind else []
+    if kind and here:
+        where.append(f"{here} of them here while its cluster started")
     logger.info(f"holdout: {version} predicted {fresh.num_rows} of {len(gold)} items"
-                + (f" ({kind} runner)" if kind else "")
+                + (f" ({'; '.join(where)})" if where else "")
                 + (f", {len(known)} stored" if known is not None and len(known) else ""))
     if known is None or known.empty:
         return fresh
@@ -391,11 +473,20 @@ def holdout_predictions(store: Store, settings: Settings, model, gold: pd.DataFr
 def holdout_metrics(gold: pd.DataFrame, predicted: pa.Table) -> dict:
     """Metrics of ``predicted`` labels (item_id, label) of every ``gold`` holdout item
     (item_id, label): what :func:`alflow.tasks.modeling.evaluate_holdout` gives for the
-    model that predicted them."""
-    by_item = dict(zip(predicted.column("item_id").to_pylist(), predicted.column("label").to_pylist()))
-    truth = gold["label"].tolist()
-    result = modeling.metrics(truth, [by_item[item_id] for item_id in gold["item_id"]])
-    result.update({"method": "holdout", "n_eval": len(truth)})
+    model that predicted them. Raises ValueError if a gold item has no prediction."""
+    import pyarrow.compute as pc
+
+    at = pc.index_in(pa.array(gold["item_id"], pa.string()), value_set=predicted.column("item_id"))
+    if at.null_count:
+        raise ValueError(f"holdout: {at.null_count} of {len(gold)} gold items have no prediction")
+    truth = pa.array(gold["label"], pa.string())
+    guess = predicted.column("label").take(at)
+    # The labels as codes in their sorted order: the metrics count the same classes in the
+    # same order as over the strings, without sorting 2n Python strings to find them.
+    classes = pc.unique(pa.chunked_array([truth, *guess.chunks], pa.string()).drop_null()).sort()
+    result = modeling.metrics(pc.index_in(truth, value_set=classes).to_numpy(zero_copy_only=False),
+                              pc.index_in(guess, value_set=classes).to_numpy(zero_copy_only=False))
+    result.update({"method": "holdout", "n_eval": len(gold)})
     return result
 
 

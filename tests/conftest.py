@@ -22,6 +22,35 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 
+# Seconds each heavy module takes on one of CI's workers (2 cores, measured with
+# --durations, rounded). `./dev.sh test` gives every module to one worker (--dist loadfile:
+# its module fixtures, a Prefect server or a fault-free reference run, are built once) and
+# hands the modules out longest first (--no-loadscope-reorder keeps this order), so the
+# workers end together instead of one waiting on a late two-minute test. Only the order
+# depends on these: a wrong figure costs time, not a result.
+MODULE_SECONDS = {
+    "test_faults.py": 230, "test_flows.py": 170, "test_serve.py": 130, "test_browser.py": 85,
+    "test_simulate.py": 75, "test_label_quality.py": 70, "test_cli.py": 60, "test_models.py": 60,
+    "test_label_trust.py": 40, "test_dask_cluster.py": 35, "test_annotators.py": 30,
+    "test_browser_curve.py": 30, "test_self_training.py": 30, "test_llm_cycle.py": 25, "test_scoring.py": 25,
+    "test_embeddings.py": 20, "test_fault_storm.py": 20, "test_label_rules_model.py": 17, "test_config.py": 15,
+    "test_ingest.py": 15, "test_report.py": 15, "test_leases.py": 12, "test_review.py": 12, "test_docs.py": 8,
+}
+SECONDS_PER_TEST = 0.5  # a module not listed: most of its tests are unit tests
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The modules longest first (:data:`MODULE_SECONDS`), each module's tests in file order."""
+    modules: dict[str, list] = {}
+    for item in items:
+        modules.setdefault(item.path.name, []).append(item)
+
+    def seconds(name: str) -> float:
+        return MODULE_SECONDS.get(name, SECONDS_PER_TEST * len(modules[name]))
+
+    items[:] = [item for name in sorted(modules, key=seconds, reverse=True) for item in modules[name]]
+
+
 @pytest.fixture(scope="session")
 def prefect_api():
     """One Prefect test server for every flow test of the session (starting one costs ~8 s)."""
@@ -109,3 +138,18 @@ def copy_repo_config(directory: Path) -> Path:
 
 def chromium_path() -> str | None:
     return shutil.which("chromium") or (os.path.exists("/usr/bin/chromium") and "/usr/bin/chromium") or None
+
+
+# Spam words of the bundled SMS corpus (data/sms_spam.csv): a text with none is "ham".
+SMS_KEYWORDS = {"free": "spam", "prize": "spam", "claim": "spam", "txt": "spam", "win": "spam",
+                "urgent": "spam", "cash": "spam"}
+
+
+@pytest.fixture
+def openai_server():
+    """A :class:`openai_server.FakeOpenAI` on 127.0.0.1 with the SMS corpus' spam keywords
+    (``.keywords`` can be reassigned); closed after the test."""
+    from openai_server import FakeOpenAI
+
+    with FakeOpenAI(SMS_KEYWORDS, labels=["ham", "spam"]) as server:
+        yield server

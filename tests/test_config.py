@@ -290,6 +290,29 @@ def test_classifier_params_that_do_not_fit(tmp_path: Path):
     assert "classifier_params" in message and "nope" in message
 
 
+def test_ingest_neither_imports_nor_checks_the_classifier(tmp_path: Path, prefect_api):
+    """`alflow ingest` builds no model: a classifier it cannot import does not stop it (the
+    run that trains says so), and scikit-learn is not imported (1.4 s of its start-up)."""
+    import subprocess
+    import sys
+
+    from typer.testing import CliRunner
+
+    from alflow.flows.cli import app
+
+    path = write_config(tmp_path, labels=["ham", "spam"], source_path=SMS_CSV,
+                        extra='[model]\nclassifier = "sklearn.nope.Thing"\n')
+    ingested = CliRunner().invoke(app, ["ingest", "--config", str(path), "--no-progress"])
+    assert ingested.exit_code == 0 and "read" in ingested.output, ingested.output
+    assert "model.classifier" in config_error(path)
+    imported = subprocess.run(
+        [sys.executable, "-c", "import sys\nfrom alflow.config import load_config\n"
+                               f"load_config({str(path)!r}, environ={{}}, check_model=False)\n"
+                               "print(sorted(m for m in ('sklearn', 'scipy') if m in sys.modules))"],
+        capture_output=True, text=True, timeout=120)
+    assert imported.stdout.split() == ["[]"], imported.stderr
+
+
 def test_classifier_from_env_is_checked(sms_config: Path):
     message = config_error(sms_config, {"ALFLOW_MODEL__CLASSIFIER": "sklearn.svm.LinearSVC"})
     assert "ALFLOW_MODEL__CLASSIFIER" in message and "model.classifier" in message

@@ -68,6 +68,32 @@ def model_accuracy_off_training(store, config, version: int, trained: set) -> fl
     return float((model.predict(items["doc"].tolist()) == items["gold_label"].to_numpy()).mean())
 
 
+def test_the_macro_f1_bootstrap_is_scikit_learns_resample_for_resample():
+    """The control estimate's macro-F1 interval, from per-class counts of all resamples at
+    once, is what a thousand ``f1_score`` calls on the same draws give: classes missing
+    from a resample, answers outside the classes, a single item."""
+    from sklearn.metrics import f1_score
+
+    from alflow.tasks.control import bootstrap_interval, class_codes, macro_f1_rows
+
+    classes = ["world", "sports", "business", "scitech"]
+    rng = np.random.default_rng(3)
+
+    def sklearn_macro_f1(t, p):
+        return f1_score(t, p, labels=classes, average="macro", zero_division=0)
+
+    for n in (1, 7, 60):
+        truth = rng.choice(classes + ["retired"], n, p=[0.4, 0.3, 0.15, 0.1, 0.05])
+        predicted = rng.choice(classes, n, p=[0.5, 0.3, 0.2, 0.0])
+        expected = bootstrap_interval(truth.astype(object), predicted.astype(object), sklearn_macro_f1, seed=n,
+                                      resamples=200)
+        codes = class_codes(truth.tolist(), classes), class_codes(predicted.tolist(), classes)
+        assert bootstrap_interval(*codes, macro_f1_rows(len(classes)), seed=n, resamples=200,
+                                  batched=True) == pytest.approx(expected, abs=1e-12)
+        assert macro_f1_rows(len(classes))(codes[0][None, :], codes[1][None, :])[0] == pytest.approx(
+            sklearn_macro_f1(truth, predicted), abs=1e-12)
+
+
 @pytest.mark.slow
 def test_noisy_run_control_slice_flags_rechecks_and_stabilizing_stop(tmp_path, monkeypatch):
     """`alflow run --auto` over 600 SMS messages whose labels are 8% flipped, with

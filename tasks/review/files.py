@@ -27,7 +27,7 @@ from alflow.tasks.store import Answer, LabelWrite, Store, document
 
 # -- files ------------------------------------------------------------------------------------
 EXPORT_COLUMNS = ["batch_id", "rank", "item_id", "source", "title", "text", "url",
-                  "prelabel", "confidence", "picked_by", "overlap", "answers", "annotator", "label"]
+                  "prelabel", "confidence", "prelabel_by", "picked_by", "overlap", "answers", "annotator", "label"]
 FORMATS = ("csv", "jsonl", "label-studio")
 
 
@@ -48,6 +48,8 @@ def export_batch(store: Store, batch_id: str, path: str | Path, fmt: str | None 
     else the pre-label (``prefill``), so a spreadsheet reviewer only edits what is wrong;
     ``prefill=False`` leaves it empty. An item asking for independent answers (``overlap``
     above 1) is pre-filled with the pre-label only, never another annotator's answer.
+    ``prelabel_by`` says who suggested an offered pre-label: ``model`` or ``llm`` (the
+    LLM's zero-shot suggestion on a cold start; its confidence is empty when it gave none).
     Items without an offered pre-label (:func:`shown_prelabel`: a control item, blind, and
     items asked again) are never pre-filled, and show no confidence; ``picked_by`` says
     only why an item is asked again (so a control item looks like any other). ``answers``
@@ -78,6 +80,7 @@ def export_batch(store: Store, batch_id: str, path: str | Path, fmt: str | None 
         label = label.where(label.notna(), offered)
     frame = frame.assign(label=label.fillna(""), prelabel=[prelabel_seen(r) for r in rows],
                          confidence=frame["confidence"].where(offered.notna()).round(4),
+                         prelabel_by=[r.prelabel_by if isinstance(o, str) else "" for r, o in zip(rows, offered)],
                          picked_by=[reviewer_reason(r.picked_by) for r in rows],
                          answers=[reasked_note(r, given.get(r.item_id, [])) or given_text(given.get(r.item_id, []))
                                   for r in rows], annotator="")
@@ -133,8 +136,10 @@ def label_studio_tasks(store: Store, batch_id: str, batch: pd.DataFrame) -> list
         predictions = []
         offered = shown_prelabel(row)
         if offered is not None:  # Label Studio preselects a prediction: none for blind or re-asked items
-            predictions.append({"model_version": f"alflow-v{int(model)}" if model is not None and not pd.isna(model)
-                                else "alflow", "score": None if pd.isna(row.confidence) else round(float(row.confidence), 4),
+            version = ("alflow-llm" if getattr(row, "prelabel_by", None) == "llm" else
+                       f"alflow-v{int(model)}" if model is not None and not pd.isna(model) else "alflow")
+            predictions.append({"model_version": version,
+                                "score": None if pd.isna(row.confidence) else round(float(row.confidence), 4),
                                 "result": _ls_choice(offered)})
         annotations = []
         for answer in answers[answers["item_id"] == row.item_id].itertuples(index=False):

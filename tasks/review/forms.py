@@ -41,7 +41,8 @@ def _ui_schema(schema: dict) -> None:
 def form_description(batch_id: str, batch: pd.DataFrame, cold_start: bool, independent: bool = False) -> str:
     """What the Resume form says above its fields (Markdown): the batch and its size
     (:func:`batch_count_text`), why an item has nothing preselected (a cold start: no model
-    yet), the items asked again, and for a later overlap round who must answer.
+    yet) or, on a cold start pre-labeled by the LLM, that the preselected classes are its
+    suggestions, the items asked again, and for a later overlap round who must answer.
 
     ``batch``: the round's rows (:meth:`Store.batch_items`); ``cold_start``: the batch was
     queried without a model."""
@@ -51,6 +52,10 @@ def form_description(batch_id: str, batch: pd.DataFrame, cold_start: bool, indep
         lines.append(f"{plural(len(batch), 'item')} of this batch still {'needs' if one else 'need'} an independent "
                      f"answer, from someone who has not answered {'it' if one else 'them'} yet. A field is preset "
                      "to the model's pre-label where there is one, never to another annotator's answer.")
+    elif cold_start and "prelabel_by" in batch and (batch["prelabel_by"] == "llm").any():
+        lines.append("No model yet (cold start): each item's pre-label is the LLM's suggestion, preselected, with "
+                     "its confidence in the item's heading (or \"no confidence given\"): leave it to agree, choose "
+                     "another class to correct it, or skip. An item shown without one needs a choice.")
     elif cold_start:
         lines.append("No model yet (cold start): nothing is preselected, so choose a class (or skip) for every "
                      "item. From the next batch on, the model's pre-label is preselected and agreeing costs "

@@ -89,11 +89,26 @@ def prelabel_seen(row) -> str | None:
     return shown_prelabel(row)
 
 
+def suggested_by_llm(row) -> bool:
+    """True when ``row``'s pre-label is the LLM's suggestion (``prelabel_by`` 'llm'), not
+    the trained model's."""
+    return getattr(row, "prelabel_by", None) == "llm"
+
+
+def confidence_text(confidence) -> str:
+    """'62%', or 'no confidence given' (an LLM whose server returns no log-probabilities)."""
+    if confidence is None or pd.isna(confidence):
+        return "no confidence given"
+    return f"{float(confidence):.0%}"
+
+
 def item_heading(row) -> str:
     """'#3 · sms_spam · pre-label spam (62%)': rank, source, and how sure the model is;
-    '#4 · sms_spam · no pre-label' (a cold start, a control item: the two look alike);
-    'ADJUDICATE #1 · sms_spam' for an item whose answers tie or disagree; 'RECHECK #2 ·
-    sms_spam' for a label the label check doubts."""
+    "#3 · sms_spam · LLM's pre-label spam (90%)" when the LLM suggested it (with 'no
+    confidence given' when it gave none); '#4 · sms_spam · no pre-label' (a cold start
+    without an LLM, a control item: the two look alike); 'ADJUDICATE #1 · sms_spam' for an
+    item whose answers tie or disagree; 'RECHECK #2 · sms_spam' for a label the label
+    check doubts."""
     if getattr(row, "picked_by", None) == ADJUDICATION:
         return f"ADJUDICATE #{row.rank} · {row.source}"
     if getattr(row, "picked_by", None) == RECHECK:
@@ -101,7 +116,8 @@ def item_heading(row) -> str:
     head = f"#{row.rank} · {row.source}"
     prelabel = shown_prelabel(row)
     if prelabel is not None:
-        return f"{head} · pre-label {prelabel} ({row.confidence:.0%})"
+        who = "LLM's pre-label" if suggested_by_llm(row) else "pre-label"
+        return f"{head} · {who} {prelabel} ({confidence_text(row.confidence)})"
     return f"{head} · no pre-label"
 
 
@@ -137,13 +153,14 @@ def plan_review(store: Store, settings: Settings, picks: pd.DataFrame, rng) -> p
     from alflow.tasks.store.batches import REASKED_PICKS
 
     r = settings.review
-    columns = ["item_id", "score", "prelabel", "confidence", "picked_by"]
+    columns = ["item_id", "score", "prelabel", "confidence", "picked_by", "prelabel_by"]
     picks = picks.copy() if len(picks) else pd.DataFrame(columns=columns)
     pending = store.needs_adjudication(r.adjudication_threshold)
     pending = pending[~pending["item_id"].isin(set(picks["item_id"]))].head(settings.query.batch_size)
     adjudicate = pd.DataFrame({"item_id": pending["item_id"].to_numpy(dtype=object),
                                "score": pending["disagreement"].to_numpy(dtype=float),
-                               "prelabel": None, "confidence": np.nan, "picked_by": ADJUDICATION, "overlap": 1})
+                               "prelabel": None, "confidence": np.nan, "picked_by": ADJUDICATION,
+                               "prelabel_by": None, "overlap": 1})
     overlap = np.ones(len(picks), dtype=int)
     eligible = np.flatnonzero(~picks["picked_by"].isin(REASKED_PICKS).to_numpy())
     if r.overlap > 1 and r.overlap_share > 0 and len(eligible):

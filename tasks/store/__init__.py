@@ -13,7 +13,9 @@ One module per concern, each a part of :class:`Store`:
 * :mod:`~alflow.tasks.store.models`: model versions and cycles (the learning curve);
 * :mod:`~alflow.tasks.store.locks`: named locks across transactions (one cycle at a time);
 * :mod:`~alflow.tasks.store.quality`: label flags, the control slice, the stop set, and
-  each cycle's quality figures and stopping rules.
+  each cycle's quality figures and stopping rules;
+* :mod:`~alflow.tasks.store.llm`: the LLM's lineages, cached answers and usage;
+* :mod:`~alflow.tasks.store.embeddings`: each item's vector per embedding model, stored once.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from alflow.tasks.store.database import (
     StoreLockedError,
     utcnow,
 )
+from alflow.tasks.store.embeddings import EmbeddingStore
 from alflow.tasks.store.labels import ORIGINS, Answer, BatchClosedError, LabelStore, LabelWrite
+from alflow.tasks.store.llm import LLMStore
 from alflow.tasks.store.locks import LockHeldError, LockStore, describe_holder
 from alflow.tasks.store.models import ModelStore
 from alflow.tasks.store.pool import DOC_SQL, PoolStore, document, holdout_sql, title_adds
@@ -37,7 +41,8 @@ from alflow.tasks.store.quality import CONTROL, RECHECK, QualityStore
 from alflow.tasks.store.scans import ScanRefused, ScanStore, StagedScan
 
 
-class Store(ScanStore, CursorStore, PoolStore, LabelStore, ModelStore, LockStore, QualityStore):
+class Store(ScanStore, CursorStore, PoolStore, LabelStore, ModelStore, LockStore, QualityStore, LLMStore,
+            EmbeddingStore):
     """The alflow database at ``path``. Cheap to create; holds no connection between calls.
 
     See :class:`~alflow.tasks.store.database.Database` for ``path`` and ``lock_timeout``.
@@ -83,8 +88,10 @@ __all__ = [
     "BatchClosedError",
     "BatchStore",
     "Database",
+    "EmbeddingStore",
     "LabelStore",
     "LabelWrite",
+    "LLMStore",
     "LockHeldError",
     "LockStore",
     "ModelStore",

@@ -58,7 +58,9 @@ class BatchStore(Database):
         """Record a queried batch and its items in one transaction; returns the batch_id.
 
         ``picks`` has columns item_id, rank, score, prelabel, confidence, picked_by, and
-        optionally overlap (answers wanted from distinct annotators, default 1). The same
+        optionally overlap (answers wanted from distinct annotators, default 1) and
+        prelabel_by (who suggested the pre-label, 'model' or 'llm'; default 'model' where
+        there is one). The same
         transaction checks that every pick is still in the pool: an item not stored,
         already answered (unless picked for adjudication, :data:`REASKED_PICKS`) or in an
         open batch raises :class:`PoolChangedError` (naming it) and nothing is written; the
@@ -67,6 +69,9 @@ class BatchStore(Database):
         batch_id = uuid.uuid4().hex[:12]
         if "overlap" not in picks:
             picks = picks.assign(overlap=1)
+        given = picks["prelabel_by"] if "prelabel_by" in picks else [None] * len(picks)
+        picks = picks.assign(prelabel_by=[(by if isinstance(by, str) else "model") if isinstance(p, str) else None
+                                          for p, by in zip(picks["prelabel"], given)])
         rows = picks.assign(batch_id=batch_id, reasked=picks["picked_by"].isin(REASKED_PICKS))
         repeated = picks["item_id"][picks["item_id"].duplicated()]
         if len(repeated):
@@ -100,7 +105,7 @@ class BatchStore(Database):
             )
             con.execute(
                 """INSERT INTO batch_items BY NAME SELECT batch_id, item_id, rank, score,
-                prelabel, confidence, picked_by, overlap FROM incoming"""
+                prelabel, confidence, picked_by, overlap, prelabel_by::VARCHAR AS prelabel_by FROM incoming"""
             )
             con.unregister("incoming")
         return batch_id
@@ -129,7 +134,7 @@ class BatchStore(Database):
         distinct annotators' answers it needs, ``annotators``: how many it has in this batch.
         """
         return self.query_df(
-            """SELECT bi.rank, bi.item_id, bi.score, bi.prelabel, bi.confidence, bi.picked_by,
+            """SELECT bi.rank, bi.item_id, bi.score, bi.prelabel, bi.confidence, bi.picked_by, bi.prelabel_by,
                       i.source, i.title, i.text, i.url, i.external_id,
                       l.label AS answer, l.annotator AS answered_by,
                       coalesce(bi.overlap, 1) AS overlap, coalesce(l.annotators, 0) AS annotators

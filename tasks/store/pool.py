@@ -141,12 +141,15 @@ class PoolStore(Database):
 
     def holdout_labels(self, fraction: float, labels: Sequence[str]) -> pd.DataFrame:
         """The held-out gold items whose gold label is one of ``labels``: (item_id, label),
-        ordered by item_id. No texts: a model's holdout metrics need only its predictions."""
-        return self.query_df(
-            f"""SELECT i.item_id, i.gold_label AS label FROM items i
-            WHERE {holdout_sql(fraction)} AND list_contains(?, i.gold_label) ORDER BY i.item_id""",
-            [list(labels)],
-        )
+        ordered by item_id. No texts: a model's holdout metrics need only its predictions.
+        Read as Arrow (a fifth of the holdout at 1M items: ~190k rows), whose strings become
+        the frame's columns without a Python object per value."""
+        with self.connect() as con:
+            return con.sql(
+                f"""SELECT i.item_id, i.gold_label AS label FROM items i
+                WHERE {holdout_sql(fraction)} AND list_contains(?, i.gold_label) ORDER BY i.item_id""",
+                params=[list(labels)],
+            ).to_arrow_table().to_pandas()
 
     def holdout_chunks(self, fraction: float, labels: Sequence[str], chunk_size: int,
                        unpredicted_by: int | None = None) -> Iterator[pa.RecordBatch]:

@@ -1,0 +1,186 @@
+"""The multi-label model: one-vs-rest with the configured classifier, per-tag thresholds.
+
+The features are the configured ones (:func:`alflow.tasks.modeling.build_model`'s TF-IDF,
+fitted as ``vectorizer_fit`` says); on top, one copy of the configured classifier per tag
+(scikit-learn's ``OneVsRestClassifier``) gives per-tag probabilities. A tag is predicted
+where its probability reaches the tag's threshold, chosen to maximise that tag's F1 on
+out-of-fold predictions of the labeled items (:func:`choose_thresholds`): with few
+positives of a tag, or class weights, 0.5 is rarely the best cut.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+from sklearn.model_selection import KFold
+from sklearn.multiclass import OneVsRestClassifier
+from sklearn.pipeline import Pipeline
+
+from alflow.config import ModelSettings
+from alflow.tasks import modeling
+from alflow.tasks.multilabel.strategies import DEFAULT_THRESHOLD
+from alflow.tasks.multilabel.tags import check_tag_matrix, check_tag_proba, check_tags
+
+FOLDS = 5
+
+
+@dataclass
+class Tagger:
+    """A fitted multi-label model: ``model`` (a Pipeline: features, then a
+    ``OneVsRestClassifier``), the ``tags`` its columns stand for and ``thresholds``
+    (n_tags,). ``folds``: how many out-of-fold splits the thresholds were chosen on (0:
+    none; every threshold is :data:`DEFAULT_THRESHOLD`); ``oof_proba`` (n_labeled,
+    n_tags): those out-of-fold probabilities (None without folds)."""
+
+    model: Pipeline
+    tags: tuple[str, ...]
+    thresholds: np.ndarray
+    folds: int = 0
+    oof_proba: np.ndarray | None = field(default=None, repr=False)
+
+    def predict_proba(self, docs: Sequence[str]) -> np.ndarray:
+        """(n_docs, n_tags) per-tag probabilities, columns in the order of ``tags``."""
+        return tag_proba(self.model, docs)
+
+    def predict(self, docs: Sequence[str]) -> np.ndarray:
+        """(n_docs, n_tags) 0/1 tag matrix: the tags whose probability reaches their threshold."""
+        return apply_thresholds(self.predict_proba(docs), self.thresholds)
+
+
+def one_vs_rest(settings: ModelSettings) -> OneVsRestClassifier:
+    """An unfitted ``OneVsRestClassifier`` of the configured classifier (one copy per tag)."""
+    return OneVsRestClassifier(modeling.build_model(settings).steps[-1][1])
+
+
+def tag_proba(model, docs_or_rows) -> np.ndarray:
+    """(n, n_tags) per-tag probabilities of a fitted one-vs-rest ``model`` (or a Pipeline
+    ending in one). A tag the training labels never (or always) carried is the constant
+    probability one-vs-rest gives it."""
+    proba = np.asarray(model.predict_proba(docs_or_rows), dtype=float)
+    return np.clip(proba, 0.0, 1.0)
+
+
+def apply_thresholds(proba, thresholds) -> np.ndarray:
+    """(n, t) probabilities, (t,) thresholds -> (n, t) uint8: 1 where proba >= threshold."""
+    proba = check_tag_proba(proba)
+    thresholds = np.asarray(thresholds, dtype=float)
+    if thresholds.shape != (proba.shape[1],):
+        raise ValueError(f"thresholds must have shape ({proba.shape[1]},), one per tag, got {thresholds.shape}")
+    return (proba >= thresholds).astype(np.uint8)
+
+
+def best_f1_threshold(y_true: np.ndarray, proba: np.ndarray) -> float:
+    """The cut that maximises one tag's F1: ``y_true`` (n,) 0/1, ``proba`` (n,) its
+    probabilities. Every cut between two consecutive distinct probabilities is tried; the
+    threshold returned is the midpoint of the cut (half the smallest value when every item
+    is called positive), so items near but not at a value seen get the same decision. Ties
+    in F1 go to the threshold nearest :data:`DEFAULT_THRESHOLD`. Without a positive and a
+    negative there is no F1 to maximise: :data:`DEFAULT_THRESHOLD`.
+    """
+    y_true = np.asarray(y_true).astype(bool)
+    proba = np.asarray(proba, dtype=float)
+    positives = int(y_true.sum())
+    if positives == 0 or positives == y_true.size:
+        return DEFAULT_THRESHOLD
+    values, inverse = np.unique(-proba, return_inverse=True)  # decreasing probabilities
+    values = -values
+    tp = np.cumsum(np.bincount(inverse, weights=y_true, minlength=values.size))
+    called = np.cumsum(np.bincount(inverse, minlength=values.size))
+    f1 = 2.0 * tp / (called + positives)  # 2tp / (2tp + fp + fn), fp + fn + 2tp = called + positives
+    below = np.append(values[1:], 0.0)
+    cuts = (values + below) / 2.0
+    best = np.flatnonzero(np.isclose(f1, f1.max(), rtol=0.0, atol=1e-12))
+    return float(cuts[best[np.argmin(np.abs(cuts[best] - DEFAULT_THRESHOLD))]])
+
+
+def choose_thresholds(y_true, proba) -> np.ndarray:
+    """(n, t) tag matrix and (n, t) out-of-fold probabilities -> (t,) thresholds, each tag's
+    :func:`best_f1_threshold`."""
+    proba = check_tag_proba(proba, "proba")
+    y_true = check_tag_matrix(y_true, "y_true", n_tags=proba.shape[1], n_items=proba.shape[0])
+    return np.array([best_f1_threshold(y_true[:, j], proba[:, j]) for j in range(proba.shape[1])])
+
+
+def _features(settings: ModelSettings, docs: list[str], pool_docs: Sequence[str] | None,
+              corpus: modeling.Corpus | None) -> Pipeline:
+    """The configured feature steps fitted as ``settings.vectorizer_fit`` says (the labeled
+    docs, or the pool sample plus them), as :func:`alflow.tasks.modeling.fit` fits them."""
+    if settings.vectorizer_fit == "labeled":
+        return modeling.labeled_features(settings, docs, corpus)
+    return modeling.fit_features(settings, list(pool_docs or []) + docs)
+
+
+def _fit_one_vs_rest(settings: ModelSettings, features: Pipeline, docs: list[str], y: np.ndarray) -> Pipeline:
+    clf = one_vs_rest(settings)
+    with warnings.catch_warnings():
+        # a tag every (or no) training item carries: one-vs-rest predicts it constantly, as wanted
+        warnings.filterwarnings("ignore", message="Label .* is present in all training examples")
+        warnings.filterwarnings("ignore", message="Label not .* is present in all training examples")
+        clf.fit(features.transform(docs), y)
+    return Pipeline(list(features.steps) + [("clf", clf)])
+
+
+def out_of_fold_proba(settings: ModelSettings, docs: Sequence[str], y, folds: int = FOLDS, seed: int = 0,
+                      pool_docs: Sequence[str] | None = None, corpus: modeling.Corpus | None = None) -> np.ndarray:
+    """(n, t) out-of-fold per-tag probabilities of the labeled ``docs`` (n,) with tag matrix
+    ``y`` (n, t): shuffled k-fold (``seed``), each fold's model, features included, fitted
+    without that fold. ``folds`` is capped at n; it must leave at least 2."""
+    docs = list(docs)
+    y = check_tag_matrix(y, "y", n_items=len(docs))
+    k = min(int(folds), len(docs))
+    if k < 2:
+        raise ValueError(f"out-of-fold predictions need at least 2 labeled items and folds >= 2, got {len(docs)} "
+                         f"items and folds={folds}")
+    out = np.zeros(y.shape)
+    docs_array = np.asarray(docs, dtype=object)
+    for train, test in KFold(n_splits=k, shuffle=True, random_state=seed).split(docs_array):
+        fold_docs = docs_array[train].tolist()
+        model = _fit_one_vs_rest(settings, _features(settings, fold_docs, pool_docs, corpus), fold_docs, y[train])
+        out[test] = tag_proba(model, docs_array[test].tolist())
+    return out
+
+
+def fit_tagger(settings: ModelSettings, docs: Sequence[str], y, tags: Sequence[str], *, folds: int = FOLDS,
+               seed: int = 0, threshold_rows=None, pool_docs: Sequence[str] | None = None,
+               corpus: modeling.Corpus | None = None) -> Tagger:
+    """The multi-label model of the labeled ``docs`` (n,) and their tag matrix ``y`` (n, t),
+    columns named by ``tags`` (t,).
+
+    Thresholds come from :func:`out_of_fold_proba` with ``folds`` folds (at most one per
+    item; ``folds`` < 2 or a single item: none, and every threshold is 0.5), read on the rows
+    ``threshold_rows`` (indices into ``docs``; None: all). Why a choice: the items a
+    strategy picked are not a sample of the pool (they sit near the boundaries), so the cut
+    that maximises F1 on them need not on the pool; the rows drawn at random (cold start,
+    exploration, control) are a sample, but few (benchmarks/results/multilabel.md measures
+    both). ``pool_docs``: the unlabeled sample ``vectorizer_fit = "pool"`` fits the
+    features on; ``corpus``: pre-tokenized docs (:class:`alflow.tasks.modeling.Corpus`) for
+    ``vectorizer_fit = "labeled"``, the same features without tokenizing again.
+    """
+    docs = list(docs)
+    tags = check_tags(tags)
+    if len(tags) < 2:
+        raise ValueError(f"a multi-label model needs at least 2 tags, got {list(tags)}")
+    if not docs:
+        raise ValueError("fit_tagger needs at least one labeled item")
+    if any(not isinstance(d, str) for d in docs):
+        raise ValueError("docs must be texts (str)")
+    y = check_tag_matrix(y, "y", n_tags=len(tags), n_items=len(docs))
+    rows = np.arange(len(docs)) if threshold_rows is None else _rows(threshold_rows, len(docs))
+    model = _fit_one_vs_rest(settings, _features(settings, docs, pool_docs, corpus), docs, y)
+    k = min(int(folds), len(docs))
+    if k < 2:
+        return Tagger(model, tags, np.full(len(tags), DEFAULT_THRESHOLD), folds=0)
+    oof = out_of_fold_proba(settings, docs, y, k, seed, pool_docs, corpus)
+    return Tagger(model, tags, choose_thresholds(y[rows], oof[rows]), folds=k, oof_proba=oof)
+
+
+def _rows(rows, n: int) -> np.ndarray:
+    rows = np.asarray(rows)
+    if rows.size == 0:  # no row to read: every tag keeps the default threshold
+        return rows.astype(np.int64).ravel()
+    if rows.ndim != 1 or rows.dtype.kind not in "iu" or (rows.size and (rows.min() < 0 or rows.max() >= n)):
+        raise ValueError(f"threshold_rows must be a 1-D array of row indices in [0, {n})")
+    return rows
