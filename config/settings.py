@@ -492,6 +492,13 @@ class LLMSettings(_Section):
     timeout_seconds: float = Field(
         30.0, gt=0, le=600, description="A request with no answer after this many seconds is retried, then failed."
     )
+    max_text_chars: int = Field(
+        4000, ge=100, le=1_000_000,
+        description="Characters of an item's text sent in a prompt or for an embedding (its start): a whole "
+                    "article would overflow a local model's context (Ollama's default is 2,048-4,096 tokens) "
+                    "and fail that item. Part of the prompt's lineage; stored vectors are not re-embedded "
+                    "when it changes.",
+    )
     max_items_per_cycle: int = Field(
         200, ge=1, le=100_000, description="At most this many items are sent for an LLM pre-label per cycle."
     )

@@ -265,11 +265,13 @@ class LLMClient:
 
     # -- lineage ---------------------------------------------------------------------------
     def prompt_hash_for(self, labels: Sequence[str]) -> str:
-        """sha256 (first 16 hex digits) of the prompt template, the classes and their
-        descriptions: what makes two answers for one item and model comparable."""
+        """sha256 (first 16 hex digits) of the prompt template, the classes, their
+        descriptions and ``max_text_chars``: what makes two answers for one item and model
+        comparable."""
         s = self.settings
         payload = json.dumps({"prompt": s.prompt, "labels": list(labels),
-                              "descriptions": dict(sorted(s.label_descriptions.items()))},
+                              "descriptions": dict(sorted(s.label_descriptions.items())),
+                              "max_text_chars": s.max_text_chars},
                              sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 
@@ -285,12 +287,13 @@ class LLMClient:
         return {"response_format": self._mode.response_format, "logprobs": self._mode.logprobs}
 
     def render(self, text: str, labels: Sequence[str]) -> str:
-        """The user message for ``text``: the template with its placeholders filled."""
+        """The user message for ``text`` (its first ``max_text_chars`` characters): the
+        template with its placeholders filled."""
         described = [f"- {label}: {self.settings.label_descriptions[label]}" for label in labels
                      if label in self.settings.label_descriptions]
         return (self.settings.prompt.replace("{labels}", ", ".join(labels))
                 .replace("{descriptions}", "\n".join(described))
-                .replace("{text}", text))
+                .replace("{text}", text[:self.settings.max_text_chars]))
 
     # -- chat: zero-shot labels ------------------------------------------------------------------
     def classify(self, texts: Sequence[str], labels: Sequence[str]) -> tuple[list[LLMAnswer], LLMUsage]:
@@ -381,13 +384,15 @@ class LLMClient:
     # -- embeddings ---------------------------------------------------------------------------
     def embed(self, texts: Sequence[str], model: str | None = None) -> tuple[np.ndarray, LLMUsage]:
         """(n, d) float32 L2-normalised rows in input order ((0, 0) for no texts), from
-        ``model`` or ``[llm] embedding_model``, ``embedding_batch_size`` texts per request.
+        ``model`` or ``[llm] embedding_model``, ``embedding_batch_size`` texts per request,
+        each text's first ``max_text_chars`` characters.
         Raises :class:`LLMError` when a batch has no answer after its retries (the batches
         not yet sent are not)."""
         model = model or self.settings.embedding_model
         if not model:
             raise LLMError(f"LLM endpoint {self.base_url}: no embedding model: set [llm] embedding_model")
-        texts = list(texts)
+        limit = self.settings.max_text_chars  # a whole article would overflow the model's context
+        texts = [text[:limit] for text in texts]
         started = time.monotonic()
         size = self.settings.embedding_batch_size
         batches = [(start, texts[start:start + size]) for start in range(0, len(texts), size)]

@@ -282,6 +282,23 @@ def test_the_key_from_a_prefect_secret_block_and_an_unreadable_one(monkeypatch):
 
 
 # -- embeddings ---------------------------------------------------------------------------------------
+def test_a_long_text_is_sent_up_to_max_text_chars_in_prompts_and_embeddings(server):
+    """A whole article would overflow a local model's context and fail the item: the
+    prompt and the embedding input carry its first max_text_chars characters, and the
+    limit is part of the prompt's lineage."""
+    article = "free prize " + "word " * 5000
+    with make_client(server, max_text_chars=300) as client:
+        answers, _ = client.classify([article], LABELS)
+        client.embed([article, "short"])
+        short_hash = client.prompt_hash
+    assert answers[0].label == "spam"
+    assert chat_bodies(server)[0]["messages"][-1]["content"].endswith("Text:\n" + article[:300])
+    [embedded] = [body for path, body, _ in server.requests if path == "/v1/embeddings"]
+    assert embedded["input"] == [article[:300], "short"]
+    with make_client(server) as client:
+        assert client.prompt_hash != short_hash
+
+
 def test_embeddings_are_batched_ordered_by_index_and_normalised(server):
     texts = [f"message number {i} about prize {i % 3}" for i in range(10)] + [""]
     with make_client(server, embedding_batch_size=4, max_concurrency=2) as client:
