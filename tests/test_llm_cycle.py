@@ -132,7 +132,7 @@ def chat_texts(requests) -> list[str]:
 # but the key check, ~4 s) -------------------------------------------------------------------------
 @pytest.mark.slow
 def test_cold_start_prelabels_are_stored_with_their_lineage(project):
-    store, settings = project["store"], project["settings"]
+    store = project["store"]
     lineage = store.query_df("SELECT * FROM llm_models")
     assert len(lineage) == 1
     row = lineage.iloc[0]
