@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from alflow.config.sources import _BLOCK_NAME, _ENV_NAME, GoogleSource, WikipediaSource, YouTubeSource
+from alflow.config.sources import GoogleSource, WikipediaSource, YouTubeSource, key_block_name, key_env_name
 
 CONFIG_FILENAME = "alflow.toml"
 ENV_PREFIX = "ALFLOW_"
@@ -550,19 +550,12 @@ class LLMSettings(_Section):
     @field_validator("api_key_env")
     @classmethod
     def _env_name(cls, value: str | None) -> str | None:
-        # Never echo the value: a key pasted here by mistake must not reach the error line.
-        if value is not None and not _ENV_NAME.match(value):
-            raise ValueError('must be the NAME of an environment variable holding the key, e.g. api_key_env = '
-                             '"OPENAI_API_KEY" (never the key itself)')
-        return value
+        return key_env_name(value, "OPENAI_API_KEY")
 
     @field_validator("api_key_secret")
     @classmethod
     def _block_name(cls, value: str | None) -> str | None:
-        if value is not None and not _BLOCK_NAME.match(value):
-            raise ValueError("must be the name of a Prefect Secret block holding the key (lowercase letters, "
-                             "digits and dashes), never the key itself")
-        return value
+        return key_block_name(value)
 
     @field_validator("prompt")
     @classmethod

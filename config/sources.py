@@ -57,6 +57,29 @@ def _http_url(value: str | None, what: str) -> str | None:
     return value
 
 
+def key_env_name(value: str | None, example: str, key_prefixes: tuple[str, ...] = ()) -> str | None:
+    """An ``api_key_env`` value: the NAME of the environment variable holding a key
+    (``example``, e.g. "GOOGLE_API_KEY"), never a key; a value starting with one of
+    ``key_prefixes`` is a key pasted by mistake. The error never echoes the value."""
+    if value is not None and (not _ENV_NAME.match(value) or value.startswith(key_prefixes)):
+        raise ValueError(
+            "must be the NAME of an environment variable holding the key, "
+            f"e.g. api_key_env = \"{example}\" (never the key itself)"
+        )
+    return value
+
+
+def key_block_name(value: str | None, key_prefixes: tuple[str, ...] = ()) -> str | None:
+    """An ``api_key_secret`` value: the name of a Prefect Secret block, never a key (see
+    :func:`key_env_name`)."""
+    if value is not None and (not _BLOCK_NAME.match(value) or value.startswith(key_prefixes)):
+        raise ValueError(
+            "must be the name of a Prefect Secret block holding the key "
+            "(lowercase letters, digits and dashes), never the key itself"
+        )
+    return value
+
+
 class _Source(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -287,23 +310,12 @@ class GoogleSource(_Source):
     @field_validator("api_key_env")
     @classmethod
     def _env_name(cls, value: str | None) -> str | None:
-        # Never echo the value: a key pasted here by mistake must not reach the error line.
-        if value is not None and (not _ENV_NAME.match(value) or value.startswith("AIza")):
-            raise ValueError(
-                "must be the NAME of an environment variable holding the key, "
-                "e.g. api_key_env = \"GOOGLE_API_KEY\" (never the key itself)"
-            )
-        return value
+        return key_env_name(value, "GOOGLE_API_KEY", ("AIza",))  # Google's keys start "AIza"
 
     @field_validator("api_key_secret")
     @classmethod
     def _block_name(cls, value: str | None) -> str | None:
-        if value is not None and (not _BLOCK_NAME.match(value) or value.startswith("aiza")):
-            raise ValueError(
-                "must be the name of a Prefect Secret block holding the key "
-                "(lowercase letters, digits and dashes), never the key itself"
-            )
-        return value
+        return key_block_name(value, ("aiza",))
 
     @model_validator(mode="after")
     def _backend_keys(self) -> "GoogleSource":
