@@ -30,14 +30,13 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from ingest import LABELS, REPO, arguments, bench_project, children_cpu, tree_sample  # the benchmark next door
+from ingest import LABELS, REPO, arguments, bench_project  # the benchmark next door
 
 from alflow.tasks.timings import STEPS, timings_line
 
@@ -96,38 +95,6 @@ def task_runs_of_last_cycle(api_url: str) -> int:
                           json={"flow_runs": {"id": {"any_": [runs[0]["id"]]}}}).json())
 
 
-def measured(alflow, *args: str, every: float = 0.1) -> tuple[float, str, int, float, float]:
-    """(wall seconds, stdout, peak resident bytes of its process tree, CPU seconds of the
-    tree, CPU seconds of its descendants as last sampled) of ``alflow ARGS``, the tree
-    sampled every ``every`` seconds; raises on a non-zero exit. The tree's CPU seconds
-    count every process of it that was reaped (the Dask workers are: their cluster is
-    closed before the command ends)."""
-    command = [sys.executable, "-m", "alflow.flows.cli", *args, "--config", str(alflow.config)]
-    cpu = children_cpu()
-    start = time.perf_counter()
-    process = subprocess.Popen(command, env=alflow.env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
-    peak = 0
-    seen: dict[int, float] = {}
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, tree_sample(process.pid, seen))
-            done.wait(every)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    out, err = process.communicate(timeout=3600)
-    wall = time.perf_counter() - start
-    done.set()
-    sampler.join()
-    if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)} failed:\n{out}\n{err}")
-    return wall, out, peak, children_cpu() - cpu, sum(c for p, c in seen.items() if p != process.pid)
-
-
 def floor_seconds(alflow, model_version: int = 1) -> dict:
     """The floor (see the module docstring) in a fresh single-threaded process:
     ``{seconds, cpu (seconds), texts, shape}``."""
@@ -146,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()[0]
     with bench_project(args.rows) as (alflow, _, _):
         ingest_wall, _ = alflow("ingest", "--no-progress")
-        run_wall, run_out, peak, run_cpu, workers_cpu = measured(alflow, "run", "--auto", "--cycles", "2",
-                                                                 "--no-ingest", "--no-progress")
+        run_wall, run_out, peak, run_cpu, workers_cpu = alflow.measured("run", "--auto", "--cycles", "2",
+                                                                        "--no-ingest", "--no-progress")
         load_run = os.getloadavg()[0]
         _, status = alflow("status", "--json")
         task_calls = task_runs_of_last_cycle(alflow.env["PREFECT_API_URL"])

@@ -102,29 +102,39 @@ class Alflow:
         its process tree's peak resident bytes, sampled every 0.1 s (the children's
         ``ru_maxrss`` would report this process's own size: a child counts its parent's pages
         until it execs)."""
+        wall, out, _, _, _ = self.measured(*args, timeout=1800)
+        return wall, out
+
+    def measured(self, *args: str, every: float = 0.1,
+                 timeout: float = 3600) -> tuple[float, str, int, float, float]:
+        """(wall seconds, stdout, peak resident bytes of its process tree, CPU seconds of the
+        tree, CPU seconds of its descendants as last sampled) of ``alflow ARGS``, the tree
+        sampled every ``every`` seconds; raises on a non-zero exit (``last_cpu`` and
+        ``last_peak`` set first). The tree's CPU seconds count every process of it that was
+        reaped (the Dask workers are: their cluster is closed before the command ends)."""
         command = [sys.executable, "-m", "alflow.flows.cli", *args, "--config", str(self.config)]
         cpu = children_cpu()
         start = time.perf_counter()
         process = subprocess.Popen(command, env=self.env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    text=True)
-        peak, done = 0, threading.Event()
+        peak, seen, done = 0, {}, threading.Event()
 
         def sample() -> None:
             nonlocal peak
             while not done.is_set():
-                peak = max(peak, tree_sample(process.pid, {}))
-                done.wait(0.1)
+                peak = max(peak, tree_sample(process.pid, seen))
+                done.wait(every)
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        out, err = process.communicate(timeout=1800)
+        out, err = process.communicate(timeout=timeout)
         wall = time.perf_counter() - start
         done.set()
         sampler.join()
         self.last_cpu, self.last_peak = children_cpu() - cpu, peak
         if process.returncode != 0:
             raise RuntimeError(f"{' '.join(args)} failed:\n{out}\n{err}")
-        return wall, out
+        return wall, out, peak, self.last_cpu, sum(c for p, c in seen.items() if p != process.pid)
 
     def stop(self) -> None:
         subprocess.run([sys.executable, "-m", "alflow.flows.cli", "server", "stop", "--config", str(self.config)],
