@@ -127,6 +127,23 @@ def small_csv(tmp_path: Path) -> Path:
     return path
 
 
+def ingested_here(config: Path):
+    """``(store, settings)`` of ``config`` with its first source's records stored, without
+    Prefect (no flow run): the state a unit of the cycle starts from."""
+    import pandas as pd
+
+    from alflow.config import load_config
+    from alflow.connectors import build_connector, to_row
+    from alflow.tasks.store import Store
+
+    settings = load_config(config)
+    store = Store(settings.database)
+    store.migrate()
+    source = settings.sources[0]
+    store.upsert_items(pd.DataFrame([to_row(r, source.name) for r in build_connector(source).fetch()]), "ingest")
+    return store, settings
+
+
 def copy_repo_config(directory: Path) -> Path:
     """The shipped alflow.toml, its bundled corpus path made absolute, in ``directory``."""
     text = (REPO / "alflow.toml").read_text(encoding="utf-8")

@@ -22,10 +22,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import REPO, SMS_CSV, write_config
+from conftest import REPO, SMS_CSV, ingested_here, write_config
 
-from alflow.config import FilesSource, load_config
-from alflow.connectors import build_connector, to_row
+from alflow.config import load_config
 from alflow.tasks import modeling, prelabel
 from alflow.tasks.store import Store
 from alflow.tasks.train import model_file, retrain
@@ -83,11 +82,7 @@ def trained(tmp_path_factory, cluster):
     config = write_config(folder, labels=["ham", "spam"], source_path=SMS_CSV,
                           extra=f'\n[runner]\ntype = "dask"\ndask_address = "{cluster[0]}"\n')
     config.write_text(config.read_text().replace("[query]\n", "[query]\nchunk_size = 200\n"))
-    settings = load_config(config)
-    store = Store(settings.database)
-    store.migrate()
-    source = FilesSource(type="files", name="corpus", path=SMS_CSV, label_column="label")
-    store.upsert_items(pd.DataFrame([to_row(r, "corpus") for r in build_connector(source).fetch()]), "ingest")
+    store, settings = ingested_here(config)
     from test_models import label_gold
 
     label_gold(store, settings, 30)

@@ -354,13 +354,11 @@ def test_prelabel_on_a_local_dask_cluster_through_a_cycle(tmp_path, monkeypatch)
     from uuid import UUID
 
     import distributed
-    from conftest import SMS_CSV, write_config
+    from conftest import SMS_CSV, ingested_here, write_config
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterName
     from test_models import label_gold
 
-    from alflow.config import FilesSource, load_config
-    from alflow.connectors import build_connector, to_row
     from alflow.flows.cycle import active_learning_cycle
     from alflow.tasks import prelabel
     from alflow.tasks.train import model_file
@@ -371,11 +369,7 @@ def test_prelabel_on_a_local_dask_cluster_through_a_cycle(tmp_path, monkeypatch)
                           extra='\n[runner]\ntype = "auto"\ndask_min_items = 200\nworkers = 1\n'
                                 'dask_idle_seconds = 120\n')
     config.write_text(config.read_text().replace("[query]\n", "[query]\nchunk_size = 100\n"))
-    settings = load_config(config)
-    store = Store(settings.database)
-    store.migrate()
-    source = FilesSource(type="files", name="corpus", path=csv, label_column="label")
-    store.upsert_items(pd.DataFrame([to_row(r, "corpus") for r in build_connector(source).fetch()]), "ingest")
+    store, settings = ingested_here(config)
     label_gold(store, settings, 30)  # answers, no model yet: the first cycle is a cold start that trains one
     gold = store.holdout_set(settings.holdout_fraction)
     assert store.pool_size(settings.holdout_fraction) >= 200 and 100 < len(gold) < 200
