@@ -63,22 +63,29 @@ def krippendorff_alpha(data) -> float:
         values = [r[j] for r in rows if not _missing(r[j])]
         if len(values) >= 2:
             units.append(values)
-    labels = sorted({v for unit in units for v in unit}, key=str)
-    if not units or len(labels) < 2:
+    labels, coincidence = coincidences(units, key=str)
+    if len(labels) < 2:
         return float("nan")
-    index = {c: i for i, c in enumerate(labels)}
-    coincidence = np.zeros((len(labels), len(labels)))
-    for unit in units:
-        counts = np.zeros(len(labels))
-        for v in unit:
-            counts[index[v]] += 1
-        # each ordered pair of answers within the unit, weighted 1 / (m_u - 1)
-        coincidence += (np.outer(counts, counts) - np.diag(counts)) / (len(unit) - 1)
     n_c = coincidence.sum(axis=1)
     n = n_c.sum()
     observed = coincidence.sum() - np.trace(coincidence)
     expected = (n_c.sum() ** 2 - (n_c ** 2).sum()) / (n - 1)
     return float(1.0 - observed / expected)
+
+
+def coincidences(units: list[list], key) -> tuple[list, np.ndarray]:
+    """Krippendorff's coincidence matrix of ``units`` (the answers to each item that has two
+    or more): ``(values, (v, v) matrix)``, the values sorted by ``key``; each ordered pair
+    of answers within a unit counts 1 / (answers in it - 1). No units: ``([], (0, 0))``."""
+    values = sorted({v for unit in units for v in unit}, key=key)
+    index = {v: i for i, v in enumerate(values)}
+    coincidence = np.zeros((len(values), len(values)))
+    for unit in units:
+        counts = np.zeros(len(values))
+        for v in unit:
+            counts[index[v]] += 1
+        coincidence += (np.outer(counts, counts) - np.diag(counts)) / (len(unit) - 1)
+    return values, coincidence
 
 
 def _number(value: float) -> float | None:
@@ -243,16 +250,9 @@ def krippendorff_alpha_sets(data, distance=masi_distance) -> float:
         values = [v for v in values if v is not None]
         if len(values) >= 2:
             units.append(values)
-    domain = sorted({v for unit in units for v in unit}, key=lambda s: sorted(s))
-    if not units or len(domain) < 2:
+    domain, coincidence = coincidences(units, key=lambda s: sorted(s))
+    if len(domain) < 2:
         return float("nan")
-    index = {v: i for i, v in enumerate(domain)}
-    coincidence = np.zeros((len(domain), len(domain)))
-    for unit in units:
-        counts = np.zeros(len(domain))
-        for v in unit:
-            counts[index[v]] += 1
-        coincidence += (np.outer(counts, counts) - np.diag(counts)) / (len(unit) - 1)
     delta = np.array([[distance(x, y) for y in domain] for x in domain], dtype=float)
     n_c = coincidence.sum(axis=1)
     n = n_c.sum()
