@@ -10,8 +10,12 @@ classifier on its TF-IDF, per-tag thresholds from 5-fold out-of-fold predictions
 scored on the test set and picks the next ``--batch`` items. alflow's arms pick with
 ``alflow.tasks.multilabel.strategies``; modAL's with ``modAL.multilabel``'s own functions,
 handed the same fitted model (``ModalView``). ``+exploration`` arms spend 10% of each batch
-on random picks. Reports per arm: AULC of micro F1 (mean over the curve), the labels until
-95% of the full-pool micro F1 (the model fitted on every pool item), their ratio to
+on random picks (``--exploration``); ``+self_training`` arms fit
+``alflow.tasks.multilabel.model.fit_self_trained_tagger`` (``--share`` pseudo-labels per
+human label) instead; ``+min_tags`` arms predict at least the fewest tags any answer has.
+``--config`` takes ``[model]`` from a file (``multilabel_pool.toml``: TF-IDF fitted on the
+pool). Reports per arm: AULC of micro F1 (mean over the curve), the labels until 95% of the
+full-pool micro F1 (the model fitted on every pool item), their ratio to
 random's, and its worst per-cycle gap to random's mean curve with the seed standard error
 of that (paired) difference. ``--thresholds`` says which labeled rows choose the per-tag
 thresholds. Needs the ``bench`` extra (``pip install -e .[bench]``).
@@ -35,7 +39,8 @@ from alflow.flows.simulate import read_settings
 from alflow.tasks import modeling
 from alflow.tasks.multilabel import metrics as ml_metrics
 from alflow.tasks.multilabel import strategies as ml
-from alflow.tasks.multilabel.model import FOLDS, Tagger, fit_tagger
+from alflow.tasks.multilabel.model import (FOLDS, Tagger, fit_self_trained_tagger, fit_tagger, min_cardinality,
+                                           predict_with_minimum)
 from alflow.tasks.multilabel.tags import parse_tags, tag_matrix
 
 HERE = Path(__file__).resolve().parent
@@ -102,27 +107,32 @@ EXPLORATION = 0.1  # the share of a "+exploration" arm's batch drawn at random (
 
 
 def ours_pick(name: str, tagger: Tagger, data: Data, labeled: np.ndarray, unlabeled: np.ndarray, k: int,
-              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """alflow's multi-label strategy ``name`` (``+exploration``: with :data:`EXPLORATION`):
+              rng: np.random.Generator, exploration: float = EXPLORATION) -> tuple[np.ndarray, np.ndarray]:
+    """alflow's multi-label strategy ``name`` (``+exploration``: with ``exploration``):
     indices into ``unlabeled`` and whether each was a random pick."""
-    base, _, option = name.partition("+")
+    base, *options = name.split("+")
     pool = ml.TagPool(tagger.predict_proba(data.pool_docs[unlabeled].tolist()), thresholds=tagger.thresholds,
                       labeled_proba=tagger.predict_proba(data.pool_docs[labeled].tolist()),
                       labeled_tags=data.pool_y[labeled])
-    picks, scores = ml.get_strategy(base, exploration=EXPLORATION if option == "exploration" else 0.0)(pool, k, rng)
+    picks, scores = ml.get_strategy(base, exploration=exploration if "exploration" in options else 0.0)(pool, k, rng)
     return picks, np.isnan(scores)
 
 
 def run_arm(name: str, data: Data, settings, corpus, *, seed: int, init: int, batch: int, cycles: int,
-            thresholds_on: str = "all") -> list[dict]:
+            thresholds_on: str = "all", share: float = 1.0, exploration: float = EXPLORATION) -> list[dict]:
     """One arm's learning curve for one seed: a row per cycle (CURVE_COLUMNS).
 
     ``thresholds_on``: "all", each model's thresholds are chosen on the out-of-fold
     predictions of every labeled row (``fit_tagger``'s default); "random": of the labeled
     rows drawn at random only (the cold start, exploration picks, every row of the random
-    arm); "fixed": no out-of-fold predictions, every threshold 0.5.
+    arm); "fixed": no out-of-fold predictions, every threshold 0.5. ``+self_training`` arms:
+    ``fit_self_trained_tagger`` with ``share`` pseudo-labels per human label (thresholds 0.5).
+    With ``vectorizer_fit = "pool"`` (``--config``) the features are fitted on the pool.
+    ``+min_tags`` arms predict at least as many tags as the fewest any labeled item has
+    (``predict_with_minimum``).
     """
     n = len(data.pool_docs)
+    pool = data.pool_docs.tolist() if settings.vectorizer_fit == "pool" else None
     order = list(np.random.default_rng([seed, 0]).choice(n, size=init, replace=False))
     drawn_at_random = [True] * init
     labeled = np.zeros(n, dtype=bool)
@@ -131,9 +141,20 @@ def run_arm(name: str, data: Data, settings, corpus, *, seed: int, init: int, ba
     for cycle in range(cycles + 1):
         seen = np.asarray(order, dtype=np.int64)
         at_random = np.flatnonzero(drawn_at_random) if thresholds_on == "random" else None
-        tagger = fit_tagger(settings, data.pool_docs[seen].tolist(), data.pool_y[seen], data.tags, seed=seed,
-                            folds=0 if thresholds_on == "fixed" else FOLDS, threshold_rows=at_random, corpus=corpus)
-        scores = ml_metrics.tag_metrics(data.test_y, tagger.predict(data.test_docs.tolist()))
+        if "self_training" in name.split("+"):
+            tagger = fit_self_trained_tagger(settings, data.pool_docs[seen].tolist(), data.pool_y[seen], data.tags,
+                                             data.pool_docs[~labeled].tolist(), seed=seed, corpus=corpus,
+                                             share=share)
+        else:
+            tagger = fit_tagger(settings, data.pool_docs[seen].tolist(), data.pool_y[seen], data.tags, seed=seed,
+                                folds=0 if thresholds_on == "fixed" else FOLDS, threshold_rows=at_random,
+                                corpus=corpus, pool_docs=pool)
+        if "min_tags" in name.split("+"):  # no item left without a tag where every answer has one
+            predicted = predict_with_minimum(tagger.predict_proba(data.test_docs.tolist()), tagger.thresholds,
+                                             min_cardinality(data.pool_y[seen]))
+        else:
+            predicted = tagger.predict(data.test_docs.tolist())
+        scores = ml_metrics.tag_metrics(data.test_y, predicted)
         rows.append({"strategy": name, "seed": seed, "cycle": cycle, "n_labels": len(seen), **scores})
         unlabeled = np.flatnonzero(~labeled)
         if cycle == cycles or unlabeled.size == 0:
@@ -144,7 +165,7 @@ def run_arm(name: str, data: Data, settings, corpus, *, seed: int, init: int, ba
             randomly = np.zeros(picks.size, dtype=bool)
         else:
             picks, randomly = ours_pick(name, tagger, data, seen, unlabeled, k,
-                                        np.random.default_rng([seed, cycle + 1]))
+                                        np.random.default_rng([seed, cycle + 1]), exploration)
             randomly = np.ones(picks.size, dtype=bool) if name == "random" else randomly
         chosen = unlabeled[picks]
         labeled[chosen] = True
@@ -233,18 +254,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--test-share", type=float, default=0.25)
     parser.add_argument("--thresholds", choices=["all", "random", "fixed"], default="all",
                         help="which labeled rows choose the per-tag thresholds (run_arm's thresholds_on)")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="take [model] from this file (default: the shipped alflow.toml)")
+    parser.add_argument("--exploration", type=float, default=EXPLORATION,
+                        help="+exploration arms: the share of each batch drawn at random")
+    parser.add_argument("--share", type=float, default=1.0,
+                        help="+self_training arms: pseudo-labels per human label")
+    parser.add_argument("--name", default=None,
+                        help="the suffix of the output files (default: --thresholds)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "multilabel")
     args = parser.parse_args(argv)
     started = time.time()
     frame = pd.read_csv(args.data) if args.data else build(pd.read_csv(args.source))
     data = Data(frame, args.test_share, args.pool)
-    settings, _ = read_settings(None)
+    settings, _ = read_settings(args.config)
     corpus = modeling.Corpus(settings, data.pool_docs.tolist() + data.test_docs.tolist())
     full_model = fit_tagger(settings, data.pool_docs.tolist(), data.pool_y, data.tags, corpus=corpus)
     full = ml_metrics.micro_f1(data.test_y, full_model.predict(data.test_docs.tolist()))
     print(f"pool {len(data.pool_docs)}, test {len(data.test_docs)}, full-pool micro F1 {full:.3f}", flush=True)
     names = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    unknown = [s for s in names if s not in OURS and s not in MODAL]
+    unknown = [s for s in names if s.split("+")[0] not in ml.NAMES and s not in MODAL
+               or not set(s.split("+")[1:]) <= {"exploration", "self_training", "min_tags"}]
     if unknown:
         parser.error(f"unknown strategy {unknown[0]!r}; choose from {OURS + MODAL}")
     if "random" not in names:
@@ -256,7 +286,8 @@ def main(argv: list[str] | None = None) -> None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", category=FutureWarning)
                 rows += run_arm(name, data, settings, corpus, seed=seed, init=args.init, batch=args.batch,
-                                cycles=args.cycles, thresholds_on=args.thresholds)
+                                cycles=args.cycles, thresholds_on=args.thresholds, share=args.share,
+                                exploration=args.exploration)
         print(f"{name}: {time.time() - t0:.0f} s", flush=True)
     curves = pd.DataFrame(rows, columns=CURVE_COLUMNS)
     summary = with_gaps(summarize(curves, full), curves)
@@ -268,9 +299,10 @@ def main(argv: list[str] | None = None) -> None:
     text = report(summary, full, meta, command.strip())
     print(text, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    curves.to_csv(args.out / f"curves_{args.thresholds}.csv", index=False)
-    summary.to_csv(args.out / f"summary_{args.thresholds}.csv", index=False)
-    (args.out / f"report_{args.thresholds}.md").write_text(text, encoding="utf-8")
+    suffix = args.name or args.thresholds
+    curves.to_csv(args.out / f"curves_{suffix}.csv", index=False)
+    summary.to_csv(args.out / f"summary_{suffix}.csv", index=False)
+    (args.out / f"report_{suffix}.md").write_text(text, encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -408,7 +408,7 @@ def main() -> None:
         subprocess.run([str(Path(sys.executable).with_name("alflow")), "server", "stop",
                         "--config", str(directory / "alflow.toml")], capture_output=True)
 
-    report = [f"# Scoring at scale (`benchmarks/scoring.py`)\n", header + "\n",
+    report = ["# Scoring at scale (`benchmarks/scoring.py`)\n", header + "\n",
               f"Batch {BATCH}; the shipped model (TF-IDF 1-2 grams + LogisticRegression) trained on "
               "the 20 cold-start labels; pool = items minus the 20% gold holdout. Each cell is one "
               "process (its own peak RSS). alflow: `prelabel_pool` + `query_batch` (margin, 10% "

@@ -267,7 +267,7 @@ def write_report(args, rounds: list[dict], plain_out: str) -> None:
                                                      ("cycles", args.cycles), ("batch", args.batch),
                                                      ("init", args.init), ("rounds", args.rounds))))
     lines = [
-        f"# `alflow simulate`: `--jobs 1` vs a plain loop, every core vs `--jobs 1`",
+        "# `alflow simulate`: `--jobs 1` vs a plain loop, every core vs `--jobs 1`",
         "",
         f"`{command}` ({datetime.date.today().isoformat()}, {os.cpu_count()} cores"
         + (f"; {len(rounds)} of {args.rounds} rounds done)" if len(rounds) < args.rounds else ")"),

@@ -33,9 +33,18 @@ ENV_PREFIX = "ALFLOW_"
 # Environment variables with this prefix that are not settings keys.
 ENV_NOT_SETTINGS = {"ALFLOW_CONFIG", "ALFLOW_SKIP_BROWSER_TESTS", "ALFLOW_NO_PROGRESS"}
 SKIP = "skip"
+# Joins the tags of a multi-label answer (alflow.tasks.multilabel.tags.SEPARATOR).
+TAG_SEPARATOR = ";"
 # The names of query.strategy (alflow.tasks.strategies.NAMES lists the same).
 STRATEGIES = ("least_confidence", "margin", "entropy", "random", "badge", "class_balanced", "committee",
               "cluster_margin")
+# The names of query.strategy with task = "multi_label" (alflow.tasks.multilabel.strategies.NAMES).
+TAG_STRATEGIES = ("mean_margin", "min_margin", "cardinality_inconsistency", "mmc", "random")
+# evaluation.metric by task (multi-label: alflow.tasks.multilabel.metrics.METRICS).
+METRICS = {"single_label": ("accuracy", "macro_f1"),
+           "multi_label": ("micro_f1", "macro_f1", "hamming_loss", "subset_accuracy")}
+# The defaults of query.strategy and evaluation.metric with task = "multi_label".
+TAG_DEFAULTS = {("query", "strategy"): "mean_margin", ("evaluation", "metric"): "micro_f1"}
 
 
 class ConfigError(ValueError):
@@ -102,6 +111,12 @@ class ModelSettings(_Section):
         10_000, ge=100,
         description="How many unlabeled pool items (a seeded sample, never a held-out one) self-training reads "
                     "to find the ones it is surest of.",
+    )
+    tag_thresholds: Literal["fixed", "out_of_fold"] = Field(
+        "fixed",
+        description='task = "multi_label" only: where a tag is predicted. "fixed": probability >= 0.5 for every '
+                    'tag; "out_of_fold": per tag, the cut maximising its F1 on out-of-fold predictions of the '
+                    "labeled items (measured worse on actively picked items: docs/multi-label.md).",
     )
 
     @field_validator("self_training", mode="before")
@@ -172,10 +187,12 @@ class QuerySettings(_Section):
     """Which items to ask the human about."""
 
     strategy: Literal["least_confidence", "margin", "entropy", "random", "badge", "class_balanced",
-                      "committee", "cluster_margin"] = Field(
+                      "committee", "cluster_margin", "mean_margin", "min_margin", "cardinality_inconsistency",
+                      "mmc"] = Field(
         "margin",
         description="How the batch is picked from the pre-labeled pool (margin: p(top1) - p(top2), smallest "
-                    "first). Compare them on your data with `alflow simulate`.",
+                    "first). Compare them on your data with `alflow simulate`. With task = \"multi_label\": "
+                    "mean_margin (the default there), min_margin, cardinality_inconsistency, mmc or random.",
     )
     batch_size: int = Field(20, ge=1, le=500, description="Items per review batch.")
     exploration: float = Field(
@@ -263,6 +280,14 @@ class ReviewSettings(_Section):
         description="An item whose answers tie, or whose share of answers disagreeing with the majority is "
                     "above this, is adjudicated at the top of the next batch.",
     )
+    adjudication_distance: float = Field(
+        0.6, ge=0.0, le=1.0,
+        description='task = "multi_label": an item whose annotators\' tag sets tie, or of which two are farther '
+                    "apart than this MASI distance, is adjudicated at the top of the next batch. 0.6 lets a "
+                    "majority stand against a set that only adds or drops one tag of two or more (MASI <= 0.56) "
+                    "and adjudicates a swapped tag (>= 0.78 in sets of up to five tags), a tag added to a "
+                    "single tag (0.67) and disjoint sets (1).",
+    )
     max_form_seconds_per_item: float = Field(
         120.0, gt=0.0,
         description="A Resume form's wall-clock wait is not labeling time (it may sit open over a weekend): it "
@@ -278,10 +303,11 @@ class EvaluationSettings(_Section):
         description='"holdout": score on gold-labeled items kept out of the pool (needs a source with '
                     'label_column); "cv": stratified cross-validation on the labels given so far.',
     )
-    metric: Literal["accuracy", "macro_f1"] = Field(
+    metric: Literal["accuracy", "macro_f1", "micro_f1", "hamming_loss", "subset_accuracy"] = Field(
         "macro_f1",
         description="What promotion compares, and what the target stopping rule and self-training's evidence "
-                    "read.",
+                    "read. With task = \"multi_label\": micro_f1 (the default there), macro_f1, hamming_loss "
+                    "(lower is better) or subset_accuracy.",
     )
     cv_folds: int = Field(
         5, ge=2, le=20,
@@ -659,9 +685,16 @@ SourceSettings = Annotated[
 class Settings(_Section):
     """All of alflow's settings. Paths are resolved against the config file's folder."""
 
+    task: Literal["single_label", "multi_label"] = Field(
+        "single_label",
+        description='"single_label": an item gets one of labels. "multi_label": labels is a tag set and an item '
+                    "gets any subset of it, possibly empty (none of these tags apply), which is an answer, unlike "
+                    "a skip.",
+    )
     labels: list[str] = Field(
         ..., min_length=2,
-        description='The classes a reviewer chooses from, in order ("skip" is reserved: it is always offered).',
+        description='The classes a reviewer chooses from, in order ("skip" is reserved: it is always offered); '
+                    'with task = "multi_label", the tags.',
     )
     database: Path = Field(
         Path(".alflow/alflow.duckdb"),
@@ -697,6 +730,11 @@ class Settings(_Section):
             raise ValueError(f"class names repeat: {cleaned}")
         if SKIP in cleaned:
             raise ValueError(f"'{SKIP}' is reserved for skipped items; rename that class")
+        if any(TAG_SEPARATOR in label for label in cleaned):
+            # A multi-label answer is stored as its tags joined by the separator; a single-label
+            # class with it would read back as two tags if the project ever became multi-label.
+            bad = next(label for label in cleaned if TAG_SEPARATOR in label)
+            raise ValueError(f"class name {bad!r} contains {TAG_SEPARATOR!r}, which separates tags")
         return cleaned
 
     @field_validator("sources")
@@ -743,6 +781,22 @@ class Settings(_Section):
                 raise _NestedError((missing[0],), f'needs to be set: model.features = "{model.features}" '
                                                   "embeds through [llm]")
         return value
+
+    @model_validator(mode="after")
+    def _task_names(self) -> "Settings":
+        """query.strategy and evaluation.metric name things of this task; left unset with
+        task = "multi_label", they take that task's defaults (TAG_DEFAULTS)."""
+        allowed = {("query", "strategy"): TAG_STRATEGIES if self.task == "multi_label" else STRATEGIES,
+                   ("evaluation", "metric"): METRICS[self.task]}
+        for (section, key), names in allowed.items():
+            part = getattr(self, section)
+            if self.task == "multi_label" and key not in part.model_fields_set:
+                # frozen: the section is replaced by a copy with the multi-label default
+                object.__setattr__(self, section, part.model_copy(update={key: TAG_DEFAULTS[(section, key)]}))
+            elif getattr(part, key) not in names:
+                raise _NestedError((section, key), f"{getattr(part, key)!r} is not a {self.task} choice (task = "
+                                                   f"{self.task!r}); choose from {list(names)}")
+        return self
 
     @property
     def db_path(self) -> str:

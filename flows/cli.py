@@ -145,7 +145,7 @@ def run(
 def _run_cycles(settings, auto: bool, cycles: int, ingest: bool, progress: bool) -> None:
     from alflow.tasks.progress import enable_bars
 
-    _store(settings)
+    _store(settings).claim_task(settings.task)  # a store of the other task: one line, before any flow run
     enable_bars(progress)
     from alflow.flows.cycle import active_learning_cycle
 
@@ -231,7 +231,9 @@ def _print_cycle(summary: dict, metric: str) -> None:
     if summary.get("cycle") is None:
         return
     metrics = summary.get("metrics") or {}
-    shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("accuracy", "macro_f1") if metrics.get(k) is not None)
+    # a multi-label cycle's metrics are micro_f1 ... (config.settings.METRICS); a single-label one has none of them
+    names = ("accuracy", "macro_f1", "micro_f1", "hamming_loss", "subset_accuracy")
+    shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in names if metrics.get(k) is not None)
     model = f"model v{summary['model_version']}" if summary.get("model_version") else "no model yet"
     promoted = " (promoted)" if summary.get("promoted") else (" (not promoted)" if summary.get("model_version") else "")
     from alflow.tasks.modeling import self_training_note
@@ -307,6 +309,20 @@ def ingest(
 
 
 # -- status ---------------------------------------------------------------------------------
+def tag_metric_columns(rows: list[dict], cycles) -> None:
+    """Add to each cycle row of a multi-label project its micro_f1, hamming_loss and
+    subset_accuracy (config.settings.METRICS), read from the ``cycles`` frame's metrics JSON."""
+    import json
+
+    from alflow.config.settings import METRICS
+
+    stored = {int(c): json.loads(m) if isinstance(m, str) else (m or {})
+              for c, m in zip(cycles["cycle"], cycles["metrics"])}
+    for row in rows:
+        metrics = stored.get(row["cycle"]) or {}
+        row.update({name: metrics.get(name) for name in METRICS["multi_label"]})
+
+
 def status_report(settings, store, api_url: str | None) -> dict:
     """Where the project stands, as one JSON-ready object: ``items``, ``pool``, ``labeled``
     (of which ``adjudicated``: decided by an adjudication or a recheck), ``tied`` (votes tie:
@@ -354,6 +370,8 @@ def status_report(settings, store, api_url: str | None) -> dict:
          "promoted": bool(row.promoted), "strategy": row.strategy}
         for row in store.cycles().itertuples(index=False)
     ]
+    if settings.task == "multi_label":  # the tag-set metrics, from each cycle's metrics JSON
+        tag_metric_columns(report["cycles"], store.cycles())
     timings = store.cycle_timings()
     for row in report["cycles"]:
         row["timings"] = timings.get(row["cycle"])
@@ -362,9 +380,9 @@ def status_report(settings, store, api_url: str | None) -> dict:
         for key in ("control_accuracy", "control_low", "control_high", "stop_kappa"):
             row[key] = number(measured[key].get(row["cycle"])) if key in measured else None
     report.update(quality_status(store, settings, counts))
-    from alflow.tasks.agreement import agreement_report
+    from alflow.tasks.agreement import agreement_options, agreement_report
 
-    report["agreement"] = agreement_report(store, adjudication_threshold=settings.review.adjudication_threshold)
+    report["agreement"] = agreement_report(store, **agreement_options(settings))
     usage = store.llm_usage(any_run=True)
     if settings.llm.base_url or usage is not None:
         report["llm"] = {"usage": usage, "prelabels": store.prelabel_kept()}
@@ -430,11 +448,13 @@ def status(
     if not report["cycles"]:
         console.print("cycles: none yet")
         return
-    table = Table("cycle", "labels", "accuracy", "macro F1", "model", "promoted", title="latest cycles")
+    shown = ("micro_f1", "macro_f1") if "micro_f1" in report["cycles"][0] else ("accuracy", "macro_f1")
+    table = Table("cycle", "labels", *(name.replace("_f1", " F1") for name in shown), "model", "promoted",
+                  title="latest cycles")
     table.add_column("strategy", overflow="fold")
     fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
     for row in report["cycles"][-5:]:
-        table.add_row(str(row["cycle"]), str(row["n_labels"]), fmt(row["accuracy"]), fmt(row["macro_f1"]),
+        table.add_row(str(row["cycle"]), str(row["n_labels"]), *(fmt(row[name]) for name in shown),
                       f"v{row['model_version']}" if row["model_version"] is not None else "–",
                       "yes" if row["promoted"] else "no", row["strategy"])
     console.print(table)
@@ -523,7 +543,8 @@ def batch_report(settings, store, batch: dict) -> dict:
     batch_id = batch["batch_id"]
     items = store.batch_items(batch_id)
     history = store.batch_answer_history(batch_id)
-    states = store.item_states(settings.review.adjudication_threshold, settings.holdout_fraction)
+    states = store.item_states(settings.review.adjudication_threshold, settings.holdout_fraction,
+                               settings.review.adjudication_distance if settings.task == "multi_label" else None)
     state = dict(zip(states["item_id"], states["state"]))
     outcome, arrived = review_outcome(store, batch_id)
     report = {key: _json_value(batch.get(key)) for key in ("batch_id", "status", "strategy", "model_version",
@@ -569,7 +590,7 @@ def show(
 
     from alflow.tasks.report import ORIGIN_WORDS
     from alflow.tasks.review import find_batch, trim
-    from alflow.tasks.review.items import confidence_text
+    from alflow.tasks.review.items import confidence_text, tags_text
     from alflow.tasks.store import document
 
     settings = _settings(config)
@@ -586,21 +607,25 @@ def show(
                          + (f"; flow run {report['flow_run_id']}" if report["flow_run_id"] else "")))
     console.print(escape(report["answered"]))
     width = max(40, console.size.width - 4)
+    # a multi-label answer is a tag set's text form ("" is an answer: none apply): said in words
+    words = tags_text if settings.task == "multi_label" else (lambda label: label)
     for item in report["items"]:
-        effective = item["effective_label"] or _NO_LABEL.get(item["state"], "none")
+        effective = (words(item["effective_label"]) if item["effective_label"] is not None else
+                     _NO_LABEL.get(item["state"], "none"))
         prelabel = ""
         if item["prelabel"] is not None:
             who = "LLM's" if item["prelabel_by"] == "llm" else "model's"
-            prelabel = f" · {who} pre-label {item['prelabel']} ({confidence_text(item['confidence'])})"
+            prelabel = f" · {who} pre-label {words(item['prelabel'])} ({confidence_text(item['confidence'])})"
         console.print(f"[bold]#{item['rank']}[/] · {escape(item['source'])} · picked by {escape(item['picked_by'])}"
                       f"{escape(prelabel)} · effective label: [bold]{escape(effective)}[/]")
         console.print(f"  {escape(trim(document(item['title'], item['text'], sep=' — '), width))}")
         if not item["answers"]:
             console.print("  [dim]no answer in this batch[/]")
         for answer in item["answers"]:
-            shown = (f"shown the pre-label {answer['prelabel_shown']}" if answer["prelabel_shown"]
+            seen = answer["prelabel_shown"]
+            shown = (f"shown the pre-label {words(seen)}" if seen or (seen == "" and settings.task == "multi_label")
                      else "no pre-label shown")
-            console.print(escape(f"  {answer['annotator']}: {answer['label']}, "
+            console.print(escape(f"  {answer['annotator']}: {words(answer['label'])}, "
                                  f"{ORIGIN_WORDS.get(answer['origin'], 'as an ' + answer['origin'])}, "
                                  f"{when(answer['created_at'])}, {shown}"
                                  + ("" if answer["current"] else " (replaced by a later answer)")))
@@ -632,17 +657,27 @@ def serve(config: ConfigOption = None):
 
 
 # -- review: terminal, files, resume ---------------------------------------------------------
-def item_panel(row, position: int, total: int, note: str | None, given: str | None) -> Panel:
+def item_panel(row, position: int, total: int, note: str | None, given: str | None,
+               tags: list[str] | None = None) -> Panel:
     """One item as `alflow label` shows it: its heading (rank, source, pre-label; see
     :func:`~alflow.tasks.review.item_heading`) as the title, then the answer already given
     in this session (``given``), what an item asked again is told (``note``), the item's
-    title when it adds something, its whole text and its URL; wrapped to the terminal."""
-    from alflow.tasks.review import item_heading
+    title when it adds something, its whole text and its URL; wrapped to the terminal.
+    ``tags``: a multi-label project's tags; the model's probability of each is shown where
+    its pre-label is offered (the row's ``tag_proba``)."""
+    from alflow.tasks.review import item_heading, shown_prelabel
+    from alflow.tasks.review.items import probabilities_text, tags_text
     from alflow.tasks.store import title_adds
 
     body = []
-    if given is not None:
+    if given is not None and tags is not None:
+        body.append(f"[bold]Your answer: {escape(tags_text(given))}[/] (Enter keeps it; a number toggles a tag; "
+                    "s skips)")
+    elif given is not None:
         body.append(f"[bold]Your answer: {escape(given)}[/] (Enter keeps it; a class key or s changes it)")
+    proba = getattr(row, "tag_proba", None)
+    if tags is not None and shown_prelabel(row) is not None and isinstance(proba, (list, tuple)):
+        body.append(f"[dim]Model: {escape(probabilities_text(tags, proba))}[/]")
     if note is not None:
         head, _, rest = note.partition(". ")
         body.append(f"[bold]{escape(head)}.[/] {escape(rest)}")
@@ -651,7 +686,8 @@ def item_panel(row, position: int, total: int, note: str | None, given: str | No
     body.append(escape(row.text))
     if isinstance(row.url, str) and row.url:
         body.append(f"[dim]{escape(row.url)}[/]")
-    return Panel("\n".join(body), title=f"{position + 1}/{total}  {escape(item_heading(row))}", title_align="left")
+    heading = item_heading(row, multi_label=tags is not None)
+    return Panel("\n".join(body), title=f"{position + 1}/{total}  {escape(heading)}", title_align="left")
 
 
 class _Pager:
@@ -693,8 +729,9 @@ def label_session(store, settings, batch_id: str, annotator: str, getchar: Calla
     recheck the model's suggestion) need a class key. Going back (b) shows the answer
     given, which Enter keeps (nothing is saved again). Each item shows in full, wrapped to
     the terminal; a longer one a screenful at a time (Space: more). ``late``: the batch may
-    be closed. Returns (answers saved: label rows written, corrections included; True if
-    the batch is complete)."""
+    be closed. With task = "multi_label" a number toggles a tag and Enter records the
+    selected set (see :func:`label`). Returns (answers saved: label rows written,
+    corrections included; True if the batch is complete)."""
     import time
 
     from alflow.config import SKIP
@@ -709,15 +746,29 @@ def label_session(store, settings, batch_id: str, annotator: str, getchar: Calla
     )
     from alflow.tasks.store import RECHECK
 
+    from alflow.tasks.multilabel.tags import format_tags, parse_tags
+    from alflow.tasks.review.items import tag_probabilities, tags_text
+
     classes = settings.labels
+    multi = settings.task == "multi_label"  # an answer is a set of tags: number keys toggle, Enter accepts
     keys = "  ".join(f"[bold]{i}[/] {c}" for i, c in enumerate(classes, start=1))
     items = store.batch_items(batch_id)
+    if multi:
+        proba = tag_probabilities(store, batch_id, items["item_id"].tolist())
+        items["tag_proba"] = [proba.get(i) for i in items["item_id"]]
     asked = set(store.batch_needs(batch_id, annotator)["item_id"])
     queue = [r for r in items.itertuples(index=False) if r.item_id in asked]
     given = store.answers_given([r.item_id for r in queue if r.picked_by in (ADJUDICATION, RECHECK)])
+    accept_key = ("[bold]Enter[/] accept the selected tags (none selected: none of these tags apply)  "
+                  f"toggle a tag: {keys}" if multi else f"[bold]Enter[/] accept pre-label  {keys}")
     out.print(f"Batch {batch_id} ({batch_count_text(items)}): {len(queue)} of {len(items)} items to answer.  "
-              f"Keys: [bold]Enter[/] accept pre-label  {keys}  [bold]s[/] skip  [bold]b[/] back  "
+              f"Keys: {accept_key}  [bold]s[/] skip  [bold]b[/] back  "
               "[bold]Space[/] more  [bold]q[/] quit (answers are saved as you go)")
+
+    def selection_line(selection: set[str]) -> str:
+        numbered = "  ".join(f"[{'x' if c in selection else ' '}] {i} {c}" for i, c in enumerate(classes, start=1))
+        then = tags_text(format_tags(selection))
+        return f"  {escape(numbered)}   Enter records: [bold]{escape(then)}[/]"
     pending: list[str] = []
 
     def next_key() -> str:
@@ -748,13 +799,23 @@ def label_session(store, settings, batch_id: str, annotator: str, getchar: Calla
         row = queue[position]
         answer = mine.get(row.item_id)
         pager = _Pager(out, item_panel(row, position, len(queue), reasked_note(row, given.get(row.item_id, [])),
-                                       answer))
+                                       answer, tags=classes if multi else None))
         offered = answer if answer is not None else shown_prelabel(row)
+        # multi-label: the tags Enter records, starting from the answer given or the offered pre-label
+        selection = set(parse_tags(offered)) if multi and offered not in (None, SKIP) else set()
+        touched = False
+        if multi:
+            out.print(selection_line(selection))
         shown_at = time.monotonic()
         while True:
             key = next_key()
             if key == " ":
                 pager.more()
+                continue
+            if multi and key.isdigit() and 1 <= int(key) <= len(classes):
+                selection ^= {classes[int(key) - 1]}
+                touched = True
+                out.print(selection_line(selection))
                 continue
             if key in ("q", "Q", "\x03", "\x04"):
                 out.print(f"Stopped; {plural(saved, 'answer')} saved.")
@@ -762,7 +823,17 @@ def label_session(store, settings, batch_id: str, annotator: str, getchar: Calla
             if key in ("b", "B"):
                 position = max(0, position - 1)
                 break
-            label = chosen(key, offered)
+            if multi and key in ("\r", "\n", "y", "Y"):  # a skip given before stays unless tags were toggled
+                label = SKIP if answer == SKIP and not touched else format_tags(selection)
+            elif multi:
+                label = SKIP if key in ("s", "S") else None
+            else:
+                label = chosen(key, offered)
+            if label is None and multi:
+                more = "" if pager.finished else "Space shows more; "
+                out.print(f"[yellow]A number toggles a tag; Enter records the selected tags (none selected: none of "
+                          f"these tags apply); s skips; b goes back; {more}q quits.[/]")
+                continue
             if label is None:
                 accept = ("Enter keeps your answer; " if answer is not None else
                           "Enter accepts the pre-label; " if offered is not None else "this item has no pre-label: ")
@@ -774,7 +845,7 @@ def label_session(store, settings, batch_id: str, annotator: str, getchar: Calla
                                     prelabel_shown=prelabel_seen(row), seconds=round(time.monotonic() - shown_at, 3),
                                     late=late)
             rows = written.new + written.adjudicated + written.corrections
-            out.print(f"  -> {escape(label)}" + ("" if rows else " (unchanged)"))
+            out.print(f"  -> {escape(tags_text(label) if multi else label)}" + ("" if rows else " (unchanged)"))
             saved += rows
             mine[row.item_id] = label
             position += 1
@@ -797,7 +868,10 @@ def label(
     wrapped to the terminal. Keys: Enter accepts the pre-label (or, after b, keeps your
     answer); 1-9 picks a class; s skips; b goes back to the previous item and shows the
     answer you gave; Space shows the next screenful of a text longer than the terminal;
-    q quits. Each answer is saved as you give it.
+    q quits. Each answer is saved as you give it. A multi-label project (task =
+    "multi_label") shows the tags numbered with the current selection (the pre-label where
+    one is offered): 1-9 toggles a tag, Enter records the selection (none selected: none of
+    these tags apply).
     """
     from alflow.tasks.review import closed_batch_check, pick_batch
 
@@ -833,12 +907,24 @@ def export_(
     settings = _settings(config)
     store = _store(settings)
     chosen = pick_batch(store, batch)
-    n = export_batch(store, chosen["batch_id"], path, fmt, prefill=not blank)
+    multi = settings.task == "multi_label"
+    n = export_batch(store, chosen["batch_id"], path, fmt, prefill=not blank,
+                     tags=list(settings.labels) if multi else None)
     if file_format(path, fmt) == "label-studio":
         console.print(f"Wrote {n} Label Studio tasks of batch {chosen['batch_id']} to {path} (with the pre-labels as "
                       f"predictions and the answers so far as annotations). Labeling config:\n"
-                      f"{escape(label_studio_config(settings.labels))}\nThen export the project as JSON, "
-                      f"`alflow import FILE.json` and `alflow resume`.")
+                      f"{escape(label_studio_config(settings.labels, multiple=multi))}\nThen export the project as "
+                      f"JSON, `alflow import FILE.json` and `alflow resume`.")
+        return
+    if multi:
+        from alflow.tasks.review.files import NO_TAGS
+
+        spelled = (f"tags separated by ';', {NO_TAGS} for \"none of these tags apply\", skip, or empty to leave "
+                   "it for later" if file_format(path, fmt) == "csv" else
+                   "a list of tags, [] for \"none of these tags apply\", \"skip\", or null to leave it for later")
+        console.print(f"Wrote {n} items of batch {chosen['batch_id']} to {path}. Edit the labels column "
+                      f"({escape(spelled)}; tags: {', '.join(settings.labels)}), then `alflow import {path}` and "
+                      "`alflow resume`.")
         return
     console.print(f"Wrote {n} items of batch {chosen['batch_id']} to {path}. Edit the label column "
                   f"({', '.join(settings.labels)} or skip), then `alflow import {path}` and `alflow resume`.")
@@ -920,12 +1006,17 @@ def simulate(
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress: bars in a terminal; "
                         "else a line per finished (strategy, seed) run, and every half minute for one still "
                         "going.")] = True,
+    task: Annotated[str, typer.Option("--task", help="single_label, or multi_label: --label-col holds each "
+                    "row's tags joined by ';' (empty: no tag applies), the strategies are the multi-label ones "
+                    "and labels_to_95 reads evaluation.metric (micro_f1 by default).")] = "single_label",
+    labels: Annotated[Optional[str], typer.Option("--labels", help="--task multi_label: the tags, comma-"
+                      "separated (default: every tag --label-col names, sorted).")] = None,
 ):
     """Replay the loop on a labeled CSV with a simulated annotator: learning curves per strategy."""
     import math
     import sys
 
-    from alflow.flows.simulate import SimulationError, TARGET_SHARE
+    from alflow.flows.simulate import SimulationError, TARGET_SHARE, summary_metric
     from alflow.flows.simulate import simulate as run_simulation
     from alflow.tasks.progress import enable_bars
 
@@ -938,19 +1029,23 @@ def simulate(
         result = run_simulation(data, out, text_col=text_col, label_col=label_col, split_col=split_col,
                                 test_split=test_split, strategies=strategies_.split(","), batch=batch,
                                 cycles=cycles, init=init, seeds=seeds, config=config, noise=noise,
-                                automation_bias=automation_bias, jobs=jobs, log=log)
+                                automation_bias=automation_bias, jobs=jobs, log=log, task=task,
+                                labels=[t.strip() for t in labels.split(",")] if labels else None)
     except SimulationError as exc:
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
         raise typer.Exit(1) from None
-    table = Table("strategy", "aulc_mean", "aulc_std", "final_accuracy", "labels_to_95", "÷ random",
+    # a multi-label summary names its metric; its final figure is final_score
+    metric = summary_metric(result.summary)
+    final = "final_score" if "final_score" in result.summary else "final_accuracy"
+    table = Table("strategy", "aulc_mean", "aulc_std", final, "labels_to_95", "÷ random",
                   "÷ best random",
-                  title=f"full-pool accuracy {result.full_accuracy:.3f} "
+                  title=f"full-pool {metric} {result.full_accuracy:.3f} "
                         f"(labels_to_95: labels until {TARGET_SHARE:.0%} of it, median over seeds; "
                         "÷ best random: over the fewer of random's with the same model and with the plain one)")
     for row in result.summary.itertuples(index=False):
         to95 = "inf" if math.isinf(row.labels_to_95) else f"{row.labels_to_95:g}"
         ratios = ["n/a" if math.isnan(v) else f"{v:.2f}" for v in (row.labels_vs_random, row.labels_vs_best_random)]
-        table.add_row(row.strategy, f"{row.aulc_mean:.3f}", f"{row.aulc_std:.3f}", f"{row.final_accuracy:.3f}", to95,
+        table.add_row(row.strategy, f"{row.aulc_mean:.3f}", f"{row.aulc_std:.3f}", f"{getattr(row, final):.3f}", to95,
                       *ratios)
     console.print(table)
     if result.llm is not None:

@@ -169,6 +169,7 @@ def active_learning_cycle(config_path: str | None = None, auto: bool = False,
     settings = load_config(config_path)
     store = Store(settings.database, settings.store.lock_timeout_seconds)
     store.migrate()
+    store.claim_task(settings.task)  # a store is one task: refused in one line if it holds the other
     run_id = flow_run.get_id()
     config_path = str(settings.config_path)
     try:
@@ -327,11 +328,27 @@ def simulated_review(store: Store, settings, batch_id: str, run_id: str) -> Labe
     finds them recorded and records nothing."""
     if store.batch(batch_id)["status"] != "open":
         return LabelWrite(replayed=True)
-    answers = simulated_answers(store, store.batch_items(batch_id), settings.labels)
+    batch = store.batch_items(batch_id)
+    answers = (simulated_tag_answers(store, batch, settings) if settings.task == "multi_label"
+               else simulated_answers(store, batch, settings.labels))
     written = store.record_labels(answers, annotator="simulated", origin="simulated", batch_id=batch_id,
                                   flow_run_id=run_id, close_batch="labeled")
     fault_point("review-between-rounds")  # its one round recorded, the retrain not begun
     return written
+
+
+def simulated_tag_answers(store: Store, batch: pd.DataFrame, settings) -> list:
+    """The simulated annotator of a multi-label project: each item's gold tag set as its
+    text form ("" where no tag applies: an answer), ``skip`` where it has no gold; its
+    answers to adjudication items are adjudications (as :func:`simulated_answers`)."""
+    from alflow.config import SKIP
+    from alflow.tasks.review.record import ADJUDICATION
+    from alflow.tasks.store import Answer
+
+    gold = store.gold_labels(batch["item_id"].tolist())
+    return [Answer(i, gold[i] if isinstance(gold.get(i), str) and is_answer(gold[i], settings) else SKIP,
+                   origin=ADJUDICATION if p == ADJUDICATION else None)
+            for i, p in zip(batch["item_id"], batch["picked_by"])]
 
 
 def human_review(store: Store, settings, batch_id: str, run_id: str, config_path: str,
@@ -381,8 +398,9 @@ def human_review(store: Store, settings, batch_id: str, run_id: str, config_path
         given = store.answers_given(batch.loc[batch["picked_by"].isin(REASKED_PICKS), "item_id"].tolist())
         form = build_review_form(batch, settings.labels, settings.review.text_chars,
                                  settings.review.annotator if round_ == 1 else None, shown=shown, given=given,
-                                 independent=round_ > 1,
-                                 description=form_description(batch_id, batch, cold_start, independent=round_ > 1))
+                                 independent=round_ > 1, task=settings.task,
+                                 description=form_description(batch_id, batch, cold_start, independent=round_ > 1,
+                                                              task=settings.task))
         try:
             if suspend:
                 response = suspend_flow_run(wait_for_input=form, timeout=timeout, key=key)
@@ -453,7 +471,7 @@ def check_gold_labels(store: Store, settings, auto: bool) -> None:
         "SELECT source, gold_label, count(*) AS n FROM items WHERE gold_label IS NOT NULL "
         "GROUP BY source, gold_label ORDER BY source"
     )
-    bad = gold[~gold["gold_label"].isin(settings.labels)]
+    bad = gold[~gold["gold_label"].map(lambda value: is_answer(value, settings))]
     if len(bad):
         unknown = Counter()
         for value, n in zip(bad["gold_label"], bad["n"]):
@@ -473,6 +491,16 @@ def check_gold_labels(store: Store, settings, auto: bool) -> None:
         "evaluation.method = \"holdout\" scores on gold labels, but no stored item has one; "
         "set label_column on a source or use evaluation.method = \"cv\""
     )
+
+
+def is_answer(value: str, settings) -> bool:
+    """True if ``value`` is an answer of this project: a class of ``labels``, or with
+    task = "multi_label" the text form of a set of its tags ("" included)."""
+    if settings.task != "multi_label":
+        return value in settings.labels
+    from alflow.tasks.multilabel.tags import parse_tags
+
+    return parse_tags(value) <= set(settings.labels)
 
 
 def nothing_stored_message(store: Store) -> str:

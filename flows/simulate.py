@@ -126,16 +126,7 @@ def load_dataset(path: str | Path, text_col: str = "text", label_col: str = "lab
     both. Rows without text or label are dropped."""
     if split_col is not None and test_split is not None:
         raise SimulationError(f"--split-col {split_col!r} and --test-split {test_split}: give one or the other")
-    path = Path(path)
-    if not path.is_file():
-        raise SimulationError(f"--data {path}: file not found")
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except Exception as exc:  # noqa: BLE001 - any parse error, reported in one line
-        raise SimulationError(f"--data {path}: not a readable CSV ({type(exc).__name__}: {exc})") from None
-    for flag, column in (("--text-col", text_col), ("--label-col", label_col), ("--split-col", split_col)):
-        if column is not None and column not in frame.columns:
-            raise SimulationError(f"{flag} {column!r}: no such column in {path} (columns: {', '.join(frame.columns)})")
+    frame = _read_csv(path, {"--text-col": text_col, "--label-col": label_col, "--split-col": split_col})
     frame = frame[(frame[text_col].str.strip() != "") & (frame[label_col].str.strip() != "")]
     classes = sorted(frame[label_col].unique().tolist())
     if len(classes) < 2:
@@ -633,10 +624,10 @@ def reference_lines(full_accuracy: float, llm: LLMBaseline | None = None) -> lis
 
 
 def plot_curves(curves: pd.DataFrame, full_accuracy: float, path: str | Path, title: str = "",
-                llm: LLMBaseline | None = None) -> Path:
-    """Accuracy against labels per strategy: the mean over seeds, a band of ±1 standard
-    deviation, and :func:`reference_lines` (the 95%-of-full-pool target; the LLM's
-    zero-shot accuracy with ``llm``). Written as PNG."""
+                llm: LLMBaseline | None = None, metric: str = "accuracy") -> Path:
+    """``metric`` (a curve column) against labels per strategy: the mean over seeds, a band
+    of ±1 standard deviation, and :func:`reference_lines` (the 95%-of-full-pool target;
+    the LLM's zero-shot accuracy with ``llm``). Written as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -647,13 +638,13 @@ def plot_curves(curves: pd.DataFrame, full_accuracy: float, path: str | Path, ti
         own = curves[curves["strategy"] == name]
         by_cycle = own.groupby("cycle")
         x = by_cycle["n_labels"].mean()
-        mean, std = by_cycle["accuracy"].mean(), by_cycle["accuracy"].std(ddof=0).fillna(0.0)
+        mean, std = by_cycle[metric].mean(), by_cycle[metric].std(ddof=0).fillna(0.0)
         (line,) = ax.plot(x, mean, label=name, linewidth=1.6)
         ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.18, linewidth=0)
     for y, label, style in reference_lines(full_accuracy, llm):
         ax.axhline(y, color="grey" if style == "--" else "black", linestyle=style, linewidth=1, label=label)
     ax.set_xlabel("labels")
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel(f"test {metric}")
     ax.set_title(title or "learning curves (mean ± 1 sd over seeds)")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
@@ -702,8 +693,11 @@ def run_pair(data: Dataset, model_settings: ModelSettings, query: QuerySettings,
     checks = [] if options.pop("checks") else None
     estimates = [] if options.pop("estimates") else None
     start = time.perf_counter()
-    rows = run_strategy(data, model_settings, query, seed=seed, advance=advance, checks=checks,
-                        estimates=estimates, **options)
+    if isinstance(data, TagDataset):
+        rows = run_tag_strategy(data, model_settings, query, seed=seed, advance=advance, **options)
+    else:
+        rows = run_strategy(data, model_settings, query, seed=seed, advance=advance, checks=checks,
+                            estimates=estimates, **options)
     return PairRun(query.strategy, seed, rows, checks or [], estimates or [], time.perf_counter() - start)
 
 
@@ -715,8 +709,10 @@ class PairProgress:
     where a long simulation is."""
 
     def __init__(self, pairs: Sequence[tuple[str, int]], cycles: int,
-                 advances: dict[str, Callable[[int], None]], log: Callable[[str], None] | None = None):
+                 advances: dict[str, Callable[[int], None]], log: Callable[[str], None] | None = None,
+                 metric: str = "accuracy"):
         self.pairs, self.cycles, self.advances, self.log = list(pairs), cycles, advances, log
+        self.metric = metric  # the curve column a finished run's line gives
         self.steps = [0] * len(self.pairs)
         self.started = [math.nan] * len(self.pairs)  # time.monotonic() seconds
         self.last_line = [math.nan] * len(self.pairs)
@@ -749,7 +745,7 @@ class PairProgress:
         if self.log is not None:
             last = [row for row in run.rows if row["strategy"] == strategy][-1]
             self.log(f"simulate: {strategy} seed {seed} done: {last['cycle']} cycles, {last['n_labels']} labels, "
-                     f"accuracy {last['accuracy']:.3f}, {run.seconds:.1f} s "
+                     f"{self.metric} {last[self.metric]:.3f}, {run.seconds:.1f} s "
                      f"({self.finished}/{len(self.pairs)} runs)")
 
 
@@ -883,12 +879,28 @@ def run_pairs_in_processes(data: Dataset, model_settings: ModelSettings, queries
     return runs
 
 
+def run_all(data, model_settings: ModelSettings, queries: dict[str, QuerySettings], pairs: Sequence[tuple[str, int]],
+            options: dict, progress: PairProgress, workers: int, full_pool: Callable[[], float]) -> tuple[list, float]:
+    """(the runs of ``pairs`` in order, ``full_pool()``): one after another here with one
+    worker, else on ``workers`` processes while ``full_pool`` (the full-pool score) is
+    computed here meanwhile."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if workers == 1:
+        return run_pairs_here(data, model_settings, queries, pairs, options, progress), full_pool()
+    with ThreadPoolExecutor(1, thread_name_prefix="full-pool") as meanwhile:
+        full = meanwhile.submit(full_pool)
+        runs = run_pairs_in_processes(data, model_settings, queries, pairs, options, progress, workers)
+        return runs, full.result()
+
+
 def simulate(data_path: str | Path, out_dir: str | Path, *, text_col: str = "text", label_col: str = "label",
              split_col: str | None = None, test_split: float | None = None,
              strategies: Sequence[str] = ("random", "margin", "default"), batch: int = 20, cycles: int = 25,
              init: int = 20, seeds: int = 5, config: str | Path | None = None,
              noise: float = 0.0, automation_bias: float | None = None, jobs: int | None = None,
-             log: Callable[[str], None] | None = None) -> SimulationResult:
+             log: Callable[[str], None] | None = None, task: str = "single_label",
+             labels: Sequence[str] | None = None) -> SimulationResult:
     """Run every strategy for seeds 0..seeds-1 and write ``curves.csv``, ``summary.csv`` and
     ``curves.png`` to ``out_dir``. Deterministic for given arguments, ``jobs`` included.
 
@@ -902,8 +914,11 @@ def simulate(data_path: str | Path, out_dir: str | Path, *, text_col: str = "tex
     :func:`default_jobs`; 1: one after another in this process); the corpus' features are
     computed once, here, and the full-pool model is fitted here while the workers run.
     Every run uses one BLAS/OpenMP thread, whichever process it is in. ``log``: where the
-    progress lines of :class:`PairProgress` go (none without it)."""
-    from concurrent.futures import ThreadPoolExecutor
+    progress lines of :class:`PairProgress` go (none without it).
+
+    ``task = "multi_label"``: ``label_col`` holds tag sets (``;``-joined), ``labels`` the
+    tag list (None: inferred); :func:`simulate_tags` runs (no ``noise``, ``automation_bias``
+    nor LLM baseline there)."""
     from contextlib import ExitStack
 
     from threadpoolctl import threadpool_limits
@@ -919,6 +934,16 @@ def simulate(data_path: str | Path, out_dir: str | Path, *, text_col: str = "tex
         raise SimulationError(f"--noise {noise}: must be at least 0 and below 0.5")
     if automation_bias is not None and not 0.0 <= automation_bias < 1.0:
         raise SimulationError(f"--automation-bias {automation_bias}: must be at least 0 and below 1")
+    if task not in TASKS:
+        raise SimulationError(f"--task {task!r}: choose from {', '.join(TASKS)}")
+    if task == "multi_label":
+        if noise > 0 or automation_bias is not None:
+            raise SimulationError(f"--{'noise' if noise > 0 else 'automation-bias'}: not with --task multi_label")
+        return simulate_tags(data_path, Path(out_dir), text_col=text_col, label_col=label_col, split_col=split_col,
+                             test_split=test_split, labels=labels, strategies=strategies, batch=batch,
+                             cycles=cycles, init=init, seeds=seeds, config=config, jobs=jobs, log=log)
+    if labels:
+        raise SimulationError("--labels: only with --task multi_label (single-label classes come from --label-col)")
     if min(jobs, len(strategies) * seeds) > 1:  # at most that many runs: start the workers' imports now
         worker_context()
     model_settings, query = read_settings(config)
@@ -944,14 +969,8 @@ def simulate(data_path: str | Path, out_dir: str | Path, *, text_col: str = "tex
         progress = PairProgress(pairs, cycles, advances, log)
         pool_features(data, model_settings)  # shared by every run: computed once, before any
         corpus(data, model_settings)
-        if workers == 1:
-            full = full_pool_accuracy(data, model_settings)
-            runs = run_pairs_here(data, model_settings, queries, pairs, options, progress)
-        else:
-            with ThreadPoolExecutor(1, thread_name_prefix="full-pool") as meanwhile:
-                full_pool = meanwhile.submit(full_pool_accuracy, data, model_settings)
-                runs = run_pairs_in_processes(data, model_settings, queries, pairs, options, progress, workers)
-                full = full_pool.result()
+        runs, full = run_all(data, model_settings, queries, pairs, options, progress, workers,
+                             lambda: full_pool_accuracy(data, model_settings))
     rows = [row for run in runs for row in run.rows]
     checks = [check for run in runs for check in run.checks] if noise > 0 else None
     estimates = [estimate for run in runs for estimate in run.estimates] if automation_bias is not None else None
@@ -974,14 +993,267 @@ def simulate(data_path: str | Path, out_dir: str | Path, *, text_col: str = "tex
     return SimulationResult(curves, summary, full, out, baseline)
 
 
+# -- multi-label (--task multi_label): tag sets, one-vs-rest, micro F1 --------------------------
+# The curve columns of a multi-label run: every metric of alflow.tasks.multilabel.metrics.
+TAG_CURVE_COLUMNS = ["strategy", "seed", "cycle", "n_labels", "micro_f1", "macro_f1", "hamming_loss",
+                     "subset_accuracy"]
+TAG_SUMMARY_COLUMNS = ["strategy", "metric", "aulc_mean", "aulc_std", "final_score", "labels_to_95",
+                       "labels_vs_random", "labels_vs_best_random"]
+TASKS = ("single_label", "multi_label")  # the values of Settings.task
+
+
+@dataclass
+class TagDataset:
+    """A multi-label corpus split into the pool and a fixed test set: docs (n,) str and
+    tag matrices (n, t) 0/1, columns in ``tags`` order."""
+
+    pool_docs: np.ndarray
+    pool_y: np.ndarray
+    test_docs: np.ndarray
+    test_y: np.ndarray
+    tags: tuple[str, ...]
+    vectors: None = None  # no embeddings: the multi-label model reads TF-IDF
+
+
+def load_tag_dataset(path: str | Path, text_col: str = "text", label_col: str = "labels",
+                     split_col: str | None = None, test_split: float | None = None,
+                     labels: Sequence[str] | None = None) -> TagDataset:
+    """Read a CSV whose ``label_col`` holds each row's tags joined by ``;`` (an empty cell:
+    no tag applies, an answer too). ``labels``: the tag list (its order is the columns');
+    None: every tag the column names, sorted. The test set is ``split_col`` == ``test`` or
+    a random ``test_split`` share (default :data:`TEST_SPLIT`, seed :data:`SPLIT_SEED`).
+    Rows without text are dropped."""
+    from alflow.tasks.multilabel.tags import check_tags, parse_tags, tag_matrix
+
+    if split_col is not None and test_split is not None:
+        raise SimulationError(f"--split-col {split_col!r} and --test-split {test_split}: give one or the other")
+    frame = _read_csv(path, {"--text-col": text_col, "--label-col": label_col, "--split-col": split_col})
+    frame = frame[frame[text_col].str.strip() != ""]
+    try:
+        sets = [parse_tags(cell) for cell in frame[label_col]]
+        tags = check_tags(labels if labels else sorted(set().union(*sets)))
+    except ValueError as exc:
+        raise SimulationError(f"--label-col {label_col!r}: {exc}") from None
+    if len(tags) < 2:
+        raise SimulationError(f"--label-col {label_col!r}: need at least 2 tags, found {list(tags)}")
+    unknown = sorted(set().union(*sets) - set(tags))
+    if unknown:
+        raise SimulationError(f"--labels: tag {unknown[0]!r} of --label-col {label_col!r} is not one of {list(tags)}")
+    if split_col is not None:
+        is_test = frame[split_col].str.strip().str.lower().eq("test").to_numpy()
+        if not is_test.any() or is_test.all():
+            raise SimulationError(f"--split-col {split_col!r}: need rows with split 'test' and rows without")
+    else:
+        test_split = TEST_SPLIT if test_split is None else test_split
+        if not 0.0 < test_split < 1.0:
+            raise SimulationError(f"--test-split {test_split}: must be between 0 and 1")
+        n_test = int(round(test_split * len(frame)))
+        if not 0 < n_test < len(frame):
+            raise SimulationError(f"--test-split {test_split}: leaves no test or no pool item of {len(frame)} rows")
+        is_test = np.zeros(len(frame), dtype=bool)
+        is_test[np.random.default_rng(SPLIT_SEED).permutation(len(frame))[:n_test]] = True
+    docs = frame[text_col].to_numpy(dtype=object)
+    y = tag_matrix(sets, tags)
+    return TagDataset(docs[~is_test], y[~is_test], docs[is_test], y[is_test], tags)
+
+
+def _read_csv(path: str | Path, columns: dict[str, str | None]) -> pd.DataFrame:
+    """The CSV at ``path`` as text cells; ``columns``: {flag: column} that must exist (None: not asked)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SimulationError(f"--data {path}: file not found")
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except Exception as exc:  # noqa: BLE001 - any parse error, reported in one line
+        raise SimulationError(f"--data {path}: not a readable CSV ({type(exc).__name__}: {exc})") from None
+    for flag, column in columns.items():
+        if column is not None and column not in frame.columns:
+            raise SimulationError(f"{flag} {column!r}: no such column in {path} (columns: {', '.join(frame.columns)})")
+    return frame
+
+
+def resolve_tag_strategies(names: Sequence[str], query: QuerySettings) -> list[str]:
+    """The multi-label strategy names to run, ``default`` replaced by the configured one
+    (``mean_margin`` where the config names a single-label strategy), each once."""
+    from alflow.config.settings import TAG_DEFAULTS
+    from alflow.tasks.multilabel.strategies import NAMES
+
+    default = query.strategy if query.strategy in NAMES else TAG_DEFAULTS[("query", "strategy")]
+    resolved: list[str] = []
+    for raw in names:
+        name = raw.strip()
+        if not name:
+            continue
+        name = default if name == "default" else name
+        if name not in NAMES:
+            raise SimulationError(f"--strategies: unknown multi-label strategy {raw.strip()!r}; choose from "
+                                  f"{', '.join(NAMES)}, default")
+        if name not in resolved:
+            resolved.append(name)
+    if not resolved:
+        raise SimulationError("--strategies: no strategy named")
+    return resolved
+
+
+def tag_metric(config: str | Path | None) -> str:
+    """``[evaluation] metric`` of ``config`` for a multi-label run (default micro_f1); the
+    labels_to_95 target is a share of it, so it must grow with quality."""
+    from alflow.config.settings import METRICS, TAG_DEFAULTS
+
+    metric = TAG_DEFAULTS[("evaluation", "metric")]
+    if config:
+        metric = tomllib.loads(Path(config).read_text(encoding="utf-8")).get("evaluation", {}).get("metric", metric)
+    if metric not in METRICS["multi_label"] or metric == "hamming_loss":
+        raise SimulationError(f"--config: evaluation.metric {metric!r}: a multi-label simulation reads micro_f1, "
+                              "macro_f1 or subset_accuracy (higher is better)")
+    return metric
+
+
+def fit_tags(data: TagDataset, model_settings: ModelSettings, rows: np.ndarray, seed: int, *,
+             self_trained: bool | None = None):
+    """The multi-label model of the pool ``rows`` (their gold tag sets), as the cycle fits it:
+    self-training on (``model.self_training`` not 0; ``self_trained`` overrides) is
+    :func:`~alflow.tasks.multilabel.model.fit_self_trained_tagger` on the unlabeled pool
+    (:func:`self_training_docs`), else :func:`~alflow.tasks.multilabel.model.fit_tagger` with
+    ``model.tag_thresholds``. A :class:`~alflow.tasks.multilabel.model.Tagger`."""
+    from alflow.tasks import modeling
+    from alflow.tasks.multilabel.model import FOLDS, fit_self_trained_tagger, fit_tagger
+
+    labeled = np.zeros(len(data.pool_docs), dtype=bool)
+    labeled[rows] = True
+    docs, y = data.pool_docs[rows].tolist(), data.pool_y[rows]
+    pool = data.pool_docs.tolist() if model_settings.vectorizer_fit == "pool" else None
+    on = model_settings.self_training != 0 if self_trained is None else self_trained
+    if on:
+        share = modeling.self_training_mode(model_settings)[1]
+        unlabeled = self_training_docs(data, labeled, model_settings, seed)
+        return fit_self_trained_tagger(model_settings, docs, y, data.tags, unlabeled, share=share,
+                                       seed=seed, corpus=corpus(data, model_settings))
+    folds = 0 if model_settings.tag_thresholds == "fixed" else FOLDS
+    return fit_tagger(model_settings, docs, y, data.tags, folds=folds, seed=seed, pool_docs=pool,
+                      corpus=corpus(data, model_settings))
+
+
+def run_tag_strategy(data: TagDataset, model_settings: ModelSettings, query: QuerySettings, *, init: int,
+                     batch: int, cycles: int, seed: int, advance=lambda n: None) -> list[dict]:
+    """One multi-label learning curve: ``cycles + 1`` rows (TAG_CURVE_COLUMNS; cycle 0 is a
+    random cold start of ``init`` rows, ``default_rng([seed, 0])``). Each cycle the model of
+    the labels so far (:func:`fit_tags`) is scored on the test set and ``query.strategy``
+    (:func:`alflow.tasks.multilabel.strategies.get_strategy` with ``query.exploration``)
+    picks the next ``batch`` with ``default_rng([seed, cycle])``; the annotator answers
+    with the gold tag sets. Random, with self-training on, also gives the rows of
+    :data:`PLAIN_RANDOM` (the same labels, the model of them alone)."""
+    from alflow.tasks.multilabel import metrics as ml_metrics
+    from alflow.tasks.multilabel import strategies as ml
+
+    n = len(data.pool_docs)
+    order = [int(i) for i in np.random.default_rng([seed, 0]).choice(n, size=min(init, n), replace=False)]
+    labeled = np.zeros(n, dtype=bool)
+    labeled[order] = True
+    strategy = ml.get_strategy(query.strategy, exploration=query.exploration)
+    plain_arm = query.strategy == "random" and model_settings.self_training != 0
+    rows = []
+    for cycle in range(cycles + 1):
+        seen = np.asarray(order, dtype=np.int64)
+        tagger = fit_tags(data, model_settings, seen, seed)
+        arms = [(query.strategy, tagger)]
+        if plain_arm:
+            arms.append((PLAIN_RANDOM, fit_tags(data, model_settings, seen, seed, self_trained=False)))
+        for name, model in arms:
+            scores = ml_metrics.tag_metrics(data.test_y, model.predict(data.test_docs.tolist()))
+            rows.append({"strategy": name, "seed": seed, "cycle": cycle, "n_labels": len(seen), **scores})
+        advance(1)
+        unlabeled = np.flatnonzero(~labeled)
+        if cycle == cycles or unlabeled.size == 0:
+            continue
+        pool = ml.TagPool(tagger.predict_proba(data.pool_docs[unlabeled].tolist()), thresholds=tagger.thresholds,
+                          labeled_proba=tagger.predict_proba(data.pool_docs[seen].tolist()),
+                          labeled_tags=data.pool_y[seen])
+        picks, _ = strategy(pool, min(batch, unlabeled.size), np.random.default_rng([seed, cycle + 1]))
+        chosen = unlabeled[np.asarray(picks, dtype=np.int64)]
+        labeled[chosen] = True
+        order.extend(int(i) for i in chosen)
+    return rows
+
+
+def full_pool_score(data: TagDataset, model_settings: ModelSettings, metric: str) -> float:
+    """``metric`` on the test set of the multi-label model of every pool item's tags (no
+    self-training: there is no unlabeled item left)."""
+    from alflow.tasks.multilabel import metrics as ml_metrics
+
+    tagger = fit_tags(data, model_settings, np.arange(len(data.pool_docs)), 0, self_trained=False)
+    return float(ml_metrics.tag_metrics(data.test_y, tagger.predict(data.test_docs.tolist()))[metric])
+
+
+def summarize_tags(curves: pd.DataFrame, full: float, metric: str) -> pd.DataFrame:
+    """:func:`summarize` of multi-label curves on ``metric`` (TAG_SUMMARY_COLUMNS:
+    ``final_score`` is the mean final ``metric``)."""
+    summary = summarize(curves.rename(columns={metric: "accuracy"})[CURVE_COLUMNS[:5]], full)
+    summary = summary.rename(columns={"final_accuracy": "final_score"}).assign(metric=metric)
+    return summary[TAG_SUMMARY_COLUMNS]
+
+
+def simulate_tags(data_path: str | Path, out: Path, *, text_col: str, label_col: str, split_col: str | None,
+                  test_split: float | None, labels: Sequence[str] | None, strategies: Sequence[str], batch: int,
+                  cycles: int, init: int, seeds: int, config: str | Path | None, jobs: int,
+                  log: Callable[[str], None] | None) -> SimulationResult:
+    """:func:`simulate` with ``task = "multi_label"``: the tag-set data set
+    (:func:`load_tag_dataset`), the multi-label strategies and model (:func:`run_tag_strategy`),
+    curves of every multi-label metric and the summary on ``[evaluation] metric``
+    (:func:`summarize_tags`). Arguments checked by :func:`simulate`."""
+    from contextlib import ExitStack
+
+    from threadpoolctl import threadpool_limits
+
+    from alflow.tasks.progress import track
+
+    model_settings, query = read_settings(config)
+    if model_settings.features != "tfidf":
+        raise SimulationError(f"--config: model.features = {model_settings.features!r}: a multi-label simulation "
+                              "reads tfidf only")
+    metric = tag_metric(config)
+    names = resolve_tag_strategies(strategies, query)
+    pairs = [(name, seed) for name in names for seed in range(seeds)]
+    workers = min(jobs, len(pairs))
+    if workers > 1:  # start the workers' imports while the data is read
+        worker_context()
+    data = load_tag_dataset(data_path, text_col, label_col, split_col, test_split, labels)
+    if init >= len(data.pool_docs):
+        raise SimulationError(f"--init {init}: the pool has only {len(data.pool_docs)} items")
+    out.mkdir(parents=True, exist_ok=True)
+    queries = {name: query.model_copy(update={"strategy": name}) for name in names}
+    options = {"init": init, "batch": batch, "cycles": cycles, "checks": False, "estimates": False}
+    with threadpool_limits(limits=1), ExitStack() as bars:
+        advances = {name: bars.enter_context(track(f"simulate {name}", seeds * (cycles + 1))) for name in names}
+        progress = PairProgress(pairs, cycles, advances, log, metric=metric)
+        corpus(data, model_settings)  # shared by every run: computed once, before any
+        runs, full = run_all(data, model_settings, queries, pairs, options, progress, workers,
+                             lambda: full_pool_score(data, model_settings, metric))
+    curves = pd.DataFrame([row for run in runs for row in run.rows], columns=TAG_CURVE_COLUMNS)
+    summary = summarize_tags(curves, full, metric)
+    curves.to_csv(out / "curves.csv", index=False)
+    summary.to_csv(out / "summary.csv", index=False)
+    plot_curves(curves, full, out / "curves.png", title=f"{Path(data_path).name}: batch {batch}, {seeds} seeds",
+                metric=metric)
+    return SimulationResult(curves, summary, full, out)
+
+
+def summary_metric(summary: pd.DataFrame) -> str:
+    """What the summary's AULC and labels_to_95 read: a multi-label summary's ``metric``, else accuracy."""
+    return str(summary["metric"].iloc[0]) if "metric" in summary else "accuracy"
+
+
 def summary_markdown(result: SimulationResult) -> str:
-    """The summary as a Markdown table, with the full-pool accuracy and ratios to random."""
-    lines = [f"Full-pool accuracy: {result.full_accuracy:.3f} (target {TARGET_SHARE:.0%}: "
+    """The summary as a Markdown table, with the full-pool accuracy (a multi-label run's
+    metric) and ratios to random."""
+    metric = summary_metric(result.summary)
+    final = "final_score" if "final_score" in result.summary else "final_accuracy"
+    lines = [f"Full-pool {metric}: {result.full_accuracy:.3f} (target {TARGET_SHARE:.0%}: "
              f"{TARGET_SHARE * result.full_accuracy:.3f})", "",
-             "| strategy | AULC mean | AULC sd | final accuracy | labels to 95% | ÷ random | ÷ best random |",
+             f"| strategy | AULC mean | AULC sd | final {metric} | labels to 95% | ÷ random | ÷ best random |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for row in result.summary.itertuples(index=False):
-        lines.append(f"| {row.strategy} | {row.aulc_mean:.3f} | {row.aulc_std:.3f} | {row.final_accuracy:.3f} | "
+        lines.append(f"| {row.strategy} | {row.aulc_mean:.3f} | {row.aulc_std:.3f} | {getattr(row, final):.3f} | "
                      f"{row.labels_to_95:g} | {_figure(row.labels_vs_random, 2)} | "
                      f"{_figure(row.labels_vs_best_random, 2)} |")
     if result.llm is not None:
@@ -1051,7 +1323,7 @@ def simulate_flow_body(**kwargs) -> SimulationResult:
     result = simulate(**kwargs, log=get_run_logger().info)
     table = result.summary.replace({math.inf: "inf"}).to_dict("records")
     create_table_artifact(key="simulation-summary", table=table,
-                          description=f"Full-pool accuracy {result.full_accuracy:.3f}"
+                          description=f"Full-pool {summary_metric(result.summary)} {result.full_accuracy:.3f}"
                           + (f"; LLM zero-shot accuracy {result.llm.accuracy:.3f}" if result.llm else ""))
     png = base64.b64encode((result.out_dir / "curves.png").read_bytes()).decode()
     create_markdown_artifact(key="simulation-curves", description="Learning curves (mean ± 1 sd over seeds)",
@@ -1065,14 +1337,14 @@ def simulate_flow(data: str, out: str, text_col: str = "text", label_col: str = 
                   strategies: list[str] = ["random", "margin", "default"],  # noqa: B006 - Prefect parameter
                   batch: int = 20, cycles: int = 25, init: int = 20, seeds: int = 5,
                   config: str | None = None, noise: float = 0.0, automation_bias: float | None = None,
-                  jobs: int | None = None) -> dict:
+                  jobs: int | None = None, task: str = "single_label", labels: list[str] | None = None) -> dict:
     """Replay the loop per strategy with a simulated annotator; curves and summary as
     files in ``out`` and as artifacts of this run. ``jobs``: worker processes (default:
-    every core)."""
+    every core); ``task``/``labels``: as :func:`simulate`."""
     result = simulate_flow_body(data_path=data, out_dir=out, text_col=text_col, label_col=label_col,
                                 split_col=split_col, test_split=test_split, strategies=strategies,
                                 batch=batch, cycles=cycles, init=init, seeds=seeds, config=config, noise=noise,
-                                automation_bias=automation_bias, jobs=jobs)
+                                automation_bias=automation_bias, jobs=jobs, task=task, labels=labels)
     return {"full_accuracy": result.full_accuracy, "out": str(result.out_dir),
             "llm_accuracy": result.llm.accuracy if result.llm else None,
             "summary": result.summary.replace({math.inf: "inf"}).to_dict("records")}

@@ -6,6 +6,10 @@
   annotator's agreement with the majority of the others and how often answers kept
   the pre-label shown with the item (automation bias).
 
+Multi-label answers (tag sets, stored as their text form) are compared as sets: alpha with
+the MASI distance (:func:`krippendorff_alpha_sets`) and Cohen's kappa per tag
+(:func:`per_tag_kappa`); :func:`agreement_options` says which a config asks for.
+
 A missing answer is ``None`` or NaN; a ``skip`` is not an answer about the class, so the
 report treats it as missing.
 """
@@ -92,7 +96,18 @@ def _number(value: float) -> float | None:
     return None if value is None or math.isnan(value) else round(float(value), 4)
 
 
-def agreement_of(answers) -> dict:
+def agreement_options(settings) -> dict:
+    """The keyword arguments of :func:`agreement_report` (and ``adjudication_distance`` of
+    :meth:`~alflow.tasks.store.Store.item_states`) for ``settings``: the adjudication
+    threshold, and with task = "multi_label" the MASI ``adjudication_distance`` and the
+    ``tags``."""
+    options = {"adjudication_threshold": settings.review.adjudication_threshold}
+    if settings.task == "multi_label":
+        options.update(adjudication_distance=settings.review.adjudication_distance, tags=list(settings.labels))
+    return options
+
+
+def agreement_of(answers, tags: Sequence[str] | None = None) -> dict:
     """Agreement figures for a frame of answers (rows of
     :meth:`~alflow.tasks.store.Store.answer_table`: item_id, annotator, label,
     prelabel_shown, effective).
@@ -104,6 +119,12 @@ def agreement_of(answers) -> dict:
     ``{name: {answers, compared, agreement}}``, agreement with the majority of the other
     annotators on overlapping items (:func:`agreement_with_others`); ``prelabel``: ``{shown, kept, agreement}``, how often an
     answer given with a pre-label kept it.
+
+    ``tags`` (multi-label: each answer is a tag set's text form): ``alpha`` is over sets
+    with the MASI distance, ``kappa`` stays None, and ``tag_kappa`` is ``{tag: kappa}`` of
+    the two annotators per tag (None where undefined; when exactly two answered
+    overlapping items, else ``{}``); two answers agree (per annotator, pre-label kept) when
+    their sets are equal.
     """
     frame = answers[answers["label"] != SKIP] if len(answers) else answers
     shown = answers[answers["prelabel_shown"].notna()] if len(answers) else answers
@@ -112,6 +133,7 @@ def agreement_of(answers) -> dict:
         "answers": int(len(frame)),
         "annotators": sorted(frame["annotator"].unique().tolist()) if len(frame) else [],
         "items_overlapping": 0, "kappa": None, "alpha": None, "per_annotator": {},
+        "distance": "nominal" if tags is None else "masi", "tag_kappa": {},
         "prelabel": {"shown": int(len(shown)), "kept": kept,
                      "agreement": round(kept / len(shown), 4) if len(shown) else None},
     }
@@ -124,9 +146,17 @@ def agreement_of(answers) -> dict:
         return report
     coders = [c for c in overlapping.columns if overlapping[c].notna().any()]
     matrix = overlapping[coders].T.to_numpy(dtype=object)
-    report["alpha"] = _number(krippendorff_alpha(matrix))
-    if len(coders) == 2:
-        report["kappa"] = _number(cohen_kappa(matrix[0], matrix[1]))
+    if tags is None:
+        report["alpha"] = _number(krippendorff_alpha(matrix))
+        if len(coders) == 2:
+            report["kappa"] = _number(cohen_kappa(matrix[0], matrix[1]))
+    else:
+        from alflow.tasks.multilabel.tags import parse_tags
+
+        sets = [[None if _missing(v) else parse_tags(v) for v in row] for row in matrix]
+        report["alpha"] = _number(krippendorff_alpha_sets(sets))
+        if len(coders) == 2:
+            report["tag_kappa"] = {t: _number(k) for t, k in per_tag_kappa(sets[0], sets[1], tags).items()}
     for name in report["annotators"]:
         agree, compared = agreement_with_others(overlapping, name)
         report["per_annotator"][name] = {
@@ -157,14 +187,17 @@ def agreement_with_others(wide, name: str) -> tuple[int, int]:
     return agree, compared
 
 
-def agreement_report(store, batch_id: str | None = None, adjudication_threshold: float = 0.5) -> dict:
+def agreement_report(store, batch_id: str | None = None, adjudication_threshold: float = 0.5,
+                     adjudication_distance: float | None = None, tags: Sequence[str] | None = None) -> dict:
     """Agreement over the stored answers (see :func:`agreement_of`), overall or for one batch.
 
     Overall, it also has ``batches``: ``[{batch_id, items_overlapping, kappa, alpha}]`` for
     each batch with overlapping answers, and ``adjudication_pending``: items waiting for an
-    adjudicator (answers tied, or disagreeing above ``adjudication_threshold``).
+    adjudicator (answers tied, or disagreeing above ``adjudication_threshold``; tag sets:
+    two farther apart than the MASI ``adjudication_distance``). ``tags``: the answers are
+    tag sets (:func:`agreement_options` gives these arguments for a config).
     """
-    report = agreement_of(store.answer_table(batch_id))
+    report = agreement_of(store.answer_table(batch_id), tags)
     if batch_id is not None:
         return dict(report, batch_id=batch_id)
     batches = []
@@ -172,22 +205,29 @@ def agreement_report(store, batch_id: str | None = None, adjudication_threshold:
     order = store.query_df("SELECT batch_id FROM batches ORDER BY created_at, batch_id")["batch_id"]
     shared = per_batch[per_batch.duplicated("item_id", keep=False) & per_batch["batch_id"].notna()]
     for one in order[order.isin(set(shared["batch_id"]))]:
-        figures = agreement_of(per_batch[per_batch["batch_id"] == one])
+        figures = agreement_of(per_batch[per_batch["batch_id"] == one], tags)
         if figures["items_overlapping"]:
             batches.append({"batch_id": one, **{k: figures[k] for k in ("items_overlapping", "kappa", "alpha")}})
     report["batches"] = batches
-    report["adjudication_pending"] = int(len(store.needs_adjudication(adjudication_threshold)))
+    report["adjudication_pending"] = int(len(store.needs_adjudication(adjudication_threshold,
+                                                                      adjudication_distance)))
     return report
 
 
 def agreement_line(report: dict) -> str:
     """'agreement: alpha 0.71, kappa 0.70 on 12 items answered by 2+ annotators; pre-label kept
-    in 18/20 answers; 1 item waiting for adjudication' (what `alflow status` prints)."""
+    in 18/20 answers; 1 item waiting for adjudication' (what `alflow status` prints). Tag
+    sets: 'alpha (MASI) 0.64, per-tag kappa sports 0.81, world 0.40, business –'."""
     parts = []
     if report["items_overlapping"]:
-        figures = [f"alpha {report['alpha']:.2f}" if report["alpha"] is not None else "alpha –"]
+        masi = report.get("distance") == "masi"
+        alpha = "–" if report["alpha"] is None else f"{report['alpha']:.2f}"
+        figures = [f"alpha (MASI) {alpha}" if masi else f"alpha {alpha}"]
         if report["kappa"] is not None:
             figures.append(f"kappa {report['kappa']:.2f}")
+        if report.get("tag_kappa"):
+            figures.append("per-tag kappa " + ", ".join(
+                f"{tag} {'–' if k is None else format(k, '.2f')}" for tag, k in report["tag_kappa"].items()))
         parts.append(f"{', '.join(figures)} on {report['items_overlapping']} items answered by 2+ annotators")
     else:
         parts.append("no item answered by 2+ annotators yet")

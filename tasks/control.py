@@ -16,6 +16,12 @@ stored in ``control_predictions`` after it is trained). With ``control_trains = 
 also train later models, and a model is scored only on the control answers given after its
 label watermark (the newest model then has none until the next batch is answered). The
 figure comes with a 95% interval: Wilson's for accuracy, a seeded bootstrap for macro F1.
+
+Multi-label (``task = "multi_label"``, :func:`tag_control_estimate`): the answers and
+predictions are tag sets; the estimate is each tag's F1 and micro F1 (and the configured
+``evaluation.metric``), each with a percentile bootstrap interval over control items (one
+seeded set of resamples for all of them), and subset accuracy (the whole set right) with
+Wilson's interval.
 """
 
 from __future__ import annotations
@@ -101,6 +107,90 @@ def macro_f1_rows(n_classes: int):
     return metric
 
 
+def tag_counts_rows(truth: np.ndarray, predicted: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-tag true positives, false positives and false negatives of (r, n, t) 0/1 tag
+    matrices (r resamples of n items): three (r, t) arrays."""
+    truth, predicted = truth.astype(bool), predicted.astype(bool)
+    return ((truth & predicted).sum(axis=1), (~truth & predicted).sum(axis=1),
+            (truth & ~predicted).sum(axis=1))
+
+
+def _f1(tp, fp, fn) -> np.ndarray:
+    """2 tp / (2 tp + fp + fn), 0 where nothing was there nor predicted (scikit-learn's
+    ``zero_division=0``)."""
+    both = 2.0 * tp + fp + fn
+    return np.divide(2.0 * tp, both, out=np.zeros(np.shape(both)), where=both > 0)
+
+
+def tag_metric_rows(metric: str, tag: int | None = None):
+    """A multi-label figure of many resamples at once, for :func:`bootstrap_interval`
+    (``batched=True``): ``metric(truth, predicted)`` with (r, n, t) 0/1 arrays returns (r,)
+    values of ``metric`` (micro_f1, macro_f1, hamming_loss, subset_accuracy, as
+    :mod:`alflow.tasks.multilabel.metrics` computes them) or, with ``tag`` (a column
+    index), that tag's F1."""
+    def rows(truth: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+        if metric == "subset_accuracy":
+            return (truth == predicted).all(axis=2).mean(axis=1)
+        if metric == "hamming_loss":
+            return (truth != predicted).mean(axis=(1, 2))
+        tp, fp, fn = tag_counts_rows(truth, predicted)
+        if tag is not None:
+            return _f1(tp[:, tag], fp[:, tag], fn[:, tag])
+        if metric == "micro_f1":
+            return _f1(tp.sum(axis=1), fp.sum(axis=1), fn.sum(axis=1))
+        if metric == "macro_f1":
+            return _f1(tp, fp, fn).mean(axis=1)
+        raise ValueError(f"unknown multi-label metric {metric!r}")
+
+    return rows
+
+
+def _interval_figure(truth: np.ndarray, predicted: np.ndarray, metric, seed: int, confidence: float) -> dict:
+    value = float(metric(truth[None], predicted[None])[0])
+    low, high = bootstrap_interval(truth, predicted, metric, seed, confidence, batched=True)
+    return {"value": value, "low": low, "high": high}
+
+
+def tag_control_estimate(store: Store, model_version: int | None, tags: list[str], metric: str = "micro_f1",
+                         seed: int = 0, confidence: float = 0.95) -> dict:
+    """:func:`control_estimate` of a multi-label model: the control answers and predictions
+    are tag sets' text forms. Returns its keys (``correct``/``accuracy``/``low``/``high``:
+    whole sets right, subset accuracy with its Wilson interval; ``value`` with
+    ``value_low``/``value_high``: ``metric``), plus ``micro_f1`` ``{value, low, high}`` and
+    ``tags`` ``{tag: {f1, low, high, answers}}`` (``answers``: control answers carrying the
+    tag). Every interval is a percentile bootstrap over control items from the same
+    resamples (seeded by ``seed``). ``note`` names the tags no control answer carries yet
+    (their F1 is 0 or undefined, not an estimate)."""
+    from alflow.tasks.multilabel.tags import parse_tags, tag_matrix
+
+    estimate = control_estimate(store, model_version, "accuracy", seed=seed, confidence=confidence)
+    estimate.update(task="multi_label", micro_f1=None, tags={})
+    if not estimate["n"]:
+        estimate.update(metric=metric, value=None, value_low=None, value_high=None)
+        return estimate
+    outcomes = store.control_outcomes(model_version)
+    truth = tag_matrix([parse_tags(v) for v in outcomes["label"]], tags)
+    predicted = tag_matrix([parse_tags(v) for v in outcomes["predicted"]], tags)
+    micro = _interval_figure(truth, predicted, tag_metric_rows("micro_f1"), seed, confidence)
+    per_tag = {}
+    for j, tag in enumerate(tags):
+        figure = _interval_figure(truth, predicted, tag_metric_rows("f1", tag=j), seed, confidence)
+        per_tag[tag] = {"f1": figure["value"], "low": figure["low"], "high": figure["high"],
+                        "answers": int(truth[:, j].sum())}
+    estimate.update(micro_f1=micro, tags=per_tag, metric=metric)
+    if metric == "subset_accuracy":
+        chosen = {"value": estimate["accuracy"], "low": estimate["low"], "high": estimate["high"]}
+    elif metric == "micro_f1":
+        chosen = micro
+    else:
+        chosen = _interval_figure(truth, predicted, tag_metric_rows(metric), seed, confidence)
+    estimate.update(value=chosen["value"], value_low=chosen["low"], value_high=chosen["high"])
+    absent = [t for t in tags if not per_tag[t]["answers"]]
+    if absent:
+        estimate["note"] = f"no control answer carries {', '.join(absent)} yet"
+    return estimate
+
+
 def control_size(share: float, k: int) -> int:
     """Control items in a batch of ``k``: ``share`` of it rounded, at least one (none when
     ``share`` is 0), never more than ``k``."""
@@ -151,11 +241,14 @@ def compose_batch(store: Store, settings: Settings, model_version: int | None, a
 def score_control(store: Store, model_version: int, model) -> int:
     """Predict, with ``model`` (version ``model_version``), the control answers it has no
     prediction for yet, and store them; returns how many were predicted."""
+    from alflow.tasks.multilabel.model import is_tag_model, model_tags, predict_tags
+
     todo = store.unscored_control(model_version)
     if todo.empty:
         return 0
-    store.record_control_predictions(model_version, todo["item_id"].tolist(),
-                                     [str(v) for v in model.predict(todo["doc"].tolist())])
+    docs = todo["doc"].tolist()
+    predicted = predict_tags(model, docs, model_tags(model)) if is_tag_model(model) else model.predict(docs)
+    store.record_control_predictions(model_version, todo["item_id"].tolist(), [str(v) for v in predicted])
     return len(todo)
 
 
@@ -202,10 +295,16 @@ def current_estimate(store: Store, settings: Settings) -> dict:
     versions = store.query_df("SELECT model_version FROM models ORDER BY model_version DESC LIMIT 5")
     estimate = None
     for version in versions["model_version"]:
-        estimate = control_estimate(store, int(version), settings.evaluation.metric, list(settings.labels),
-                                    settings.seed)
+        if settings.task == "multi_label":
+            estimate = tag_control_estimate(store, int(version), list(settings.labels), settings.evaluation.metric,
+                                            settings.seed)
+        else:
+            estimate = control_estimate(store, int(version), settings.evaluation.metric, list(settings.labels),
+                                        settings.seed)
         if estimate["n"]:
             return estimate
+    if estimate is None and settings.task == "multi_label":
+        return tag_control_estimate(store, None, list(settings.labels), settings.evaluation.metric)
     return estimate or control_estimate(store, None)
 
 
@@ -214,6 +313,8 @@ def estimate_line(estimate: dict) -> str:
     there is none yet."""
     if not estimate["n"]:
         return "no control item answered yet"
+    if estimate.get("task") == "multi_label":
+        return tag_estimate_line(estimate)
     if estimate["metric"] == "macro_f1":
         figure = (f"macro_f1 {estimate['value']:.3f} [{estimate['value_low']:.3f}, {estimate['value_high']:.3f}] "
                   f"(95% bootstrap), accuracy {estimate['accuracy']:.3f}")
@@ -221,3 +322,22 @@ def estimate_line(estimate: dict) -> str:
         figure = f"accuracy {estimate['accuracy']:.3f} [{estimate['low']:.3f}, {estimate['high']:.3f}] (95% Wilson)"
     note = f"; {estimate['note']}" if estimate.get("note") else ""
     return f"model v{estimate['model_version']}: {figure} on {estimate['n']} control items{note}"
+
+
+def tag_estimate_line(estimate: dict) -> str:
+    """:func:`estimate_line` of :func:`tag_control_estimate`: 'model v3: micro_f1 0.712
+    [0.604, 0.801] (95% bootstrap), subset accuracy 0.450; per-tag F1 business 0.70 [0.50,
+    0.86], ... on 40 control items'."""
+    figure = (f"{estimate['metric']} {estimate['value']:.3f} [{estimate['value_low']:.3f}, "
+              f"{estimate['value_high']:.3f}] (95% bootstrap)" if estimate["metric"] != "subset_accuracy" else
+              f"subset_accuracy {estimate['value']:.3f} [{estimate['value_low']:.3f}, "
+              f"{estimate['value_high']:.3f}] (95% Wilson)")
+    if estimate["metric"] not in ("micro_f1", "subset_accuracy"):
+        micro = estimate["micro_f1"]
+        figure += f", micro_f1 {micro['value']:.3f} [{micro['low']:.3f}, {micro['high']:.3f}]"
+    if estimate["metric"] != "subset_accuracy":
+        figure += f", subset accuracy {estimate['accuracy']:.3f}"
+    per_tag = ", ".join(f"{tag} {f['f1']:.2f} [{f['low']:.2f}, {f['high']:.2f}]" for tag, f in estimate["tags"].items())
+    note = f"; {estimate['note']}" if estimate.get("note") else ""
+    return (f"model v{estimate['model_version']}: {figure}; per-tag F1 {per_tag} on {estimate['n']} control "
+            f"items{note}")

@@ -34,7 +34,18 @@ EMBED_PAGE = 1024
 
 
 class EmbeddingError(modeling.ModelError):
-    """Items cannot be embedded (the endpoint failed); the message is one line."""
+    """Items cannot be embedded (the endpoint failed); the message is one line, ``reason``
+    the endpoint's part of it."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason or message
+
+
+# Why the endpoint could not embed, per database file (resolved path), while this process's
+# reads leave out the items with no vector (Store.read_embedded_only): no request is sent
+# again until the next cycle's embed_items tries.
+_DOWN: dict[str, str] = {}
 
 
 def needs_embeddings(settings: Settings) -> bool:
@@ -78,7 +89,7 @@ def _embed(client, docs: list[str], model: str) -> tuple[np.ndarray, int]:
         vectors, usage = client.embed(docs, model)
     except LLMError as exc:
         what = "1 text" if len(docs) == 1 else f"{len(docs)} texts"
-        raise EmbeddingError(f"embedding {what} with {model!r} failed: {exc}") from None
+        raise EmbeddingError(f"embedding {what} with {model!r} failed: {exc}", str(exc)) from None
     return np.asarray(vectors, dtype=np.float32), int(usage.requests)
 
 
@@ -117,7 +128,9 @@ class StoredVectors:
     """A :class:`~alflow.tasks.modeling.VectorSource` over the store: the vectors of the
     items whose text each doc is. A doc with none (an item ingested since
     :func:`embed_items`, or a text no item has) is embedded now; an item's vector is then
-    stored, so it too is embedded once."""
+    stored, so it too is embedded once. While the endpoint is known to be down
+    (:func:`endpoint_down`), such a doc is an :class:`EmbeddingError` at once, no request.
+    A client given is the caller's; one it opens is closed after each embedding."""
 
     def __init__(self, store: Store, settings: Settings, client=None):
         self.store, self.settings = store, settings
@@ -130,9 +143,15 @@ class StoredVectors:
         if len(positions) == len(docs):
             return found
         missing = np.setdiff1d(np.arange(len(docs)), positions)
-        if self._client is None:
-            self._client = embedding_client(self.settings)
-        fresh, _ = _embed(self._client, [docs[i] for i in missing], self.model)
+        down = endpoint_down(self.store)
+        if down is not None:
+            raise EmbeddingError(f"{len(missing)} of {len(docs)} texts have no vector from {self.model} "
+                                 f"(endpoint down: {down})", down)
+        if self._client is not None:
+            fresh, _ = _embed(self._client, [docs[i] for i in missing], self.model)
+        else:
+            with embedding_client(self.settings) as client:
+                fresh, _ = _embed(client, [docs[i] for i in missing], self.model)
         items = self.store.items_of_docs([docs[i] for i in missing])
         if len(items):
             self.store.write_embeddings(items["item_id"].tolist(), self.model, fresh[items["pos"].to_numpy()])
@@ -143,14 +162,91 @@ class StoredVectors:
         return out
 
 
+def _key(store: Store) -> str:
+    return str(store.path.resolve())
+
+
+def endpoint_down(store: Store) -> str | None:
+    """Why the endpoint could not embed this cycle (the reads of ``store`` then leave out
+    items with no vector), or None."""
+    return _DOWN.get(_key(store))
+
+
+def mark_endpoint(store: Store, settings: Settings, reason: str | None) -> None:
+    """``reason``: the endpoint cannot embed; until it is marked up again (None), the
+    reads a model scores leave out items with no vector of the embedding model and no
+    request is sent for them (:class:`StoredVectors`)."""
+    if reason is None:
+        _DOWN.pop(_key(store), None)
+        store.read_embedded_only(None)
+    else:
+        _DOWN[_key(store)] = reason
+        store.read_embedded_only(embedding_model(settings))
+
+
+def left_out_line(what: str, settings: Settings, reason: str, where: str) -> str:
+    """The one line saying ``what`` ("412 pool items") was left out of ``where`` for lack
+    of a vector."""
+    return (f"{what} have no vector from {settings.llm.embedding_model} (endpoint down: {reason}): "
+            f"left out of {where}; they are embedded when the endpoint answers")
+
+
+def report_left_out(store: Store, settings: Settings,
+                    logger: logging.Logger | logging.LoggerAdapter = log) -> int:
+    """While the endpoint is down: log how many pool (and held-out) items have no vector and
+    are left out of this cycle, in one line; returns the pool's count (0 when it is up)."""
+    reason = endpoint_down(store)
+    if reason is None:
+        return 0
+    pool, held_out = store.count_unembedded_pool(embedding_model(settings), settings.holdout_fraction)
+    if pool or held_out:
+        what = f"{pool} pool items" + (f" and {held_out} held-out items" if held_out else "")
+        logger.warning(left_out_line(what, settings, reason, "this cycle"))
+    return pool
+
+
+def with_vectors(store: Store, settings: Settings, docs: Sequence[str], what: str, where: str,
+                 logger: logging.Logger | logging.LoggerAdapter = log) -> np.ndarray:
+    """(n,) bool: which of ``docs`` (n,) a model can read now, embedding those with no vector
+    if the endpoint answers. If it does not, the endpoint is marked down
+    (:func:`mark_endpoint`) and one line says how many ``what`` ("labeled items") are left
+    out of ``where`` ("this fit") and why. All True when the features need no embeddings."""
+    docs = list(docs)
+    ok = np.ones(len(docs), dtype=bool)
+    if not needs_embeddings(settings) or not docs:
+        return ok
+    positions, _ = store.vectors_of_docs(docs, embedding_model(settings))
+    missing = np.setdiff1d(np.arange(len(docs)), positions)
+    if not len(missing):
+        return ok
+    try:
+        StoredVectors(store, settings)([docs[i] for i in missing])
+    except EmbeddingError as exc:
+        mark_endpoint(store, settings, exc.reason)
+        ok[missing] = False
+        logger.warning(left_out_line(f"{len(missing)} {what}", settings, exc.reason, where))
+    return ok
+
+
 def use_stored_vectors(store: Store, settings: Settings, client=None,
                        logger: logging.Logger | logging.LoggerAdapter = log, embed: bool = True) -> StoredVectors | None:
     """Where the features need embeddings: embed the items that have none (``embed``) and
-    register the store's vectors for every model of this process to read; None otherwise."""
+    register the store's vectors for every model of this process to read; None otherwise.
+
+    With ``embed``, the endpoint failing is not fatal: the endpoint is marked down
+    (:func:`mark_endpoint`) and the cycle reads only items that have a vector; an answer
+    marks it up again."""
     if not needs_embeddings(settings):
+        if embed:
+            mark_endpoint(store, settings, None)
         return None
     source = StoredVectors(store, settings, client)
-    if embed:
-        embed_items(store, settings, client, logger)
     modeling.register_vectors(source)
+    if embed:
+        try:
+            embed_items(store, settings, client, logger)
+        except EmbeddingError as exc:
+            mark_endpoint(store, settings, exc.reason)
+        else:
+            mark_endpoint(store, settings, None)
     return source

@@ -42,7 +42,7 @@ import pandas as pd
 from prefect import get_run_logger
 
 from alflow.config import Settings
-from alflow.tasks.agreement import agreement_report
+from alflow.tasks.agreement import agreement_options, agreement_report
 from alflow.tasks.faults import fault_point
 from alflow.tasks.report import (
     LEARNING_CURVE_KEY,
@@ -108,9 +108,9 @@ def assess(store: Store, settings: Settings, run_id: str | None, cycle: int, bat
     counts = store.counts(settings.holdout_fraction)
     with clock.step("evaluate"):
         quality = assess_cycle_task(settings, cycle, train.model_version, counts, train.metrics)
-    annotators = agreement_report(store, adjudication_threshold=settings.review.adjudication_threshold)
+    annotators = agreement_report(store, **agreement_options(settings))
     if batch_id is not None:
-        annotators = dict(annotators, batch=agreement_report(store, batch_id))
+        annotators = dict(annotators, batch=agreement_report(store, batch_id, **agreement_options(settings)))
     timings = clock.breakdown()
     report = plain({
         "batch_id": batch_id, "counts": counts, "train": asdict(train), "label_summary": label_summary,

@@ -14,7 +14,7 @@ import json
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import pyarrow as pa
@@ -27,6 +27,7 @@ from alflow.config.sources import NETWORK_SOURCES
 from alflow.connectors import SourceError, build_connector, to_columns
 from alflow.connectors.base import ITEM_COLUMNS
 from alflow.tasks.faults import fault_point
+from alflow.tasks.multilabel.tags import UNKNOWN_TAG, gold_tags
 from alflow.tasks.progress import _logger, track
 from alflow.tasks.retrying import is_transient
 from alflow.tasks.store import ScanRefused, Store, utcnow
@@ -136,6 +137,7 @@ def ingest_source(settings: Settings, source_name: str, ingest_id: str,
     if source is None:
         raise ValueError(f"no source named {source_name!r} in the config")
     store = Store(settings.database, settings.store.lock_timeout_seconds)
+    store.claim_task(settings.task)  # a store is one task: tag sets and classes never mix
     report = IngestReport(source=source.name)
     connector = None
     try:
@@ -172,6 +174,7 @@ def _ingest(store: Store, settings: Settings, source, connector, report: IngestR
     elif incremental and stored is not None:
         _logger().info(f"source {source.name}: its settings changed since the last fetch; "
                        "fetching everything again (deduplicated)")
+    tags = settings.labels if settings.task == "multi_label" else None
     fingerprint = None
     if hasattr(connector, "fingerprint"):
         fingerprint = _file_ingest(store, settings, source, connector, report, ingest_id, flow_run_id, started,
@@ -180,6 +183,8 @@ def _ingest(store: Store, settings: Settings, source, connector, report: IngestR
             return
 
     def checked(gold: list) -> bool:
+        if tags:  # multi-label gold is already checked per record (tagged_records)
+            return True
         unknown.update(label for label in gold if label is not None and label not in classes)
         return not unknown
 
@@ -187,7 +192,7 @@ def _ingest(store: Store, settings: Settings, source, connector, report: IngestR
         """The records read since the last chunk as rows, and whether their gold labels pass."""
         columns = to_columns(records, source.name)
         records.clear()
-        if label_map:
+        if label_map and not tags:
             columns["gold_label"] = [label_map.get(g, g) if g is not None else None for g in columns["gold_label"]]
         ok = checked(columns["gold_label"])
         return pa.Table.from_arrays([pa.array(columns[c], pa.string()) for c in ITEM_COLUMNS], schema=ITEM_SCHEMA), ok
@@ -208,6 +213,8 @@ def _ingest(store: Store, settings: Settings, source, connector, report: IngestR
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ingest-{source.name}") as writer, \
             track(f"ingest {source.name}", connector.expected_total()) as advance:
         fetched = connector.fetch(progress=advance, cursor=cursor) if incremental else connector.fetch(progress=advance)
+        if tags:
+            fetched = tagged_records(fetched, connector, label_map, tags, empty_tags_cell(source, connector))
         try:
             for record in fetched:
                 records.append(record)
@@ -304,13 +311,17 @@ def ingest_scan(store: Store, settings: Settings, source, connector, scan, repor
             raise ScanRefused(connector.bytes_refusal)
         connector.report.read, connector.report.bad = staged.read, Counter(staged.bad_reasons)
         advance(staged.read + sum(staged.bad_reasons.values()))
+        if settings.task == "multi_label":  # gold cells become tag sets' text forms, bad tags rejects
+            staged.tag_gold(label_map, list(settings.labels), empty_tags_cell(source, connector), UNKNOWN_TAG)
+            connector.report.read, connector.report.bad = staged.read, Counter(staged.bad_reasons)
+            classes, label_map = None, {}
         gold = staged.gold_counts()
         for value, n in gold.items():
             label = label_map.get(value, value)
-            if label not in classes:
+            if classes is not None and label not in classes:
                 unknown[label] += n
         if unknown:
-            outside = {value for value in gold if label_map.get(value, value) not in classes}
+            outside = {value for value in gold if label_map.get(value, value) not in (classes or ())}
             chunks = staged.records_before(outside) // WRITE_CHUNK * WRITE_CHUNK
             report.new, report.duplicate = staged.insert(source.name, ingest_id, label_map, records=chunks)
         else:
@@ -324,6 +335,30 @@ def ingest_scan(store: Store, settings: Settings, source, connector, scan, repor
     if unknown:
         raise SourceError(unknown_gold_message(f"source {source.name}", settings.labels, unknown,
                                                "fix label_column or map them with label_map"))
+
+
+def empty_tags_cell(source, connector) -> bool:
+    """True if a multi-label source's missing gold cell is an answer ("": no tag applies),
+    not "no gold": a CSV file with ``label_column`` (a CSV row has every column, so its empty
+    cell is the empty set). In JSONL, a null or absent field is no gold; write ";" there for
+    the empty set."""
+    return bool(getattr(source, "label_column", None)) and getattr(connector, "format", None) == "csv"
+
+
+def tagged_records(records, connector, label_map: dict[str, str], tags: list[str], empty_is_answer: bool):
+    """``records`` with multi-label gold: each gold cell as its tag set's text form
+    (:func:`alflow.tasks.multilabel.tags.gold_tags`); a record naming a tag outside ``tags``
+    is not yielded but rejected in ``connector.report`` (reason UNKNOWN_TAG), as DuckDB's
+    path rejects it (:meth:`StagedScan.tag_gold`)."""
+    for record in records:
+        cell = "" if record.gold_label is None and empty_is_answer else record.gold_label
+        try:
+            gold = gold_tags(cell, label_map, tags)
+        except ValueError:
+            connector.report.read -= 1  # counted as read when yielded: a reject instead
+            connector.report.reject(UNKNOWN_TAG)
+            continue
+        yield replace(record, gold_label=gold)
 
 
 def keep_read(store: Store, source: str, rows: pa.Table, ingest_id: str, report: IngestReport) -> None:

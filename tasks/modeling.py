@@ -789,8 +789,15 @@ def fit_self_trained(settings: ModelSettings, docs: Sequence[str], labels: Seque
 def predict_proba(model, docs: Sequence[str], classes: Sequence[str]) -> np.ndarray:
     """(n_docs, len(classes)) probabilities in the order of ``classes``.
 
-    A class the model never saw in training gets probability 0.
+    A class the model never saw in training gets probability 0. A multi-label model gives
+    its per-tag probabilities (rows need not sum to 1), tags in ``classes`` order.
     """
+    from alflow.tasks.multilabel.model import is_tag_model, model_tags, tag_proba
+
+    if is_tag_model(model):
+        if model_tags(model) != list(classes):
+            raise ModelError(f"the model's tags {model_tags(model)} are not labels {list(classes)}")
+        return tag_proba(model, list(docs))
     raw = model.predict_proba(list(docs))
     aligned = np.zeros((raw.shape[0], len(classes)))
     index = {c: i for i, c in enumerate(classes)}
@@ -802,7 +809,13 @@ def predict_proba(model, docs: Sequence[str], classes: Sequence[str]) -> np.ndar
 
 
 def score_chunk(model, docs: Sequence[str], classes: Sequence[str]) -> dict[str, np.ndarray]:
-    """Pre-labels for a chunk: label (n,), proba (n, c) and the three uncertainty measures."""
+    """Pre-labels for a chunk: label (n,), proba (n, c) and the three uncertainty measures.
+    A multi-label model gives its tag sets and per-tag probabilities
+    (:func:`alflow.tasks.multilabel.model.score_tags`)."""
+    from alflow.tasks.multilabel.model import is_tag_model, score_tags
+
+    if is_tag_model(model):
+        return score_tags(model, docs, classes)
     proba = predict_proba(model, docs, classes)
     return {
         "label": np.asarray(classes, dtype=object)[proba.argmax(axis=1)],
@@ -927,7 +940,9 @@ def trusted_types(settings: ModelSettings, classes: Sequence[str]) -> frozenset[
             model = build_model(settings)
             clf = type(model.named_steps["clf"])
             found = set(sio.get_untrusted_types(data=sio.dumps(model))) | {f"{clf.__module__}.{clf.__qualname__}"}
-        _TRUSTED[key] = frozenset(found)
+        # scikit-learn's stand-in for a one-vs-rest tag no labeled item carries (or every
+        # one does): a multi-label model holds it until that tag gets a positive answer
+        _TRUSTED[key] = frozenset(found | {"sklearn.multiclass._ConstantPredictor"})
     return _TRUSTED[key]
 
 

@@ -122,7 +122,13 @@ def prelabel_pool(store: Store, model, model_version: int, classes: Sequence[str
 
 
 def predicted_labels(model, docs: pa.Array) -> pa.Array:
-    """``model.predict`` over ``docs`` (an Arrow string array): the labels as Arrow strings."""
+    """``model.predict`` over ``docs`` (an Arrow string array): the labels as Arrow strings
+    (a multi-label model's: its predicted sets' text forms, columns of its ``classes_``
+    being the tags in ``settings.labels`` order)."""
+    from alflow.tasks.multilabel.model import is_tag_model, model_tags, predict_tags
+
+    if is_tag_model(model):
+        return pa.array(predict_tags(model, docs.to_pylist(), model_tags(model)), type=pa.string())
     return pa.array(np.asarray(model.predict(docs.to_pylist()), dtype=str), type=pa.string())
 
 

@@ -344,6 +344,60 @@ def model_picks(store: Store, settings: Settings, model_version: int, k: int,
     })
 
 
+def tag_model_picks(store: Store, settings: Settings, model_version: int, k: int,
+                    rng: np.random.Generator, holdout: float | None) -> pd.DataFrame:
+    """:func:`model_picks` with task = "multi_label": the configured multi-label strategy
+    (:mod:`alflow.tasks.multilabel.strategies`, composed with exploration and the
+    near-duplicate filter as a single-label one) over the model's stored per-tag
+    probabilities of the pool, read whole (a multi-label strategy ranks by measures
+    computed from all tags and the model's thresholds, not one stored column). Each pick's
+    ``prelabel`` is its predicted set's text form, ``confidence`` that set's probability."""
+    from alflow.tasks.multilabel import strategies as tag_strategies
+    from alflow.tasks.multilabel.model import apply_thresholds, model_thresholds, set_confidence, tag_proba
+    from alflow.tasks.multilabel.tags import parse_tags, tag_matrix
+    from alflow.tasks.store import document
+    from alflow.tasks.train import tag_answers
+
+    q = settings.query
+    tags = list(settings.labels)
+    item_ids, proba, labels = store.pool_predictions(model_version, len(tags), holdout)
+    if len(item_ids) == 0:
+        return pd.DataFrame()
+    model = _load_model(store, settings, model_version)
+    thresholds = model_thresholds(model)
+    pool = tag_strategies.TagPool(proba, thresholds=thresholds)
+    if q.strategy in ("cardinality_inconsistency", "mmc") or q.near_duplicate is not None:
+        labeled, _ = store.training_set(holdout)
+        labeled = labeled[labeled["label"].isin(tag_answers(settings, labeled["label"].unique()))]
+        if len(labeled):
+            pool.labeled_tags = tag_matrix([parse_tags(a) for a in labeled["label"]], tags)
+            pool.labeled_proba = tag_proba(model, labeled["doc"].tolist())
+        if q.near_duplicate is not None:
+            from alflow.tasks import modeling
+
+            vectorize = modeling.similarity_features(model)
+
+            def features(rows):
+                frame = store.items(item_ids[np.asarray(rows)].tolist())
+                return vectorize([document(t, x) for t, x in zip(frame["title"], frame["text"])])
+
+            pool.features = features
+            pool.labeled_features = vectorize(labeled["doc"].tolist()) if len(labeled) else None
+    strategy = tag_strategies.get_strategy(q.strategy, q.exploration, q.near_duplicate)
+    idx, scores = strategy(pool, k, rng)
+    if q.strategy == "random":
+        picked_by = ["random"] * len(idx)
+    else:
+        picked_by = ["exploration" if np.isnan(score) else "uncertainty" for score in scores]
+    return pd.DataFrame({
+        "item_id": item_ids[idx],
+        "score": scores,
+        "prelabel": labels[idx],
+        "confidence": set_confidence(proba[idx], apply_thresholds(proba[idx], thresholds)),
+        "picked_by": picked_by,
+    })
+
+
 def query_batch(store: Store, settings: Settings, model_version: int | None,
                 flow_run_id: str | None, budget_left: int | None = None,
                 opinions: "Opinions | None" = None) -> str | None:
@@ -369,6 +423,8 @@ def query_batch(store: Store, settings: Settings, model_version: int | None,
             picks = llm_cold_start_picks(store, settings, k, holdout, opinions)
         elif model_version is None:
             picks = cold_start_picks(store, settings, k, rng, holdout)
+        elif settings.task == "multi_label":
+            picks = tag_model_picks(store, settings, model_version, k, rng, holdout)
         else:
             picks = model_picks(store, settings, model_version, k, rng, holdout, opinions)
         # flagged labels to recheck first, the random control slice last (alflow.tasks.control)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import math
 import os
 import string
@@ -286,10 +287,11 @@ def cycle_markdown(counts: dict, cycles: pd.DataFrame, train: dict | None, batch
                          + (f" — {markdown_text(decision['reason'])}" if decision.get("reason") else ""))
     else:
         lines.append("- model: none yet")
+    cycles = with_tag_metrics(cycles)
     if len(cycles):
         last = cycles.iloc[-1]
         previous = cycles.iloc[-2] if len(cycles) > 1 else None
-        for name in ("accuracy", "macro_f1"):
+        for name in shown_metrics(cycles):
             now = last[name]
             delta = ""
             if previous is not None and pd.notna(previous[name]) and pd.notna(now):
@@ -344,12 +346,32 @@ def quality_lines(quality: dict) -> list[str]:
     return lines
 
 
+def with_tag_metrics(cycles: pd.DataFrame) -> pd.DataFrame:
+    """``cycles`` with a ``micro_f1`` column when they are a multi-label project's (their
+    metrics JSON holds it; the table's ``accuracy`` column is then empty), else as is."""
+    if "micro_f1" in cycles or "metrics" not in cycles or cycles.empty:
+        return cycles
+    parsed = [json.loads(m) if isinstance(m, str) else (m if isinstance(m, dict) else {}) for m in cycles["metrics"]]
+    if not any("micro_f1" in m for m in parsed):
+        return cycles
+    return cycles.assign(micro_f1=[m.get("micro_f1") for m in parsed])
+
+
+def shown_metrics(cycles: pd.DataFrame) -> tuple[str, str]:
+    """The two metrics a summary shows: micro and macro F1 for tag sets, else accuracy and macro F1."""
+    return ("micro_f1", "macro_f1") if "micro_f1" in cycles else ("accuracy", "macro_f1")
+
+
 def curve_table(cycles: pd.DataFrame) -> list[str]:
     """The learning curve as Markdown table lines, one row per cycle."""
-    lines = ["| cycle | labels | accuracy | macro F1 | model | promoted |", "|---:|---:|---:|---:|---:|:---:|"]
+    cycles = with_tag_metrics(cycles)
+    first, second = shown_metrics(cycles)
+    heading = {"accuracy": "accuracy", "micro_f1": "micro F1", "macro_f1": "macro F1"}
+    lines = [f"| cycle | labels | {heading[first]} | {heading[second]} | model | promoted |",
+             "|---:|---:|---:|---:|---:|:---:|"]
     for row in cycles.itertuples(index=False):
         model = f"v{int(row.model_version)}" if pd.notna(row.model_version) else "–"
-        lines.append(f"| {row.cycle} | {row.n_labels} | {_fmt(row.accuracy)} | {_fmt(row.macro_f1)} | "
+        lines.append(f"| {row.cycle} | {row.n_labels} | {_fmt(getattr(row, first))} | {_fmt(getattr(row, second))} | "
                      f"{model} | {'yes' if row.promoted else 'no'} |")
     return lines
 
@@ -366,11 +388,13 @@ def curve_image(url: str) -> str:
 
 def curve_caption(cycles: pd.DataFrame) -> str:
     """One line on the latest cycle: labels, both metrics, its model."""
+    cycles = with_tag_metrics(cycles)
     last = cycles.iloc[-1]
     model = (f"model v{int(last['model_version'])} ({'promoted' if last['promoted'] else 'not promoted'})"
              if pd.notna(last["model_version"]) else "no model")
-    return (f"**cycle {int(last['cycle'])}**: {int(last['n_labels'])} labels · accuracy {_fmt(last['accuracy'])} · "
-            f"macro F1 {_fmt(last['macro_f1'])} · {model}")
+    first = "micro F1" if "micro_f1" in cycles else "accuracy"
+    return (f"**cycle {int(last['cycle'])}**: {int(last['n_labels'])} labels · {first} "
+            f"{_fmt(last[shown_metrics(cycles)[0]])} · macro F1 {_fmt(last['macro_f1'])} · {model}")
 
 
 def learning_curve_markdown(cycles: pd.DataFrame, png_path: Path | None = None) -> str:

@@ -12,6 +12,12 @@ more batches and `alflow status` says why):
 * ``stabilizing``: Cohen's kappa between successive cycles' models' predictions on the
   fixed stop set is at least ``stabilizing_kappa`` for ``stabilizing_cycles`` cycles in a
   row (Bloodgood & Vijay-Shanker, 2009: predictions that stop changing).
+
+Multi-label (``task = "multi_label"``): the target reads the control slice's configured
+metric (micro F1 by default; for hamming_loss, lower is better, so the rule fires at or
+below the target and the conservative bound is the upper one), and the stop-set agreement
+of two models' predicted tag sets is the mean over tags of Cohen's kappa on "has the tag"
+(:func:`stop_set_tag_kappa`), tags where kappa is undefined left out.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from alflow.config import Settings
-from alflow.tasks.agreement import cohen_kappa
+from alflow.tasks.agreement import cohen_kappa, per_tag_kappa
 from alflow.tasks.control import current_estimate
 from alflow.tasks.retrying import is_transient
 from alflow.tasks.store import Store, document
@@ -50,8 +56,13 @@ def stop_set_kappa(store: Store, settings: Settings, model_version: int, previou
         model = modeling.load_model(model_file(settings, row), modeling.trusted_types(settings.model, settings.labels))
         items = store.items(ids)
         docs = [document(t, x) for t, x in zip(items["title"], items["text"])]
-        proba = modeling.predict_proba(model, docs, settings.labels)
-        labels = np.asarray(settings.labels, dtype=object)[proba.argmax(axis=1)].tolist()
+        if settings.task == "multi_label":
+            from alflow.tasks.multilabel.model import predict_tags
+
+            labels = predict_tags(model, docs, settings.labels)
+        else:
+            proba = modeling.predict_proba(model, docs, settings.labels)
+            labels = np.asarray(settings.labels, dtype=object)[proba.argmax(axis=1)].tolist()
         store.record_stop_set_predictions(model_version, items["item_id"].tolist(), labels)
         current = pd.Series(labels, index=items["item_id"].to_numpy(), dtype=object).sort_index()
     if previous is None or previous == model_version:
@@ -60,8 +71,24 @@ def stop_set_kappa(store: Store, settings: Settings, model_version: int, previou
     common = current.index.intersection(before.index)
     if len(common) == 0:
         return None
+    if settings.task == "multi_label":
+        return stop_set_tag_kappa(current.loc[common].tolist(), before.loc[common].tolist(), settings.labels)
     kappa = cohen_kappa(current.loc[common].tolist(), before.loc[common].tolist())
     return None if math.isnan(kappa) else kappa  # NaN: both models gave one class to everything
+
+
+def stop_set_tag_kappa(current: Sequence[str], before: Sequence[str], tags: Sequence[str]) -> float | None:
+    """Agreement of two models' predicted tag sets (text forms, (n,) each, the same items):
+    the mean over ``tags`` of Cohen's kappa on "has the tag"
+    (:func:`alflow.tasks.agreement.per_tag_kappa`). A tag both models give to every item or
+    to none has no kappa and is left out (its predictions did not change); None when no tag
+    has one. Why not exact-set kappa: with t tags there are 2^t sets, most seen once, and
+    one flipped tag of a set would count as a whole disagreement."""
+    from alflow.tasks.multilabel.tags import parse_tags
+
+    kappas = per_tag_kappa([parse_tags(v) for v in current], [parse_tags(v) for v in before], tags)
+    defined = [k for k in kappas.values() if not math.isnan(k)]
+    return float(np.mean(defined)) if defined else None
 
 
 def labeling_minutes(store: Store) -> float | None:
@@ -94,33 +121,37 @@ def evaluate_rules(settings: Settings, counts: dict, metrics: dict | None, contr
                   "fired": s.budget_minutes is not None and minutes is not None and minutes >= s.budget_minutes,
                   "detail": minutes_text + (f" of a budget of {s.budget_minutes:g} min" if s.budget_minutes else "")})
     metric = settings.evaluation.metric
+    # hamming_loss (multi-label) is the one metric where lower is better
+    higher = metric != "hamming_loss"
     if control["n"] >= s.target_min_control:
         lower = s.target_bound == "lower"
-        value = control["value_low"] if lower else control["value"]
+        value = (control["value_low"] if higher else control["value_high"]) if lower else control["value"]
+        bound = "lower bound" if higher else "upper bound"
         estimate = (f"control-slice {control['metric']} of model v{control['model_version']} "
                     f"{control['value']:.3f} [{control['value_low']:.3f}, {control['value_high']:.3f}] on "
                     f"{control['n']} control items, "
-                    + (f"lower bound {value:.3f}" if lower else f"point estimate {value:.3f}")
+                    + (f"{bound} {value:.3f}" if lower else f"point estimate {value:.3f}")
                     + (f" ({control['note']})" if control.get("note") else ""))
-        used = f"control {control['metric']} ({'lower bound' if lower else 'point estimate'})"
+        used = f"control {control['metric']} ({bound if lower else 'point estimate'})"
     else:
         value = (metrics or {}).get(metric)
         method = (metrics or {}).get("method", settings.evaluation.method)
         estimate = (f"{method} {metric} " + ("–" if value is None else f"{value:.3f}")
                     + f" (control slice: {control['n']} of {s.target_min_control} answers needed)")
         used = f"{method} {metric}"
-    fired = s.target is not None and value is not None and value >= s.target
+    fired = s.target is not None and value is not None and (value >= s.target if higher else value <= s.target)
     rules.append({"rule": "target", "configured": s.target is not None, "value": value, "threshold": s.target,
                   "estimate": used, "fired": fired,
                   "detail": estimate + (f" {'reached' if fired else 'vs'} the target {s.target:g}" if s.target else "")})
     k = s.stabilizing_cycles
     recent = list(kappas)[-k:]
     shown = ", ".join("–" if v is None else f"{v:.3f}" for v in recent) or "none yet"
+    kind = "mean per-tag kappa" if settings.task == "multi_label" else "kappa"
     stable = (s.stabilizing_kappa is not None and len(recent) == k
               and all(v is not None and v >= s.stabilizing_kappa for v in recent))
     rules.append({"rule": "stabilizing", "configured": s.stabilizing_kappa is not None,
                   "value": recent[-1] if recent else None, "threshold": s.stabilizing_kappa, "fired": stable,
-                  "detail": f"stop-set kappa of the last {len(recent)} cycles: {shown}"
+                  "detail": f"stop-set {kind} of the last {len(recent)} cycles: {shown}"
                             + (f" (needs >= {s.stabilizing_kappa:g} for {k} cycles)" if s.stabilizing_kappa else "")})
     return rules
 

@@ -22,7 +22,7 @@ from prefect.cache_policies import NONE
 
 from alflow.config import Settings
 from alflow.tasks import modeling
-from alflow.tasks.embeddings import use_stored_vectors
+from alflow.tasks.embeddings import endpoint_down, report_left_out, use_stored_vectors, with_vectors
 from alflow.tasks.faults import fault_point
 from alflow.tasks.retrying import is_transient
 from alflow.tasks.store import Store, document
@@ -81,6 +81,10 @@ def _mismatch(store: Store, settings: Settings, row: dict, model=None) -> tuple[
     ``classes_`` outside ``labels``, or stored probabilities of another width, tell.
     """
     version = int(row["model_version"])
+    trained_for = row.get("task") if isinstance(row.get("task"), str) else "single_label"
+    if trained_for != settings.task:
+        return (f"task changed since model v{version} ({trained_for} -> {settings.task})",
+                f"retraining as {settings.task}")
     embeddings = _embeddings_mismatch(settings, row, model)
     if embeddings is not None:
         return embeddings, "retraining with the configured features"
@@ -196,15 +200,43 @@ def load_current_model(store: Store, settings: Settings, logger: logging.Logger 
     use_stored_vectors(store, settings, logger=logger)  # before the pool is pre-labeled
     current, problem = find_usable_model(store, settings, logger)
     if problem is None:
-        return current
+        return _serving(store, settings, current, logger)
     logger.warning(problem.line())
     result, model = _retrain(store, settings, flow_run_id, logger, replaces=problem, on_runner=on_runner)
     if result.model_version is None:
         logger.warning(f"no model can be trained on labels {list(settings.labels)} yet ({result.reason}): "
                        "cold start, the batch is chosen for coverage")
-        return None
+        return _serving(store, settings, None, logger)
     logger.info(f"model v{result.model_version} trained on {result.n_labels} labels ({result.reason})")
-    return CurrentModel(store.model_row(result.model_version), model)
+    return _serving(store, settings, CurrentModel(store.model_row(result.model_version), model), logger)
+
+
+def _serving(store: Store, settings: Settings, current: CurrentModel | None,
+             logger: logging.Logger | logging.LoggerAdapter) -> CurrentModel | None:
+    """``current``, once the items it cannot read while the embedding endpoint is down are
+    reported left out; with no model, the cold start reads the whole pool again (it picks
+    by TF-IDF coverage or at random: no vectors)."""
+    down = endpoint_down(store)
+    if current is not None:
+        report_left_out(store, settings, logger)
+    elif down is not None:
+        store.read_embedded_only(None)
+        logger.warning(f"the cold start needs no vectors (endpoint down: {down}): the batch is chosen by "
+                       f"{settings.query.cold_start} over the whole pool")
+    return current
+
+
+def _keep_current(store: Store, settings: Settings, left_out: int, reason: str, counts: dict,
+                  logger: logging.Logger | logging.LoggerAdapter) -> TrainResult | None:
+    """The current model kept, when the labels lacking a vector (``left_out`` of them) made
+    the rest untrainable (``reason``); None when none was left out or there is no model."""
+    current = find_usable_model(store, settings, logger)[0] if left_out else None
+    if current is None:
+        return None
+    why = f"kept model v{current.version}: {reason} without the {left_out} labeled items that have no vector"
+    logger.warning(why)
+    return TrainResult(current.version, int(current.row["n_labels"]), _metrics(current.row) or None, False, why,
+                       counts)
 
 
 def retrain(store: Store, settings: Settings, flow_run_id: str | None = None,
@@ -235,6 +267,8 @@ def _retrain(store: Store, settings: Settings, flow_run_id: str | None,
 
     ``replaces``: the newest promoted model is unusable; train anew and promote.
     """
+    if settings.task == "multi_label":
+        return _retrain_tags(store, settings, flow_run_id, logger, replaces)
     holdout = settings.holdout_fraction
     control_trains = settings.query.control_trains
     # the cycle's pre-label embedded every item (load_current_model): a retrain after the
@@ -242,17 +276,24 @@ def _retrain(store: Store, settings: Settings, flow_run_id: str | None,
     use_stored_vectors(store, settings, logger=logger, embed=False)
     frame, watermark = store.training_set(holdout, control_trains)
     frame = frame[frame["label"].isin(settings.labels)].reset_index(drop=True)
+    # with the embedding endpoint down, a label whose item has no vector waits for the next fit
+    readable = with_vectors(store, settings, frame["doc"].tolist(), "labeled items", "this fit", logger)
+    frame = frame[readable].reset_index(drop=True)
     labels = frame["label"].tolist()
     counts = modeling.class_counts(labels)
     reason = modeling.trainable(labels)
     if reason:
-        return TrainResult(None, len(frame), reason=reason, class_counts=counts), None
+        kept = _keep_current(store, settings, int((~readable).sum()), reason, counts, logger) \
+            if replaces is None else None
+        return kept or TrainResult(None, len(frame), reason=reason, class_counts=counts), None
 
     params = settings.model.model_dump()
     if replaces is None:
         existing = store.query_df(
             """SELECT * FROM models WHERE label_watermark = ? AND params = ?::JSON AND labels = ?::JSON
               AND coalesce(json_extract(metrics, '$.control_trains')::BOOLEAN, true) = ?
+              -- a fit that left out labels without a vector was not on all these labels
+              AND coalesce(json_extract(metrics, '$.labels_without_vector')::INTEGER, 0) = 0
             ORDER BY model_version DESC""",
             [watermark, json.dumps(params, default=str), json.dumps(list(settings.labels)), control_trains],
         )
@@ -348,6 +389,8 @@ def _retrain(store: Store, settings: Settings, flow_run_id: str | None,
     needed = modeling.embeddings_needed(model)
     if needed is not None:  # which vectors it reads: checked before it is loaded (_mismatch)
         metrics["embeddings"] = {"model": needed[0], "dim": needed[1]}
+    if not readable.all():  # read by the "already trained on these labels" lookup above
+        metrics["labels_without_vector"] = int((~readable).sum())
     metrics = dict(metrics, control_trains=control_trains,
                    self_training=dict(trained.decision, pseudo_labels=len(pseudo_docs),
                                       pool_sample=len(unlabeled or [])),
@@ -366,6 +409,184 @@ def _retrain(store: Store, settings: Settings, flow_run_id: str | None,
     fault_point("promotion")
     return TrainResult(version, len(frame), metrics, decision.promoted, decision.reason, counts,
                        evaluate_seconds), model
+
+
+def tag_answers(settings: Settings, values) -> list[str]:
+    """Of ``values`` (stored answers or gold), the text forms of sets of ``settings.labels``
+    (the tags), "" included; anything else (skip, a class of another task) is left out."""
+    from alflow.tasks.multilabel.tags import parse_tags
+
+    tags = set(settings.labels)
+    return [value for value in values if isinstance(value, str) and parse_tags(value) <= tags]
+
+
+def tag_counts(settings: Settings, answers) -> dict[str, int]:
+    """How many of the answers (text forms) carry each tag, in ``labels`` order."""
+    from alflow.tasks.multilabel.tags import parse_tags
+
+    sets = [parse_tags(a) for a in answers]
+    return {tag: sum(tag in s for s in sets) for tag in settings.labels}
+
+
+def tag_metrics_of(truth, predicted, tags) -> dict:
+    """:func:`alflow.tasks.multilabel.metrics.tag_metrics` of two sequences of text forms."""
+    from alflow.tasks.multilabel.metrics import tag_metrics
+    from alflow.tasks.multilabel.tags import parse_tags, tag_matrix
+
+    return tag_metrics(tag_matrix([parse_tags(t) for t in truth], tags),
+                       tag_matrix([parse_tags(p) for p in predicted], tags))
+
+
+def promote_tags(new: float | None, current: float | None, metric: str, n_compared: int) -> modeling.Promotion:
+    """:func:`alflow.tasks.modeling.should_promote` for a multi-label ``metric``: hamming_loss
+    is lower-is-better, so its comparison is turned around."""
+    from alflow.tasks.multilabel.metrics import HIGHER_IS_BETTER
+
+    if metric in HIGHER_IS_BETTER or new is None or current is None or n_compared == 0:
+        return modeling.should_promote(new, current, metric, n_compared)
+    if new <= current:
+        return modeling.Promotion(True, f"{metric} {new:.3f} <= current {current:.3f} on {n_compared} items")
+    return modeling.Promotion(False, f"{metric} {new:.3f} > current {current:.3f} on {n_compared} items")
+
+
+def _retrain_tags(store: Store, settings: Settings, flow_run_id: str | None,
+                  logger: logging.Logger | logging.LoggerAdapter, replaces: Unusable | None = None):
+    """:func:`_retrain` with task = "multi_label": one-vs-rest with the configured classifier
+    on the effective answers' tag sets (:func:`alflow.tasks.multilabel.model.fit_tagger`),
+    per-tag thresholds as ``model.tag_thresholds`` says (stored with the model: its file and
+    ``models.thresholds``), scored on the gold tag sets of the holdout (or out-of-fold, cv)
+    with ``evaluation.metric``, promoted as a single-label model is. With
+    ``model.self_training`` not 0 and ``tag_thresholds = "fixed"``, self-trained on a pool
+    sample (:func:`alflow.tasks.multilabel.model.fit_self_trained_tagger`, as ``alflow
+    simulate --task multi_label`` fits it). No weak labels (docs/multi-label.md)."""
+    from alflow.tasks.multilabel.model import FOLDS, apply_thresholds, fit_self_trained_tagger, fit_tagger, \
+        out_of_fold_proba, predict_tags, tagger_pipeline
+    from alflow.tasks.multilabel.tags import parse_tags, tag_matrix
+
+    holdout = settings.holdout_fraction
+    control_trains = settings.query.control_trains
+    tags = list(settings.labels)
+    frame, watermark = store.training_set(holdout, control_trains)
+    frame = frame[frame["label"].isin(tag_answers(settings, frame["label"].unique()))].reset_index(drop=True)
+    answers = frame["label"].tolist()
+    counts = tag_counts(settings, answers)
+    y = tag_matrix([parse_tags(a) for a in answers], tags)
+    if len(frame) < 2 or not y.any() or y.all():
+        reason = (f"{len(frame)} tag-set answers" if len(frame) < 2 else
+                  "every answer carries " + ("no tag" if not y.any() else "every tag"))
+        return TrainResult(None, len(frame), reason=f"not trainable yet: {reason}", class_counts=counts), None
+
+    params = settings.model.model_dump()
+    if replaces is None:
+        existing = store.query_df(
+            """SELECT * FROM models WHERE label_watermark = ? AND params = ?::JSON AND labels = ?::JSON
+              AND task = 'multi_label'
+              AND coalesce(json_extract(metrics, '$.control_trains')::BOOLEAN, true) = ?
+            ORDER BY model_version DESC""",
+            [watermark, json.dumps(params, default=str), json.dumps(tags), control_trains],
+        )
+        for row in existing.to_dict("records"):
+            if model_file(settings, row).is_file():
+                return TrainResult(int(row["model_version"]), int(row["n_labels"]),
+                                   json.loads(row["metrics"]) if row["metrics"] else None, bool(row["promoted"]),
+                                   "already trained on these labels", counts), None
+
+    docs = frame["doc"].tolist()
+    pool_docs = None
+    if settings.model.vectorizer_fit == "pool":  # unsupervised: the pool's words, not its labels
+        pool_docs = store.sample_pool(settings.model.vectorizer_sample, settings.seed, holdout)["doc"].tolist()
+    mode, share = modeling.self_training_mode(settings.model)
+    if mode != "off" and settings.model.tag_thresholds == "fixed":
+        # held-out items are never in the pool, so never pseudo-labeled
+        unlabeled = store.sample_pool(settings.model.self_training_sample, settings.seed, holdout)["doc"].tolist()
+        tagger = fit_self_trained_tagger(settings.model, docs, y, tags, unlabeled, share=share, seed=settings.seed)
+        self_training = {"used": bool(unlabeled), "mode": mode, "share": share, "pool_sample": len(unlabeled)}
+    else:
+        folds = FOLDS if settings.model.tag_thresholds == "out_of_fold" else 0
+        tagger = fit_tagger(settings.model, docs, y, tags, folds=folds, seed=settings.seed, pool_docs=pool_docs)
+        self_training = {"used": False, "mode": mode,
+                         "reason": "model.self_training = 0" if mode == "off" else
+                         "off with tag_thresholds = \"out_of_fold\": pseudo-labels are cut at 0.5"}
+    model = tagger_pipeline(tagger)
+    current = find_usable_model(store, settings, logger)[0] if replaces is None else None
+    metric = settings.evaluation.metric
+
+    evaluating = time.perf_counter()
+    predicted = None
+    current_score = None
+    if holdout:
+        gold_forms = tag_answers(settings, store.query_df(
+            "SELECT DISTINCT gold_label FROM items WHERE gold_label IS NOT NULL")["gold_label"])
+        gold = store.holdout_labels(holdout, gold_forms)
+        if gold.empty:
+            raise modeling.ModelError(HOLDOUT_EMPTY)
+        predicted = holdout_predictions(store, settings, model, gold, labels=gold_forms, logger=logger)
+        metrics = _tag_holdout_metrics(gold, predicted, tags)
+        metrics["holdout_set"] = holdout_fingerprint(gold["item_id"], gold["label"])
+        compared = len(gold)
+        if current is not None:
+            current_score = _holdout_score(current.row, metrics["holdout_set"], metric)
+            if current_score is None:  # the holdout changed since it was scored (new gold items)
+                current_score = _tag_holdout_metrics(gold, holdout_predictions(
+                    store, settings, current.model, gold, current.version, labels=gold_forms,
+                    logger=logger), tags)[metric]
+        new_score = metrics[metric]
+    else:
+        k = min(settings.evaluation.cv_folds, len(docs))
+        oof = apply_thresholds(out_of_fold_proba(settings.model, docs, y, k, settings.seed, pool_docs),
+                               tagger.thresholds)
+        oof_forms = [";".join(sorted(t for t, on in zip(tags, row) if on)) for row in oof]
+        metrics = dict(tag_metrics_of(answers, oof_forms, tags), method="cv", n_eval=len(docs))
+        new_score, compared = None, 0
+        if current is not None:
+            # items first labeled after the incumbent was trained: neither model has seen them
+            fresh = store.query_df("SELECT item_id FROM labels GROUP BY item_id HAVING min(label_id) > ?",
+                                   [int(current.row["label_watermark"])])["item_id"]
+            mask = frame["item_id"].isin(set(fresh)).to_numpy()
+            compared = int(mask.sum())
+            if compared:
+                truth = [a for a, m in zip(answers, mask) if m]
+                new_score = tag_metrics_of(truth, [f for f, m in zip(oof_forms, mask) if m], tags)[metric]
+                old = predict_tags(current.model, [d for d, m in zip(docs, mask) if m], tags)
+                current_score = tag_metrics_of(truth, old, tags)[metric]
+            else:
+                new_score = current_score = 0.0
+    evaluate_seconds = time.perf_counter() - evaluating
+    if replaces is not None:
+        decision = modeling.Promotion(True, f"replaces model v{replaces.version}: {replaces.why}")
+    elif current is None and store.current_model() is not None:
+        decision = modeling.Promotion(True, "first usable model")
+    else:
+        decision = promote_tags(new_score, current_score if current is not None else None, metric, compared)
+    metrics = dict(metrics, control_trains=control_trains, tag_thresholds=settings.model.tag_thresholds,
+                   thresholds=[float(t) for t in tagger.thresholds],
+                   self_training=self_training,
+                   promotion={"promoted": decision.promoted, "reason": decision.reason,
+                              "compared_on": compared, "new": new_score, "current": current_score})
+
+    # The file first, then its row, as for a single-label model (see _retrain).
+    version = store.next_model_version()
+    path = modeling.save_model(model, settings.models_dir / f"model-{version:04d}.skops")
+    fault_point("retrain-after-file")
+    store.register_model(version, path.name, settings.model.classifier, params, len(frame), watermark, metrics,
+                         decision.promoted, flow_run_id, labels=tags,
+                         holdout_predictions=predicted if decision.promoted else None,
+                         task="multi_label", thresholds=list(tagger.thresholds))
+    fault_point("promotion")
+    return TrainResult(version, len(frame), metrics, decision.promoted, decision.reason, counts,
+                       evaluate_seconds), model
+
+
+def _tag_holdout_metrics(gold: pd.DataFrame, predicted: pa.Table, tags: list[str]) -> dict:
+    """Multi-label metrics of ``predicted`` text forms (item_id, label) against every ``gold``
+    holdout item's gold set (item_id, label), as :func:`holdout_metrics` for classes."""
+    guess = dict(zip(predicted.column("item_id").to_pylist(), predicted.column("label").to_pylist()))
+    missing = [i for i in gold["item_id"] if i not in guess]
+    if missing:
+        raise ValueError(f"holdout: {len(missing)} of {len(gold)} gold items have no prediction")
+    result = tag_metrics_of(gold["label"].tolist(), [guess[i] for i in gold["item_id"]], tags)
+    result.update({"method": "holdout", "n_eval": len(gold)})
+    return result
 
 
 def weak_labels(store: Store, settings: Settings) -> tuple[list[str], list[str]]:
@@ -428,9 +649,12 @@ def holdout_fingerprint(item_ids, labels) -> str:
 
 def holdout_predictions(store: Store, settings: Settings, model, gold: pd.DataFrame,
                         stored_version: int | None = None, on_runner: bool = False,
-                        logger: logging.Logger | logging.LoggerAdapter = log) -> pa.Table:
+                        logger: logging.Logger | logging.LoggerAdapter = log,
+                        labels: list[str] | None = None) -> pa.Table:
     """``model``'s labels of the ``gold`` holdout items (item_id, label; as
     :meth:`Store.holdout_labels` lists them): a table (item_id, label) of every one.
+    ``labels``: the gold values the holdout is read with (default ``settings.labels``; a
+    multi-label project's: the gold tag sets' text forms).
 
     ``stored_version``: the model is that promoted version; its stored holdout labels are
     read and only the items it has none of are predicted, then stored with it. The texts
@@ -448,7 +672,7 @@ def holdout_predictions(store: Store, settings: Settings, model, gold: pd.DataFr
         n -= len(known)
     kind, here = None, 0
     if n:
-        chunks = store.holdout_chunks(settings.holdout_fraction, settings.labels, settings.query.chunk_size,
+        chunks = store.holdout_chunks(settings.holdout_fraction, labels or settings.labels, settings.query.chunk_size,
                                       unpredicted_by=stored_version)
         if on_runner:
             fresh, kind, here = predict_with_runner(settings, model, chunks, n)

@@ -12,6 +12,10 @@ run from the Prefect UI of a real `prefect server` on 127.0.0.1 and the answer l
     alflow serve                 cycle 3 as a deployed run (5 more messages): it *suspends*,
               its process exits; chromium resumes it from the UI (one label changed) ->
               the run replays and records the form's answers exactly once
+    (meanwhile) a multi-label project: `alflow run --auto`, then `alflow run` pauses;
+              chromium: one multi-select per item, the pre-label's tags chosen, none for
+              the blind item; add a tag to one item -> Submit: the stored tag sets are
+              the preselected ones ("" where none was selected) and the changed one
 
 Needs Debian's chromium (``apt-get install chromium``; Playwright's own browser download is
 never used). ``ALFLOW_SKIP_BROWSER_TESTS=1`` skips the test instead.
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -33,7 +38,8 @@ import httpx
 import pytest
 from conftest import SMS_CSV, chromium_path, write_config
 
-from alflow.tasks.review import item_heading, trim
+from alflow.tasks.multilabel.tags import format_tags, parse_tags
+from alflow.tasks.review import item_heading, shown_prelabel, trim
 from alflow.tasks.store import Store, owner_gone
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
@@ -465,6 +471,135 @@ def resume_in_browser(sync_playwright, chromium: str, run_url: str, batch, chang
             browser.close()
 
 
+# -- multi-label (issue 25): the form's multi-selects ------------------------------------------
+TAGS = ["business", "scitech", "sports", "world"]
+
+
+def multilabel_project(directory: Path, n_rows: int = 60) -> Path:
+    """A multi-label project (task = "multi_label", 4 tags) over ``n_rows`` of the bundled
+    multi-label sample, its state under ``directory``; returns its config."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(REPO / "data" / "ag_news_multilabel.csv", encoding="utf-8", newline="") as handle:
+        rows = list(csv.DictReader(handle))[:n_rows]
+    source = directory / "tags.csv"
+    with open(source, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["text", "labels"])
+        writer.writeheader()
+        writer.writerows(rows)
+    config = directory / "alflow.toml"
+    config.write_text("\n".join([
+        'task = "multi_label"', f"labels = {TAGS!r}".replace("'", '"'), 'database = "state/alflow.duckdb"',
+        'models_dir = "state/models"', "seed = 7", "[query]", 'strategy = "mean_margin"', f"batch_size = {BATCH_SIZE}",
+        "[review]", "poll_interval_seconds = 1", "[evaluation]", 'method = "holdout"', "holdout_fraction = 0.2",
+        'metric = "micro_f1"', "[[sources]]", 'type = "files"', 'name = "news"', f'path = "{source.as_posix()}"',
+        'text_column = "text"', 'label_column = "labels"', ""]), encoding="utf-8")
+    return config
+
+
+def wait_paused_batch_run(api_url: str, store: Store, run: subprocess.Popen, log: Path,
+                          timeout: float = 180.0) -> str:
+    """The flow run id of ``store``'s batch once its run is Paused for review (other
+    projects' runs may be paused or suspended on the same server meanwhile)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if run.poll() is not None:
+            pytest.fail(f"`alflow run` exited with code {run.returncode} instead of pausing:\n{tail(log)}",
+                        pytrace=False)
+        try:
+            offered = store.query_df("SELECT flow_run_id FROM batches WHERE status = 'open' AND offered_at IS NOT NULL")
+        except Exception:  # noqa: BLE001 - the database may not exist yet, or be locked a moment
+            offered = None
+        if offered is not None and len(offered):
+            run_id = offered["flow_run_id"].iloc[0]
+            state = api_call("GET", f"{api_url}/flow_runs/{run_id}", timeout=5.0).json()["state"]
+            if state and state["name"] == "Paused":
+                return run_id
+        time.sleep(0.5)
+    pytest.fail(f"the multi-label run did not pause within {timeout:.0f} s:\n{tail(log)}", pytrace=False)
+
+
+def selected_tags(select) -> list[str]:
+    """The tags a multi-select shows as chosen (its dismissible tags), sorted."""
+    return sorted(t.strip() for t in select.locator(".p-tag").all_text_contents() if t.strip())
+
+
+def toggle_tag(page, select, tag: str) -> None:
+    """Toggle ``tag`` in a multi-select: open its options, click the tag, close them."""
+    options = page.locator(".p-pop-over-content [role=option]")
+    for _ in range(3):
+        select.click()
+        if not _shows(options, 500):
+            select.press("Space")
+        if _shows(options, 5000):
+            break
+        page.keyboard.press("Escape")
+    else:
+        raise AssertionError(f"the multi-select's options never opened (wanted {tag!r})")
+    page.locator(".p-pop-over-content").get_by_role("option", name=tag, exact=True).click()
+    page.keyboard.press("Escape")
+
+
+def resume_multilabel_in_browser(sync_playwright, chromium: str, run_url: str, batch, toggled_rank: int,
+                                 tag: str, shots: Path) -> None:
+    """Resume a paused multi-label run from its Resume form, checking one multi-select per
+    item with the offered pre-label's tags chosen (nothing for the blind control item) and
+    the model's per-tag probabilities above an offered one only; toggle ``tag`` on item
+    ``toggled_rank``, accept everything else as shown, Submit."""
+    from playwright.sync_api import expect
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.set_default_timeout(30_000)
+        try:
+            page.goto(run_url, wait_until="domcontentloaded")
+            resume = page.get_by_role("button", name="Resume", exact=True).first
+            resume.wait_for(state="visible", timeout=60_000)
+            resume.click()
+            dialog = page.get_by_role("dialog").filter(has_text="Resume Flow Run")
+            expect(dialog).to_be_visible()
+            expect(dialog).to_contain_text("Choose every tag that applies")
+            fields = dialog.locator(".schema-form-property")
+            expect(fields).to_have_count(len(batch) + 1)
+            blind = 0
+            for row in batch.itertuples(index=False):
+                field = fields.filter(has=page.locator(".schema-form-property__label", has_text=f"#{row.rank} · "))
+                expect(field).to_have_count(1)
+                select = field.locator("button.p-select-button__control")
+                offered = shown_prelabel(row)
+                description = field.locator(".schema-form-property__description")
+                if offered is None:
+                    blind += row.picked_by == "control"
+                    expect(select).to_contain_text("No items selected")
+                    expect(description).not_to_contain_text("Model:")
+                else:
+                    expect(description).to_contain_text("Model: business ")
+                    assert selected_tags(select) == sorted(parse_tags(offered)), f"#{row.rank}: {offered!r}"
+            assert blind, "the batch has no blind control item"
+            target = fields.filter(has=page.locator(".schema-form-property__label", has_text=f"#{toggled_rank} · "))
+            select = target.locator("button.p-select-button__control")
+            before = set(selected_tags(select))
+            toggle_tag(page, select, tag)
+            expect(select.locator(".p-tag")).to_have_count(len(before ^ {tag}))
+            assert set(selected_tags(select)) == before ^ {tag}
+            page.screenshot(path=str(shots / "resume-form-multilabel.png"), full_page=True)
+            for _ in range(3):  # a loaded test server may answer 503: the reviewer presses Submit again
+                with page.expect_response(lambda r: r.request.method == "POST"
+                                          and r.url.endswith("/resume")) as resumed:
+                    dialog.get_by_role("button", name="Submit").click()
+                response = resumed.value
+                if response.status != 503:
+                    break
+                page.wait_for_timeout(2000)
+            assert response.ok, f"the resume request failed: {response.status} {response.text()[:500]}"
+            expect(dialog).to_be_hidden()
+        except BaseException as exc:
+            note_screenshot(page, exc, shots / "failure-multilabel.png")
+            raise
+        finally:
+            browser.close()
+
+
 # -- the test ---------------------------------------------------------------------------------
 @pytest.mark.timeout(600)
 def test_resume_in_the_prefect_ui_records_the_changed_label(tmp_path: Path):
@@ -521,6 +656,13 @@ def test_resume_in_the_prefect_ui_records_the_changed_label(tmp_path: Path):
                                                   f"{BATCH_SIZE} answers, "), finished["description"]
         assert finished["description"].endswith("(from the Resume form)."), finished["description"]
 
+        # Meanwhile a multi-label project (issue 25) trains model v1 from gold tag sets and
+        # pauses its cycle 2 for review (in the background, while cycle 3 runs).
+        ml_config = multilabel_project(tmp_path / "multi-label")
+        ml_chain = (f"ALFLOW_QUERY__BATCH_SIZE=35 {shlex.join(alflow_command(ml_config, '--auto'))} && "
+                    f"{shlex.join(alflow_command(ml_config))}")
+        ml_run, ml_log = processes.start("run-multilabel", ["sh", "-c", ml_chain])
+
         # Cycle 3 is a deployed run of `alflow serve`: it suspends (no process waits) and
         # the Resume form's submission replays it from the top.
         with open(corpus, "a", newline="", encoding="utf-8") as handle:
@@ -530,6 +672,17 @@ def test_resume_in_the_prefect_ui_records_the_changed_label(tmp_path: Path):
         suspended_id = start_served_cycle(api_url, config, served, served_log)
         suspended_batch = wait_suspended_batch(api_url, store, suspended_id, served, served_log)
         assert wait_gone(suspended_batch["owner"]), f"the suspended run's process {suspended_batch['owner']} still runs"
+        # The multi-label run's form (its run retrains while cycle 3 goes on): accept every
+        # preselected set, add one tag to one item.
+        ml_store = Store(ml_config.parent / "state" / "alflow.duckdb", lock_timeout=60)
+        ml_run_id = wait_paused_batch_run(api_url, ml_store, ml_run, ml_log)
+        ml_batch_id = ml_store.batch_for_run(ml_run_id)["batch_id"]
+        ml_batch = ml_store.batch_items(ml_batch_id)
+        ml_first = next(r for r in ml_batch.itertuples(index=False) if shown_prelabel(r) is not None)
+        added = next(t for t in TAGS if t not in parse_tags(ml_first.prelabel))
+        resume_multilabel_in_browser(sync_playwright, chromium, f"{ui_url}/runs/flow-run/{ml_run_id}", ml_batch,
+                                     int(ml_first.rank), added, tmp_path)
+
         batch3 = store.batch_items(suspended_batch["batch_id"])
         assert len(batch3) == BATCH_SIZE and batch_prelabels_ok(batch3), batch3
         changed3 = batch3.iloc[0]
@@ -538,6 +691,13 @@ def test_resume_in_the_prefect_ui_records_the_changed_label(tmp_path: Path):
                           batch3, 1, new_label3, tmp_path, state_name="Suspended",
                           heading=f"Batch {suspended_batch['batch_id']}: {BATCH_SIZE} items.")
         states = wait_run_final(api_url, suspended_id, served, served_log)
+
+    ml_labels = ml_store.query_df("SELECT item_id, label, origin FROM labels WHERE batch_id = ?", [ml_batch_id])
+    assert set(ml_labels["origin"]) == {"ui"} and ml_labels["item_id"].is_unique, ml_labels
+    # every preselected set exactly as shown ("" for nothing selected: none apply), one with the tag added
+    expected = {r.item_id: shown_prelabel(r) or "" for r in ml_batch.itertuples(index=False)}
+    expected[ml_first.item_id] = format_tags(parse_tags(ml_first.prelabel) | {added})
+    assert dict(zip(ml_labels["item_id"], ml_labels["label"])) == expected
 
     assert states[-1] == "Completed", f"the resumed run ended {states[-1]}:\n{tail(served_log, 40)}"
     assert "Suspended" in states and "Resuming" in states, states  # it was rescheduled and replayed

@@ -29,7 +29,7 @@ def synthetic_pool(path, n: int, n_classes: int = 3, seed: int = 0) -> Store:
             """INSERT INTO items (item_id, source, text, fetched_at)
             SELECT sha256(i::VARCHAR), 'synthetic', 'item ' || i, now()::TIMESTAMP FROM range(?) r(i)""", [n])
         # Dirichlet-ish rows: exponentials normalised (proba in class order c0, c1, ...).
-        raw = ", ".join(f"-ln(random())" for _ in range(n_classes))
+        raw = ", ".join("-ln(random())" for _ in range(n_classes))
         con.execute(f"""CREATE TEMP TABLE raw AS SELECT item_id, [{raw}] AS e FROM items""")
         con.execute(
             """CREATE TEMP TABLE scored AS SELECT item_id,

@@ -184,3 +184,160 @@ def _rows(rows, n: int) -> np.ndarray:
     if rows.ndim != 1 or rows.dtype.kind not in "iu" or (rows.size and (rows.min() < 0 or rows.max() >= n)):
         raise ValueError(f"threshold_rows must be a 1-D array of row indices in [0, {n})")
     return rows
+
+
+# -- a fitted tagger as one file: the pipeline, its thresholds on its last step --------------
+THRESHOLDS_ATTRIBUTE = "tag_thresholds_"
+TAGS_ATTRIBUTE = "tag_names_"
+
+
+def tagger_pipeline(tagger: Tagger) -> Pipeline:
+    """The Pipeline of ``tagger`` with its (n_tags,) thresholds kept on its one-vs-rest step
+    (attribute :data:`THRESHOLDS_ATTRIBUTE`), so the saved model file carries them and
+    :func:`model_thresholds` reads them back from the loaded model."""
+    clf = tagger.model.steps[-1][1]
+    setattr(clf, THRESHOLDS_ATTRIBUTE, np.asarray(tagger.thresholds, dtype=float))
+    setattr(clf, TAGS_ATTRIBUTE, list(tagger.tags))
+    return tagger.model
+
+
+def is_tag_model(model) -> bool:
+    """True if ``model`` is a multi-label model (a Pipeline ending in a one-vs-rest step
+    that carries per-tag thresholds, :func:`tagger_pipeline`)."""
+    steps = getattr(model, "steps", None)
+    return bool(steps) and hasattr(steps[-1][1], THRESHOLDS_ATTRIBUTE)
+
+
+def model_thresholds(model) -> np.ndarray:
+    """(n_tags,) per-tag thresholds of a loaded multi-label model, in ``settings.labels`` order."""
+    if not is_tag_model(model):
+        raise ValueError(f"{type(model).__name__} is not a multi-label model: it has no per-tag thresholds")
+    return np.asarray(getattr(model.steps[-1][1], THRESHOLDS_ATTRIBUTE), dtype=float)
+
+
+def model_tags(model) -> list[str]:
+    """The tags a loaded multi-label model's columns stand for (``settings.labels`` when trained)."""
+    model_thresholds(model)  # the same check: a multi-label model
+    return list(getattr(model.steps[-1][1], TAGS_ATTRIBUTE))
+
+
+def set_confidence(proba, predicted) -> np.ndarray:
+    """(n,) the model's probability of each item's whole predicted tag set, tags taken as
+    independent: prod_j (p_j if tag j is in the set else 1 - p_j). ``proba`` (n, t),
+    ``predicted`` (n, t) 0/1."""
+    proba = check_tag_proba(proba)
+    predicted = check_tag_matrix(predicted, "predicted", n_tags=proba.shape[1], n_items=proba.shape[0])
+    return np.where(predicted == 1, proba, 1.0 - proba).prod(axis=1)
+
+
+def score_tags(model, docs: Sequence[str], tags: Sequence[str]) -> dict[str, np.ndarray]:
+    """Pre-labels of a multi-label ``model`` for a chunk, in the shape of
+    :func:`alflow.tasks.modeling.score_chunk`: ``label`` (n,) the predicted sets' text forms,
+    ``proba`` (n, t) per-tag probabilities in ``tags`` order, and the multi-label analogues
+    of the uncertainty columns: ``least_confidence`` = 1 - :func:`set_confidence`;
+    ``margin`` = the smallest |signed margin| over tags (0: a tag at its threshold; small =
+    uncertain, as a single-label margin); ``entropy`` = the mean over tags of each tag's
+    binary entropy, in nats."""
+    from alflow.tasks.multilabel.strategies import signed_margin
+    from alflow.tasks.multilabel.tags import format_tags, tag_sets
+
+    thresholds = model_thresholds(model)
+    proba = tag_proba(model, list(docs))
+    predicted = apply_thresholds(proba, thresholds)
+    clipped = np.clip(proba, 1e-12, 1 - 1e-12)
+    entropy = -(clipped * np.log(clipped) + (1 - clipped) * np.log(1 - clipped)).mean(axis=1)
+    return {
+        "label": np.asarray([format_tags(s) for s in tag_sets(predicted, tags)], dtype=object),
+        "proba": proba,
+        "least_confidence": 1.0 - set_confidence(proba, predicted),
+        "margin": np.abs(signed_margin(proba, thresholds)).min(axis=1),
+        "entropy": entropy,
+    }
+
+
+def predict_tags(model, docs: Sequence[str], tags: Sequence[str]) -> list[str]:
+    """(n,) text forms of the tag sets a multi-label ``model`` predicts for ``docs``."""
+    from alflow.tasks.multilabel.tags import format_tags, tag_sets
+
+    predicted = apply_thresholds(tag_proba(model, list(docs)), model_thresholds(model))
+    return [format_tags(s) for s in tag_sets(predicted, tags)]
+
+
+# -- self-training: the single-label design (alflow.tasks.modeling.confident_picks) over tag sets --
+SELF_TRAINING_SHARE = 1.0  # pseudo-labels per human label, as single-label self-training's "auto" share
+
+
+def confident_set_picks(proba, thresholds, label_sets: Sequence[str], tags: Sequence[str],
+                        share: float = SELF_TRAINING_SHARE) -> np.ndarray:
+    """Self-training's pseudo-labels of a multi-label model: which pool rows to train on as
+    predicted (their tag sets: ``apply_thresholds(proba, thresholds)`` of those rows).
+
+    ``proba`` (n, t): the pool's per-tag probabilities; ``thresholds`` (t,); ``label_sets``
+    (L,): the human answers' text forms. A row's prediction is its thresholded tag set,
+    its confidence :func:`set_confidence` (the probability of that whole set); per tag set
+    the human labels carry, the ``share`` x its count surest rows predicted as that set
+    (:func:`alflow.tasks.modeling.confident_picks`). Why per set: the pseudo-labels mirror
+    the human sets, so the common single-tag sets cannot drown the rarer combinations, and
+    a set no human gave (say the empty one) is never invented. Returns rows (m,).
+    """
+    from alflow.tasks.multilabel.tags import format_tags, tag_sets
+
+    predicted = apply_thresholds(proba, thresholds)
+    names = np.asarray([format_tags(s) for s in tag_sets(predicted, tags)], dtype=object)
+    return modeling.confident_picks(names, set_confidence(proba, predicted),
+                                    modeling.class_counts(list(label_sets)), share)
+
+
+def fit_self_trained_tagger(settings: ModelSettings, docs: Sequence[str], y, tags: Sequence[str],
+                            pool_docs: Sequence[str], *, share: float = SELF_TRAINING_SHARE, seed: int = 0,
+                            corpus: modeling.Corpus | None = None) -> Tagger:
+    """The multi-label model of the labeled ``docs`` (n,) / ``y`` (n, t) plus pseudo-labels of
+    the unlabeled ``pool_docs`` (benchmarks/results/multilabel.md: the multi-label default).
+
+    A model of the human labels alone (thresholds 0.5: out-of-fold thresholds read on
+    strategy picks hurt) predicts the pool; its surest sets (:func:`confident_set_picks`)
+    join the human labels, features refitted on both with ``vectorizer_fit = "labeled"``
+    as single-label self-training does, and the final model keeps thresholds 0.5. The
+    pseudo-labels always come from the model of human labels only, so a mistake is not
+    fed back cycle after cycle. No pool, or no confident pick: the plain model.
+    """
+    from alflow.tasks.multilabel.tags import format_tags, tag_sets
+
+    docs, tags = list(docs), check_tags(tags)
+    pool_docs = list(pool_docs)
+    plain = fit_tagger(settings, docs, y, tags, folds=0, seed=seed, pool_docs=pool_docs, corpus=corpus)
+    if not pool_docs or share <= 0:
+        return plain
+    y = check_tag_matrix(y, "y", n_tags=len(tags), n_items=len(docs))
+    proba = plain.predict_proba(pool_docs)
+    rows = confident_set_picks(proba, plain.thresholds, [format_tags(s) for s in tag_sets(y, tags)], tags, share)
+    if rows.size == 0:
+        return plain
+    extra = [pool_docs[i] for i in rows]
+    train_y = np.vstack([y, apply_thresholds(proba[rows], plain.thresholds)])
+    model = _fit_one_vs_rest(settings, _features(settings, docs + extra, pool_docs, corpus), docs + extra, train_y)
+    return Tagger(model, tags, np.full(len(tags), DEFAULT_THRESHOLD), folds=0)
+
+
+def min_cardinality(y) -> int:
+    """The fewest tags any labeled item carries, from its (n, t) tag matrix ``y``: 1 when no
+    human ever answered "none of these tags apply", else 0."""
+    y = check_tag_matrix(y, "y")
+    return int(y.sum(axis=1).min()) if y.shape[0] else 0
+
+
+def predict_with_minimum(proba, thresholds, minimum: int) -> np.ndarray:
+    """(n, t) probabilities, (t,) thresholds -> (n, t) uint8 tag matrix: the tags at or above
+    their threshold (:func:`apply_thresholds`), and where that is fewer than ``minimum``
+    tags, the most probable ones up to ``minimum``. Why: a model of few labels leaves many
+    items with no tag above 0.5, an answer (the empty set) no annotator of a data set whose
+    every item has a tag would give; its most probable tag is the better guess."""
+    predicted = apply_thresholds(proba, thresholds)
+    minimum = int(minimum)
+    if minimum <= 0:
+        return predicted
+    proba = check_tag_proba(proba)
+    short = np.flatnonzero(predicted.sum(axis=1) < minimum)
+    top = np.argsort(-proba[short], axis=1, kind="stable")[:, :minimum]
+    predicted[short[:, None], top] = 1
+    return predicted

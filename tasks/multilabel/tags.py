@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-SEPARATOR = ";"
+from alflow.config.settings import TAG_SEPARATOR as SEPARATOR  # one separator for config and answers
 
 
 def parse_tags(cell) -> frozenset[str]:
@@ -105,3 +105,20 @@ def check_tag_proba(proba, name: str = "proba", n_tags: int | None = None, n_ite
     if n_items is not None and array.shape[0] != n_items:
         raise ValueError(f"{name} has {array.shape[0]} rows, expected {n_items} (one per item)")
     return array
+
+
+# A record whose gold cell names a tag outside labels: rejected, counted by this reason.
+UNKNOWN_TAG = "gold tag not in labels"
+
+
+def gold_tags(cell: str | None, label_map: dict[str, str], tags: Sequence[str]) -> str | None:
+    """The gold text form of a source's labels cell: each tag through ``label_map``, then the
+    set's :func:`format_tags` ("" for an empty cell: no tag applies). None (no cell) stays
+    None: no gold. Raises ValueError naming the first tag outside ``tags``."""
+    if cell is None:
+        return None
+    mapped = {label_map.get(tag, tag) for tag in parse_tags(cell)}
+    outside = sorted(mapped - set(tags))
+    if outside:
+        raise ValueError(f"tag {outside[0]!r} is not one of {list(tags)}")
+    return format_tags(mapped)

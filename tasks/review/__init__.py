@@ -3,7 +3,8 @@
 All three ways end in the same ``labels`` rows:
 
 * the Prefect UI's Resume form (:func:`build_review_form`), one dropdown per item with the
-  pre-label preselected, so agreeing costs nothing and correcting costs one choice;
+  pre-label preselected, so agreeing costs nothing and correcting costs one choice (in a
+  multi-label project one multi-select per item, the pre-label's tags chosen);
 * the terminal (`alflow label`, see :func:`record_answer`);
 * files (:func:`export_batch` / :func:`import_answers`), then `alflow resume`
   (:func:`resume_batch`), which resumes the paused run with the answers already stored.

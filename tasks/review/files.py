@@ -11,10 +11,12 @@ import pandas as pd
 
 from alflow.config import SKIP, Settings
 from alflow.tasks.faults import fault_point
+from alflow.tasks.multilabel.tags import format_tags, parse_tags
 from alflow.tasks.review.items import (
     ADJUDICATION,
     ReviewError,
     _check_label,
+    check_tag_answer,
     closed_batch_check,
     _only_open_batch,
     given_text,
@@ -29,6 +31,10 @@ from alflow.tasks.store import Answer, LabelWrite, Store, document
 EXPORT_COLUMNS = ["batch_id", "rank", "item_id", "source", "title", "text", "url",
                   "prelabel", "confidence", "prelabel_by", "picked_by", "overlap", "answers", "annotator", "label"]
 FORMATS = ("csv", "jsonl", "label-studio")
+# A multi-label file's answer column, and how a CSV cell says "none of these tags apply"
+# (an empty cell is an item left for later, as in a single-label file).
+TAGS_COLUMN = "labels"
+NO_TAGS = "none"
 
 
 def file_format(path: Path, fmt: str | None) -> str:
@@ -41,7 +47,7 @@ def file_format(path: Path, fmt: str | None) -> str:
 
 
 def export_batch(store: Store, batch_id: str, path: str | Path, fmt: str | None = None,
-                 prefill: bool = True) -> int:
+                 prefill: bool = True, tags: list[str] | None = None) -> int:
     """Write a batch for labeling elsewhere; returns the number of rows (tasks).
 
     CSV / JSONL: one row per item. The ``label`` column holds the answer already given,
@@ -58,16 +64,23 @@ def export_batch(store: Store, batch_id: str, path: str | Path, fmt: str | None 
     on import).
 
     ``label-studio``: Label Studio's JSON tasks (see :func:`label_studio_tasks`).
+
+    ``tags``: a multi-label batch's tags (task = "multi_label"; None: single-label). The
+    answer column is then ``labels``: in CSV the tags joined by ``;``, ``none`` for "none
+    of these tags apply", ``skip``, empty for an item left for later; in JSONL a list of
+    tags (``[]``: none apply), ``"skip"`` or null. ``prelabel`` is written the same way.
     """
     path = Path(path)
     fmt = file_format(path, fmt)
+    if tags is not None and fmt == "csv":
+        _check_no_tags_spelling(tags)
     batch = store.batch_items(batch_id)
     if batch.empty:
         raise ReviewError(f"batch {batch_id} has no items")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     if fmt == "label-studio":
-        tasks = label_studio_tasks(store, batch_id, batch)
+        tasks = label_studio_tasks(store, batch_id, batch, multiple=tags is not None)
         tmp.write_text(json.dumps(tasks, ensure_ascii=False, indent=1, default=str), encoding="utf-8")
         tmp.replace(path)
         return len(tasks)
@@ -85,6 +98,10 @@ def export_batch(store: Store, batch_id: str, path: str | Path, fmt: str | None 
                          answers=[reasked_note(r, given.get(r.item_id, [])) or given_text(given.get(r.item_id, []))
                                   for r in rows], annotator="")
     frame = frame[EXPORT_COLUMNS]
+    if tags is not None:  # the answer text forms spelled for the file ("" is none apply, not empty)
+        spell = _tags_cell if fmt == "csv" else _tags_json
+        frame = frame.assign(label=[spell(v) for v in label], prelabel=[spell(v) for v in frame["prelabel"]])
+        frame = frame.rename(columns={"label": TAGS_COLUMN})
     if fmt == "csv":
         frame.to_csv(tmp, index=False, quoting=csv.QUOTE_NONNUMERIC)
     else:
@@ -96,24 +113,82 @@ def export_batch(store: Store, batch_id: str, path: str | Path, fmt: str | None 
     return len(frame)
 
 
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _tags_cell(answer) -> str:
+    """A multi-label answer's CSV cell: the text form, ``none`` for the empty set, ``skip``,
+    "" for no answer."""
+    if _missing(answer):
+        return ""
+    return NO_TAGS if answer == "" else answer
+
+
+def _tags_json(answer):
+    """A multi-label answer's JSONL value: a list of tags ([] for none apply), "skip", or
+    None for no answer."""
+    if _missing(answer):
+        return None
+    return SKIP if answer == SKIP else sorted(parse_tags(answer))
+
+
+def _check_no_tags_spelling(tags: list[str]) -> None:
+    if NO_TAGS in tags:
+        raise ReviewError(f"a tag is named {NO_TAGS!r}, which a CSV file spells as 'none of these tags apply'; "
+                          "use JSONL (.jsonl) or Label Studio (.json) for this project")
+
+
+def tag_answer(value, tags: list[str], where: str) -> str | None:
+    """A multi-label file's answer cell as an answer: None (left for later) for an empty cell
+    or null; ``skip``; "" for ``none`` or an empty list (none of these tags apply); else the
+    tags' text form (a ``;``-separated cell or a JSON list). A tag outside ``tags`` is a
+    one-line :class:`ReviewError` naming ``where``."""
+    if _missing(value) or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, list):
+        if not all(isinstance(tag, str) for tag in value):
+            raise ReviewError(f"{where}: labels must be a list of tag names, got {value!r}")
+        if value == [SKIP]:
+            return SKIP
+        try:
+            value = format_tags(value)
+        except ValueError as exc:
+            raise ReviewError(f"{where}: {exc}") from None
+        return check_tag_answer(value, tags, where)
+    if not isinstance(value, str):
+        raise ReviewError(f"{where}: labels must be tags separated by ';', {NO_TAGS!r}, {SKIP!r} or empty, "
+                          f"got {value!r}")
+    value = value.strip()
+    if value.lower() == NO_TAGS:
+        return ""
+    return check_tag_answer(value, tags, where)
+
+
 # Label Studio's names in the labeling config the exported tasks fit:
 #   <View><Text name="text" value="$text"/>
 #     <Choices name="label" toName="text" choice="single"><Choice value="ham"/>...</Choices></View>
 LS_FROM, LS_TO = "label", "text"
 
 
-def _ls_choice(label: str) -> list[dict]:
+def _ls_choice(label: str, multiple: bool = False) -> list[dict]:
+    if multiple:  # a tag set: its tags as the choices; none apply is a result without choices
+        chosen = sorted(parse_tags(label))
+        if not chosen:  # Label Studio results choose something; none apply is no result at all
+            return []
+        return [{"from_name": LS_FROM, "to_name": LS_TO, "type": "choices", "value": {"choices": chosen}}]
     return [{"from_name": LS_FROM, "to_name": LS_TO, "type": "choices", "value": {"choices": [label]}}]
 
 
-def label_studio_config(classes: list[str]) -> str:
-    """The Label Studio labeling config (XML) that exported tasks are shown with."""
+def label_studio_config(classes: list[str], multiple: bool = False) -> str:
+    """The Label Studio labeling config (XML) that exported tasks are shown with;
+    ``multiple``: a multi-label project's tags, any number of them chosen."""
     choices = "".join(f'<Choice value="{c}"/>' for c in classes)
     return (f'<View><Text name="{LS_TO}" value="${LS_TO}"/><Choices name="{LS_FROM}" toName="{LS_TO}" '
-            f'choice="single">{choices}</Choices></View>')
+            f'choice="{"multiple" if multiple else "single"}">{choices}</Choices></View>')
 
 
-def label_studio_tasks(store: Store, batch_id: str, batch: pd.DataFrame) -> list[dict]:
+def label_studio_tasks(store: Store, batch_id: str, batch: pd.DataFrame, multiple: bool = False) -> list[dict]:
     """A batch as Label Studio tasks (its JSON import/export format), one per item:
     ``data`` (``text``, and alflow's ``item_id``, ``batch_id``, ``rank``, ``overlap``,
     ``answers``: every answer given to the item and who gave it), ``predictions`` (the
@@ -121,7 +196,8 @@ def label_studio_tasks(store: Store, batch_id: str, batch: pd.DataFrame) -> list
     for a control item or an item asked again, which Label Studio would preselect) and
     ``annotations`` (each annotator's latest answer in this batch: a Choices result, a skip
     as ``was_cancelled``, ``lead_time`` the labeling seconds, ``created_username`` the
-    annotator)."""
+    annotator). ``multiple``: a multi-label batch, each result choosing its tags (an
+    empty choices list: none of these tags apply)."""
     answers = store.query_df(
         "SELECT item_id, annotator, label, seconds, created_at FROM batch_answers WHERE batch_id = ? ORDER BY label_id",
         [batch_id])
@@ -140,12 +216,12 @@ def label_studio_tasks(store: Store, batch_id: str, batch: pd.DataFrame) -> list
                        f"alflow-v{int(model)}" if model is not None and not pd.isna(model) else "alflow")
             predictions.append({"model_version": version,
                                 "score": None if pd.isna(row.confidence) else round(float(row.confidence), 4),
-                                "result": _ls_choice(offered)})
+                                "result": _ls_choice(offered, multiple)})
         annotations = []
         for answer in answers[answers["item_id"] == row.item_id].itertuples(index=False):
             cancelled = answer.label == SKIP
             annotations.append({
-                "result": [] if cancelled else _ls_choice(answer.label), "was_cancelled": cancelled,
+                "result": [] if cancelled else _ls_choice(answer.label, multiple), "was_cancelled": cancelled,
                 "ground_truth": False, "created_username": answer.annotator,
                 "created_at": pd.Timestamp(answer.created_at).isoformat() + "Z",
                 "lead_time": None if pd.isna(answer.seconds) else float(answer.seconds),
@@ -154,7 +230,7 @@ def label_studio_tasks(store: Store, batch_id: str, batch: pd.DataFrame) -> list
     return tasks
 
 
-def _read_answers(path: Path, fmt: str) -> list[tuple[str, dict]]:
+def _read_answers(path: Path, fmt: str, multiple: bool = False) -> list[tuple[str, dict]]:
     """(where, row) pairs from a CSV or JSONL answers file ('line 3'), or from Label Studio
     tasks ('task 2': one row per annotation; see :func:`_label_studio_rows`)."""
     rows = []
@@ -164,7 +240,7 @@ def _read_answers(path: Path, fmt: str) -> list[tuple[str, dict]]:
             for row in reader:
                 rows.append((f"line {reader.line_num}", row))
     elif fmt == "label-studio":
-        return _label_studio_rows(path)
+        return _label_studio_rows(path, multiple)
     else:
         with open(path, encoding="utf-8") as handle:
             for number, line in enumerate(handle, start=1):
@@ -196,21 +272,28 @@ def _ls_username(annotation: dict) -> str | None:
     return None
 
 
-def _ls_label(results, where: str) -> str | None:
+def _ls_label(results, where: str, multiple: bool = False):
+    """The label of a Label Studio result list: its one choice, or with ``multiple`` the
+    list of chosen tags ([] when the result chooses none or there is no Choices result:
+    none apply); None when a single-label result has no Choices result."""
     for result in results or []:
         if isinstance(result, dict) and result.get("type") == "choices":
             choices = (result.get("value") or {}).get("choices") or []
+            if multiple:
+                return [str(c) for c in choices]
             if len(choices) != 1:
                 raise ReviewError(f"{where}: a Choices result must hold one choice, not {choices!r}")
             return str(choices[0])
-    return None
+    return [] if multiple else None
 
 
-def _label_studio_rows(path: Path) -> list[tuple[str, dict]]:
+def _label_studio_rows(path: Path, multiple: bool = False) -> list[tuple[str, dict]]:
     """One row per annotation of each Label Studio task: item_id (``data.item_id``), label
     (the Choices result; ``skip`` for a cancelled annotation), annotator, prelabel (the
     first prediction's choice), seconds (``lead_time``), batch_id (``data.batch_id``). A
-    task without annotations is a row with an empty label (unanswered)."""
+    task without annotations is a row with an empty label (unanswered). ``multiple``: a
+    multi-label batch, labels are lists of tags (a submitted annotation choosing none: [],
+    none apply)."""
     try:
         tasks = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
@@ -227,14 +310,19 @@ def _label_studio_rows(path: Path) -> list[tuple[str, dict]]:
         if not data.get("item_id"):
             raise ReviewError(f"{where}: no data.item_id (export the batch with `alflow export --format label-studio`)")
         predictions = task.get("predictions") or []
-        shown = _ls_label(predictions[0].get("result"), where) if predictions and isinstance(predictions[0], dict) else None
+        shown = (_ls_label(predictions[0].get("result"), where, multiple)
+                 if predictions and isinstance(predictions[0], dict) else None)
+        if multiple and shown is not None:
+            shown = format_tags(shown) if isinstance(shown, list) else shown
         base = {"item_id": data["item_id"], "batch_id": data.get("batch_id"), "prelabel": shown}
         annotations = [a for a in task.get("annotations") or [] if isinstance(a, dict)]
         if not annotations:
             rows.append((f"task {number}", dict(base, label="")))
         for annotation in annotations:
-            label = SKIP if annotation.get("was_cancelled") else _ls_label(annotation.get("result"), where)
-            rows.append((f"task {number}", dict(base, label=label or "", annotator=_ls_username(annotation),
+            label = SKIP if annotation.get("was_cancelled") else _ls_label(annotation.get("result"), where, multiple)
+            if not multiple:
+                label = label or ""
+            rows.append((f"task {number}", dict(base, label=label, annotator=_ls_username(annotation),
                                                 seconds=annotation.get("lead_time"))))
     return rows
 
@@ -257,18 +345,27 @@ def import_answers(store: Store, settings: Settings, path: str | Path, *, annota
     A batch that is no longer open (labeled, expired) takes no answers unless ``late``
     (:meth:`Store.record_labels`: then items answered here leave any open batch).
     Returns (what was written, rows left unanswered, the batch_id).
+
+    With task = "multi_label" the answers are the ``labels`` column (see
+    :func:`export_batch` and :func:`tag_answer`: an empty cell or null is left for later,
+    ``none`` or ``[]`` is "none of these tags apply"); Label Studio annotations choose any
+    number of tags (none chosen: none apply).
     """
     path = Path(path)
     if not path.is_file():
         raise ReviewError(f"{path}: no such file")
     fmt = file_format(path, fmt)
+    multi = settings.task == "multi_label"
     try:
-        rows = _read_answers(path, fmt)
+        rows = _read_answers(path, fmt, multi)
     except UnicodeDecodeError as exc:
         raise ReviewError(f"{path.name}: not UTF-8 text ({exc.reason})") from None
     if not rows:
         raise ReviewError(f"{path.name}: no rows")
-    for column in ("item_id", "label"):
+    answer_column = TAGS_COLUMN if multi and fmt != "label-studio" else "label"
+    if multi and fmt == "csv":
+        _check_no_tags_spelling(list(settings.labels))
+    for column in ("item_id", answer_column):
         if column not in rows[0][1]:
             raise ReviewError(f"{path.name}: no '{column}' column")
     file_batches = {str(r.get("batch_id")).strip() for _, r in rows if r.get("batch_id")}
@@ -285,12 +382,15 @@ def import_answers(store: Store, settings: Settings, path: str | Path, *, annota
     answers, unanswered, seen = [], 0, {}
     for at, row in rows:
         item_id = str(row.get("item_id") or "").strip()
-        label = str(row.get("label") or "").strip()
         who = str(row.get("annotator") or "").strip() or annotator
         where = f"{path.name} {at}"
+        if multi:  # None: left for later; "" is an answer (none of the tags applies)
+            label = tag_answer(row.get(answer_column), list(settings.labels), where)
+        else:
+            label = str(row.get("label") or "").strip()
         if item_id not in members:
             raise ReviewError(f"{where}: item {item_id or '(empty)'} is not in batch {batch_id}")
-        if not label:
+        if label is None or (not multi and not label):
             unanswered += 1
             continue
         if (item_id, who) in seen:
@@ -299,7 +399,8 @@ def import_answers(store: Store, settings: Settings, path: str | Path, *, annota
         seen[item_id, who] = at
         if len(who) > 64:
             raise ReviewError(f"{where}: annotator {who[:20]!r}... is longer than 64 characters")
-        _check_label(label, settings.labels, where)
+        if not multi:
+            _check_label(label, settings.labels, where)
         seconds = row.get("seconds")
         if seconds in (None, ""):
             seconds = None
@@ -308,7 +409,11 @@ def import_answers(store: Store, settings: Settings, path: str | Path, *, annota
                 seconds = float(seconds)
             except (TypeError, ValueError):
                 raise ReviewError(f"{where}: seconds {seconds!r} is not a number") from None
-        shown = str(row.get("prelabel") or "").strip() or None
+        if multi:  # the pre-label shown, spelled as the answers are
+            shown = (row.get("prelabel") if fmt == "label-studio" else  # already a text form, or None
+                     tag_answer(row.get("prelabel"), list(settings.labels), f"{where} prelabel"))
+        else:
+            shown = str(row.get("prelabel") or "").strip() or None
         origin = ADJUDICATION if item_id in adjudicated else None
         answers.append(Answer(item_id, label, shown, annotator=who, origin=origin, seconds=seconds))
     fault_point("review-mid-import")  # every row checked; the one write below stores them all or none

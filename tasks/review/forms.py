@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 from uuid import UUID
 
 import pandas as pd
-from pydantic import AliasChoices, ConfigDict, Field, create_model
+from pydantic import AfterValidator, AliasChoices, ConfigDict, Field, create_model
 
 from alflow.config import SKIP
 from alflow.tasks.report import markdown_text
@@ -20,6 +20,7 @@ from alflow.tasks.review.items import (
     legacy_field_name,
     plural,
     prelabel_seen,
+    probabilities_text,
     reasked_note,
     shown_prelabel,
     trim,
@@ -27,6 +28,40 @@ from alflow.tasks.review.items import (
 from alflow.tasks.store import RECHECK, Answer, document
 
 STORED_ANSWERS = "stored_answers"
+
+
+# -- a multi-label field: a list of tags, or [skip] ---------------------------------------
+# The JSON schema the server checks a submitted multi-select against (the UI shows its
+# message): each choice once, and skip only alone.
+_SELECTION_SCHEMA = {"uniqueItems": True, "if": {"contains": {"const": SKIP}}, "then": {"maxItems": 1}}
+
+
+def _check_selection(value: list[str]) -> list[str]:
+    if len(set(value)) != len(value):
+        raise ValueError(f"a tag is chosen twice in {value}")
+    if SKIP in value and len(value) > 1:
+        raise ValueError(f"{SKIP!r} must be chosen alone (it skips the item), not with tags {value}")
+    return value
+
+
+def selection_answer(value) -> str:
+    """A submitted field value as an answer: a multi-select's list (``[]``: "none of these
+    tags apply", ``["skip"]``: skip) as its text form (:func:`format_tags`); a single
+    choice (a string) as it is."""
+    from alflow.tasks.multilabel.tags import format_tags
+
+    if isinstance(value, (list, tuple)):
+        _check_selection(list(value))
+        return SKIP if list(value) == [SKIP] else format_tags(value)
+    return value
+
+
+def answer_selection(answer: str) -> list[str]:
+    """The multi-select value of a stored answer: its tags in sorted order, ``["skip"]``
+    for a skip, ``[]`` for "none apply" (the inverse of :func:`selection_answer`)."""
+    from alflow.tasks.multilabel.tags import parse_tags
+
+    return [SKIP] if answer == SKIP else sorted(parse_tags(answer))
 
 
 def _ui_schema(schema: dict) -> None:
@@ -38,17 +73,27 @@ def _ui_schema(schema: dict) -> None:
     schema["required"] = list(schema.get("properties", {}))
 
 
-def form_description(batch_id: str, batch: pd.DataFrame, cold_start: bool, independent: bool = False) -> str:
+def form_description(batch_id: str, batch: pd.DataFrame, cold_start: bool, independent: bool = False,
+                     task: str = "single_label") -> str:
     """What the Resume form says above its fields (Markdown): the batch and its size
     (:func:`batch_count_text`), why an item has nothing preselected (a cold start: no model
     yet) or, on a cold start pre-labeled by the LLM, that the preselected classes are its
     suggestions, the items asked again, and for a later overlap round who must answer.
 
     ``batch``: the round's rows (:meth:`Store.batch_items`); ``cold_start``: the batch was
-    queried without a model."""
+    queried without a model. ``task = "multi_label"``: each item is a multi-select of tags."""
     lines = [f"**Batch {markdown_text(batch_id)}: {batch_count_text(batch)}.**"]
     one = len(batch) == 1
-    if independent:
+    if task == "multi_label":
+        lines.append("Choose every tag that applies to each item; an item with none selected is answered "
+                     "\"none of these tags apply\". Choose skip alone to skip an item. "
+                     + ("No model yet (cold start): nothing is preselected." if cold_start else
+                        "The model's tags are preselected where it may show them: leave them to agree, add or "
+                        "remove tags to correct them. An item shown without a pre-label starts with none "
+                        "selected.")
+                     + (" These items need an independent answer, from someone who has not answered them yet."
+                        if independent else ""))
+    elif independent:
         lines.append(f"{plural(len(batch), 'item')} of this batch still {'needs' if one else 'need'} an independent "
                      f"answer, from someone who has not answered {'it' if one else 'them'} yet. A field is preset "
                      "to the model's pre-label where there is one, never to another annotator's answer.")
@@ -73,7 +118,7 @@ def form_description(batch_id: str, batch: pd.DataFrame, cold_start: bool, indep
 def build_review_form(batch: pd.DataFrame, classes: list[str], text_chars: int, annotator: str | None,
                       shown: dict[str, str | None] | None = None,
                       given: dict[str, list[tuple[str, str]]] | None = None, independent: bool = False,
-                      description: str | None = None):
+                      description: str | None = None, task: str = "single_label"):
     """A ``RunInput`` subclass for one batch (rows of :meth:`Store.batch_items`).
 
     One field per item, in rank order, named '#1', '#2', ... (:func:`field_name`; a
@@ -99,6 +144,13 @@ def build_review_form(batch: pd.DataFrame, classes: list[str], text_chars: int, 
     items others answered: defaults are the pre-labels, never others' answers, and the
     annotator (``None``: no default) must be someone new.
     ``description``: Markdown the UI shows above the fields (:func:`form_description`).
+
+    ``task = "multi_label"``: ``classes`` are the tags, and each field is a multi-select
+    (a JSON-schema array of the tags plus ``skip``, each once, ``skip`` only alone) whose
+    default is the offered pre-label's tags (accepting it as is answers that set), else
+    nothing selected; an empty selection is the answer "none of these tags apply". The
+    description starts with the model's probability of each tag where a pre-label is
+    offered (the batch's ``tag_proba`` column, :func:`review_round_items`).
     """
     from prefect.input import RunInput
 
@@ -108,6 +160,7 @@ def build_review_form(batch: pd.DataFrame, classes: list[str], text_chars: int, 
         stored_answers: bool = False
 
     choices = Literal[tuple(classes) + (SKIP,)]  # type: ignore[valid-type]
+    multi = task == "multi_label"
     fields = {}
     for row in batch.itertuples(index=False):
         text = document(row.title, row.text, sep=" — ")
@@ -120,6 +173,9 @@ def build_review_form(batch: pd.DataFrame, classes: list[str], text_chars: int, 
             default = row.answer if isinstance(row.answer, str) else None
         if shown is not None:
             default = shown.get(field_name(row.rank))
+        if multi:
+            fields[field_name(row.rank)] = _tags_field(row, default, text_markdown, classes)
+            continue
         fields[field_name(row.rank)] = (
             choices,
             Field(default if isinstance(default, str) else ..., title=item_heading(row), description=text_markdown,
@@ -135,6 +191,23 @@ def build_review_form(batch: pd.DataFrame, classes: list[str], text_chars: int, 
     if description:
         form._description = description  # saved with the form; the UI shows it above the fields
     return form
+
+
+def _tags_field(row, default, text_markdown: str, tags: list[str]) -> tuple:
+    """The multi-select field of one item (see :func:`build_review_form`): ``default`` is a
+    text form (an answer or the offered pre-label), a list (a saved form's default when
+    replaying) or None (nothing selected)."""
+    choice = Literal[tuple(tags) + (SKIP,)]  # type: ignore[valid-type]
+    selected = answer_selection(default) if isinstance(default, str) else list(default or [])
+    proba = getattr(row, "tag_proba", None)
+    if shown_prelabel(row) is not None and isinstance(proba, (list, tuple)) and len(proba) == len(tags):
+        text_markdown = f"Model: {markdown_text(probabilities_text(tags, proba))}\n\n{text_markdown}"
+    hint = ("Choose every tag that applies; none selected means none of them applies; "
+            f"choose {SKIP} alone to skip the item.")
+    return (Annotated[list[choice], AfterValidator(_check_selection)],  # type: ignore[valid-type]
+            Field(selected, title=item_heading(row, multi_label=True), description=f"{text_markdown}\n\n*{hint}*",
+                  validation_alias=AliasChoices(field_name(row.rank), legacy_field_name(row.rank)),
+                  json_schema_extra=dict(_SELECTION_SCHEMA)))
 
 
 # The key of the one stop for review in a cycle run: a replayed run (resumed after a
@@ -174,7 +247,8 @@ def answers_from_form(values: dict, batch: pd.DataFrame, form_seconds: float | N
         if name not in values:
             raise ReviewError(f"the review input has no field {name} (item {row.item_id})")
         origin = ADJUDICATION if row.picked_by == ADJUDICATION else None
-        answers.append(Answer(row.item_id, values[name], prelabel_seen(row), origin=origin, form_seconds=form_seconds))
+        answers.append(Answer(row.item_id, selection_answer(values[name]), prelabel_seen(row), origin=origin,
+                              form_seconds=form_seconds))
     return answers
 
 
@@ -187,9 +261,14 @@ def form_defaults(form, values: dict, batch: pd.DataFrame) -> dict[str, str | No
     for row in batch.itertuples(index=False):
         name = field_name(row.rank)
         if values.get(STORED_ANSWERS):
-            defaults[row.item_id] = values.get(name)
+            value = values.get(name)
+            defaults[row.item_id] = None if value is None else selection_answer(value)
             continue
         field = form.model_fields.get(name)
         default = None if field is None or field.is_required() else field.default
+        if isinstance(default, list):
+            # A multi-select always has a default ([]: nothing preselected), and an untouched
+            # [] must keep an answer given meanwhile, as any untouched default does.
+            default = selection_answer(default)
         defaults[row.item_id] = default if isinstance(default, str) else None
     return defaults

@@ -102,13 +102,13 @@ def confidence_text(confidence) -> str:
     return f"{float(confidence):.0%}"
 
 
-def item_heading(row) -> str:
+def item_heading(row, multi_label: bool = False) -> str:
     """'#3 · sms_spam · pre-label spam (62%)': rank, source, and how sure the model is;
     "#3 · sms_spam · LLM's pre-label spam (90%)" when the LLM suggested it (with 'no
     confidence given' when it gave none); '#4 · sms_spam · no pre-label' (a cold start
     without an LLM, a control item: the two look alike); 'ADJUDICATE #1 · sms_spam' for an
     item whose answers tie or disagree; 'RECHECK #2 · sms_spam' for a label the label
-    check doubts."""
+    check doubts. ``multi_label``: the pre-label is a tag set, shown by :func:`tags_text`."""
     if getattr(row, "picked_by", None) == ADJUDICATION:
         return f"ADJUDICATE #{row.rank} · {row.source}"
     if getattr(row, "picked_by", None) == RECHECK:
@@ -117,7 +117,8 @@ def item_heading(row) -> str:
     prelabel = shown_prelabel(row)
     if prelabel is not None:
         who = "LLM's pre-label" if suggested_by_llm(row) else "pre-label"
-        return f"{head} · {who} {prelabel} ({confidence_text(row.confidence)})"
+        shown = tags_text(prelabel) if multi_label else prelabel
+        return f"{head} · {who} {shown} ({confidence_text(row.confidence)})"
     return f"{head} · no pre-label"
 
 
@@ -155,7 +156,8 @@ def plan_review(store: Store, settings: Settings, picks: pd.DataFrame, rng) -> p
     r = settings.review
     columns = ["item_id", "score", "prelabel", "confidence", "picked_by", "prelabel_by"]
     picks = picks.copy() if len(picks) else pd.DataFrame(columns=columns)
-    pending = store.needs_adjudication(r.adjudication_threshold)
+    pending = store.needs_adjudication(r.adjudication_threshold,
+                                       r.adjudication_distance if settings.task == "multi_label" else None)
     pending = pending[~pending["item_id"].isin(set(picks["item_id"]))].head(settings.query.batch_size)
     adjudicate = pd.DataFrame({"item_id": pending["item_id"].to_numpy(dtype=object),
                                "score": pending["disagreement"].to_numpy(dtype=float),
@@ -178,8 +180,13 @@ def review_round_items(store: Store, batch_id: str, round_: int,
                        shown: dict[str, str | None] | None = None) -> pd.DataFrame:
     """The items a review round asks about: round 1 the whole batch; a later round the
     items still short of their review.overlap answers (:meth:`Store.batch_needs`), or, when
-    replaying (``shown``: the form the run saved), exactly the fields that form had."""
+    replaying (``shown``: the form the run saved), exactly the fields that form had.
+    ``tag_proba``: each item's per-tag probabilities from the batch's model (a list in
+    ``labels`` order, None without one; :func:`tag_probabilities`), which a multi-label
+    form shows beside an offered pre-label."""
     batch = store.batch_items(batch_id)
+    proba = tag_probabilities(store, batch_id, batch["item_id"].tolist())
+    batch["tag_proba"] = [proba.get(i) for i in batch["item_id"]]
     if round_ == 1:
         return batch
     if shown is not None:
@@ -189,9 +196,58 @@ def review_round_items(store: Store, batch_id: str, round_: int,
     return batch[keep].reset_index(drop=True)
 
 
-def _check_label(label: str, classes: list[str], where: str) -> None:
-    if label not in classes and label != SKIP:
+def _check_label(label: str, classes: list[str], where: str, task: str = "single_label") -> None:
+    if task == "multi_label":
+        check_tag_answer(label, classes, where)
+    elif label not in classes and label != SKIP:
         raise ReviewError(f"{where}: label {label!r} is not one of {classes + [SKIP]}")
+
+
+# -- multi-label answers (task = "multi_label"): a tag set's text form, or skip ----------------
+def check_tag_answer(answer: str, tags: list[str], where: str) -> str:
+    """``answer`` (``skip``, or a tag set's text form: "" is "none of these tags apply"),
+    after checking every tag is one of ``tags``; one-line :class:`ReviewError` naming
+    ``where`` and the tag otherwise."""
+    from alflow.tasks.multilabel.tags import format_tags, parse_tags
+
+    if answer == SKIP:
+        return answer
+    chosen = parse_tags(answer)
+    if SKIP in chosen:
+        raise ReviewError(f"{where}: {SKIP!r} is an answer of its own, not a tag; give it alone")
+    outside = sorted(chosen - set(tags))
+    if outside:
+        raise ReviewError(f"{where}: tag {outside[0]!r} is not one of {list(tags)}")
+    return format_tags(chosen)
+
+
+def tags_text(answer: str | None) -> str:
+    """A multi-label answer as a reader sees it: 'business + world', 'no tag (none apply)'
+    for the empty set, 'skip', or '' for None (no answer)."""
+    from alflow.tasks.multilabel.tags import parse_tags
+
+    if answer is None or (isinstance(answer, float) and math.isnan(answer)):
+        return ""
+    if answer == SKIP:
+        return SKIP
+    chosen = sorted(parse_tags(answer))
+    return " + ".join(chosen) if chosen else "no tag (none apply)"
+
+
+def tag_probabilities(store: Store, batch_id: str, item_ids: list[str]) -> dict[str, list[float]]:
+    """item_id -> the per-tag probabilities (in ``labels`` order) the batch's model stored
+    for it in ``predictions``; empty for a batch without a model (a cold start)."""
+    version = store.batch(batch_id).get("model_version")
+    if version is None or pd.isna(version) or not item_ids:
+        return {}
+    frame = store.query_df("SELECT item_id, proba FROM predictions WHERE model_version = ? AND item_id IN "
+                           f"({', '.join('?' * len(item_ids))})", [int(version), *item_ids])
+    return {i: [float(p) for p in proba] for i, proba in zip(frame["item_id"], frame["proba"])}
+
+
+def probabilities_text(tags: list[str], proba) -> str:
+    """'business 81% · scitech 4% · ...': one model probability per tag, in ``tags`` order."""
+    return " · ".join(f"{tag} {float(p):.0%}" for tag, p in zip(tags, proba))
 
 
 def _only_open_batch(store: Store) -> str:

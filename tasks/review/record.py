@@ -72,8 +72,9 @@ def record_answer(store: Store, settings: Settings, batch_id: str | None, item_i
     """One answer from the terminal, written at once so quitting never loses it.
     ``prelabel_shown``: the model's label shown with it (None: none); ``seconds``: time
     from the item shown to the answer; ``late``: the batch may be closed (see
-    :meth:`Store.record_labels`)."""
-    _check_label(label, settings.labels, f"item {item_id}")
+    :meth:`Store.record_labels`). A multi-label answer is a tag set's text form ("": none
+    of the tags applies)."""
+    _check_label(label, settings.labels, f"item {item_id}", settings.task)
     return store.record_labels([Answer(item_id, label, prelabel_shown, seconds=seconds)], annotator=annotator,
                                origin=origin, batch_id=batch_id, late=late)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from uuid import UUID
 
 from alflow.config import SKIP
-from alflow.tasks.review.forms import STORED_ANSWERS
+from alflow.tasks.review.forms import STORED_ANSWERS, answer_selection
 from alflow.tasks.review.items import (
     ADJUDICATION,
     ReviewError,
@@ -62,9 +62,15 @@ def resume_batch(store: Store, batch_id: str | None, *, annotator: str, skip_res
         items = store.batch_items(batch_id)
     # The form the run waits with (a later overlap round asks about some items only, and
     # a run input may hold no field its form lacks).
-    fields = _waiting_form_fields(run)
-    values = {_form_key(r.rank, fields): r.answer for r in items.itertuples(index=False)
-              if fields is None or r.rank in fields.values()}
+    properties = _waiting_form_properties(run)
+    fields = None if properties is None else {
+        name: rank for name in properties if (rank := field_rank(name)) is not None}
+    values = {}
+    for r in items.itertuples(index=False):
+        if fields is None or r.rank in fields.values():
+            key = _form_key(r.rank, fields)
+            multi = (properties or {}).get(key, {}).get("type") == "array"  # a multi-label form's multi-select
+            values[key] = answer_selection(r.answer) if multi else r.answer
     values["annotator"] = annotator
     values[STORED_ANSWERS] = True
     try:
@@ -102,9 +108,9 @@ def _form_key(rank: int, fields: dict[str, int] | None) -> str:
     return field_name(rank)
 
 
-def _waiting_form_fields(run) -> dict[str, int] | None:
-    """The item fields of the form a paused run waits with, name -> rank (None: unknown,
-    e.g. no run)."""
+def _waiting_form_properties(run) -> dict[str, dict] | None:
+    """The fields of the form a paused run waits with, name -> its JSON schema (None:
+    unknown, e.g. no run)."""
     from prefect.input.actions import read_flow_run_input
 
     keyset = getattr(getattr(run, "state", None), "state_details", None)
@@ -114,4 +120,4 @@ def _waiting_form_fields(run) -> dict[str, int] | None:
     schema = read_flow_run_input(keyset["schema"], flow_run_id=run.id)
     if not isinstance(schema, dict):
         return None
-    return {name: rank for name in schema.get("properties", {}) if (rank := field_rank(name)) is not None}
+    return dict(schema.get("properties", {}))

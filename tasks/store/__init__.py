@@ -35,7 +35,7 @@ from alflow.tasks.store.embeddings import EmbeddingStore
 from alflow.tasks.store.labels import ORIGINS, Answer, BatchClosedError, LabelStore, LabelWrite
 from alflow.tasks.store.llm import LLMStore
 from alflow.tasks.store.locks import LockHeldError, LockStore, describe_holder
-from alflow.tasks.store.models import ModelStore
+from alflow.tasks.store.models import ModelStore, TaskMismatchError
 from alflow.tasks.store.pool import DOC_SQL, PoolStore, document, holdout_sql, title_adds
 from alflow.tasks.store.quality import CONTROL, RECHECK, QualityStore
 from alflow.tasks.store.scans import ScanRefused, ScanStore, StagedScan
@@ -104,6 +104,7 @@ __all__ = [
     "Store",
     "StoreError",
     "StoreLockedError",
+    "TaskMismatchError",
     "describe_holder",
     "document",
     "holdout_sql",

@@ -14,7 +14,7 @@ import pandas as pd
 import pyarrow as pa
 
 from alflow.tasks.store.database import Database, utcnow
-from alflow.tasks.store.pool import DOC_SQL
+from alflow.tasks.store.pool import DOC_SQL, holdout_sql
 
 
 class EmbeddingStore(Database):
@@ -25,6 +25,16 @@ class EmbeddingStore(Database):
         return int(self.scalar(
             "SELECT count(*) FROM items i WHERE i.item_id NOT IN "
             "(SELECT item_id FROM embeddings WHERE embedding_model = ?)", [embedding_model]))
+
+    def count_unembedded_pool(self, embedding_model: str, holdout_fraction: float | None) -> tuple[int, int]:
+        """(pool items, held-out items) with no vector of ``embedding_model``."""
+        # _pool_where: PoolStore's rule of the pool, a sibling part of Store
+        unembedded = ("i.item_id NOT IN (SELECT item_id FROM embeddings WHERE embedding_model = ?)")
+        pool = self.scalar(f"SELECT count(*) FROM items i WHERE {self._pool_where(holdout_fraction)} "
+                           f"AND {unembedded}", [embedding_model])
+        held_out = self.scalar(f"SELECT count(*) FROM items i WHERE {holdout_sql(holdout_fraction)} "
+                               f"AND {unembedded}", [embedding_model])
+        return int(pool), int(held_out)
 
     def unembedded_items(self, embedding_model: str, limit: int) -> pd.DataFrame:
         """Up to ``limit`` items with no vector of ``embedding_model``: (item_id, doc), by

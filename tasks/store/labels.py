@@ -214,7 +214,8 @@ class LabelStore(BatchStore):
                     result.adjudicated += 1
                 else:
                     result.new += 1
-                shown = answer.prelabel_shown if isinstance(answer.prelabel_shown, str) and answer.prelabel_shown else None
+                # "" is a pre-label too: a multi-label model's empty tag set, shown as "none of these"
+                shown = answer.prelabel_shown if isinstance(answer.prelabel_shown, str) else None
                 if shown is not None:
                     if answer.label == shown:
                         result.accepted_prelabel += 1
@@ -297,12 +298,16 @@ class LabelStore(BatchStore):
         if not con.execute(self.BATCH_NEEDS_SQL, [batch_id]).fetchall():
             self._close_batch(con, batch_id, "labeled")
 
-    def needs_adjudication(self, threshold: float) -> pd.DataFrame:
+    def needs_adjudication(self, threshold: float, distance: float | None = None) -> pd.DataFrame:
         """Items whose votes need an adjudicator, oldest vote first: at least two annotators
         voted (``votes``: their latest answers that do not decide, skips left out), and the
         votes tie, or the share disagreeing with the majority is above ``threshold``; no
         deciding answer that is not a skip (a skipped adjudication comes back here) and not
-        in an open batch. Columns: item_id, answers, disagreement (0..1), tie."""
+        in an open batch. Columns: item_id, answers, disagreement (0..1), tie. ``distance``
+        (multi-label, review.adjudication_distance): tag sets are compared by MASI distance
+        instead (:meth:`tag_adjudication`)."""
+        if distance is not None:
+            return self.tag_adjudication(distance)
         return self.query_df(
             """WITH counted AS (
                 SELECT item_id, label, count(*) AS votes, min(label_id) AS first_id,
@@ -426,13 +431,15 @@ class LabelStore(BatchStore):
             ).df()
         return frame, int(watermark)
 
-    def item_states(self, adjudication_threshold: float, holdout_fraction: float | None = None) -> pd.DataFrame:
+    def item_states(self, adjudication_threshold: float, holdout_fraction: float | None = None,
+                    adjudication_distance: float | None = None) -> pd.DataFrame:
         """Where each stored item is, exactly one state each: ``open_batch`` (asked in an
         open batch), ``held_out`` (the gold holdout), ``awaiting_adjudication`` (its votes
-        tie or disagree above ``adjudication_threshold``, no decision yet), ``labeled`` (it
+        tie or disagree above ``adjudication_threshold``, or ``adjudication_distance`` for tag
+        sets, no decision yet), ``labeled`` (it
         has an effective label), ``skipped`` (answered, but only skips), else ``pool``.
         Columns item_id, state."""
-        pending = self.needs_adjudication(adjudication_threshold)[["item_id"]]
+        pending = self.needs_adjudication(adjudication_threshold, adjudication_distance)[["item_id"]]
         with self.connect() as con:
             con.register("pending", pending)
             return con.execute(

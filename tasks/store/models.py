@@ -10,6 +10,7 @@ from datetime import datetime
 import pandas as pd
 import pyarrow as pa
 
+from alflow.config import ConfigError
 from alflow.tasks.store.database import Database, utcnow
 from alflow.tasks.store.quality import QualityStore
 
@@ -24,8 +25,34 @@ class CycleTimings:
     asked_at: datetime | None = None
 
 
+class TaskMismatchError(ConfigError):
+    """The store holds one task's answers and models, the config names the other."""
+
+
 class ModelStore(Database):
     """Model versions and cycles (mixed into :class:`alflow.tasks.store.Store`)."""
+
+    # -- the store's task (schema v13) ------------------------------------------------------
+    def store_task(self) -> str | None:
+        """'single_label' or 'multi_label': the task of the configs that used this store
+        (None for a store no cycle or ingest has used yet)."""
+        return self.scalar("SELECT min(task) FROM store_task")
+
+    def claim_task(self, task: str) -> None:
+        """Make ``task`` this store's task if it has none yet; raise :class:`TaskMismatchError`
+        (one line naming ``task``) if it is the other one: class answers and tag-set answers
+        never mix in one store."""
+        stored = self.store_task()
+        if stored is None:
+            with self.transaction() as con:  # the first to claim it wins; read again under the lock
+                stored = con.execute("SELECT min(task) FROM store_task").fetchone()[0]
+                if stored is None:
+                    con.execute("INSERT INTO store_task VALUES (?, ?)", [task, utcnow()])
+                    return
+        if stored != task:
+            raise TaskMismatchError(
+                f"task = {task!r} in the config, but the store {self.path} holds {stored} answers and models; "
+                f"set task = {stored!r} or use another database")
 
     def next_model_version(self) -> int:
         return int(self.scalar("SELECT coalesce(max(model_version), 0) + 1 FROM models"))
@@ -33,17 +60,20 @@ class ModelStore(Database):
     def register_model(self, model_version: int, path: str, classifier: str, params: dict,
                        n_labels: int, label_watermark: int, metrics: dict | None,
                        promoted: bool, flow_run_id: str | None, labels: list[str] | None = None,
-                       holdout_predictions: pa.Table | None = None) -> None:
+                       holdout_predictions: pa.Table | None = None, task: str = "single_label",
+                       thresholds: list[float] | None = None) -> None:
         """The model's row and, if given, its ``holdout_predictions`` (item_id, label: what
-        its holdout metrics counted), in one transaction."""
+        its holdout metrics counted), in one transaction. ``task``: what it was trained for;
+        ``thresholds``: a multi-label model's (n_tags,) per-tag thresholds, in ``labels`` order."""
         with self.transaction() as con:
             con.execute(
                 """INSERT INTO models (model_version, path, classifier, params, n_labels, label_watermark,
-                                       metrics, promoted, flow_run_id, created_at, labels)
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                                       metrics, promoted, flow_run_id, created_at, labels, task, thresholds)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 [model_version, path, classifier, json.dumps(params, default=str), n_labels,
                  label_watermark, json.dumps(metrics) if metrics is not None else None,
-                 promoted, flow_run_id, utcnow(), json.dumps(labels) if labels is not None else None],
+                 promoted, flow_run_id, utcnow(), json.dumps(labels) if labels is not None else None,
+                 task, [float(t) for t in thresholds] if thresholds is not None else None],
             )
             if holdout_predictions is not None:
                 self._insert_holdout_predictions(con, model_version, holdout_predictions)

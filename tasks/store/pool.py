@@ -65,8 +65,38 @@ def holdout_sql(fraction: float | None, alias: str = "i") -> str:
     )
 
 
+# Per database file (resolved path) in this process: the embedding model whose vectors the
+# reads that feed a model require, while the endpoint cannot embed the rest (set and cleared
+# by alflow.tasks.embeddings, process-wide like the model's vector sources: a cycle's tasks
+# each open their own Store).
+_EMBEDDED_ONLY: dict[str, str] = {}
+
+
 class PoolStore(Database):
     """Items, the holdout and predictions (mixed into :class:`alflow.tasks.store.Store`)."""
+
+    def read_embedded_only(self, embedding_model: str | None) -> None:
+        """From now on, in this process, the reads a model scores (:meth:`unscored_chunks`,
+        :meth:`count_unscored`, :meth:`sample_pool`, the holdout's, the control draw, the stop
+        set) leave out items with no vector of ``embedding_model``; None: they read every item."""
+        key = str(self.path.resolve())
+        if embedding_model is None:
+            _EMBEDDED_ONLY.pop(key, None)
+        else:
+            _EMBEDDED_ONLY[key] = embedding_model
+
+    def embedded_only(self) -> str | None:
+        """The embedding model :meth:`read_embedded_only` set for this file, or None."""
+        return _EMBEDDED_ONLY.get(str(self.path.resolve()))
+
+    def _embedded_sql(self, alias: str = "i") -> str:
+        """``AND`` the item has a vector of :meth:`embedded_only`'s model; "" when unset."""
+        model = self.embedded_only()
+        if model is None:
+            return ""
+        quoted = model.replace("'", "''")
+        return (f" AND {alias}.item_id IN (SELECT item_id FROM embeddings "
+                f"WHERE embedding_model = '{quoted}')")
 
     def upsert_items(self, items: pd.DataFrame | pa.Table, ingest_run: str) -> tuple[int, int]:
         """Insert items not stored yet (by item_id) in one transaction.
@@ -147,7 +177,8 @@ class PoolStore(Database):
         with self.connect() as con:
             return con.sql(
                 f"""SELECT i.item_id, i.gold_label AS label FROM items i
-                WHERE {holdout_sql(fraction)} AND list_contains(?, i.gold_label) ORDER BY i.item_id""",
+                WHERE {holdout_sql(fraction)} AND list_contains(?, i.gold_label) {self._embedded_sql()}
+                ORDER BY i.item_id""",
                 params=[list(labels)],
             ).to_arrow_table().to_pandas()
 
@@ -163,7 +194,8 @@ class PoolStore(Database):
         with self.connect() as con:
             reader = con.sql(
                 f"""SELECT i.item_id, {DOC_SQL} AS doc FROM items i
-                WHERE {holdout_sql(fraction)} AND list_contains(?, i.gold_label) {unpredicted}""",
+                WHERE {holdout_sql(fraction)} AND list_contains(?, i.gold_label) {unpredicted}
+                {self._embedded_sql()}""",
                 params=[list(labels)],
             ).to_arrow_reader(chunk_size)
             for batch in reader:
@@ -199,7 +231,7 @@ class PoolStore(Database):
         with self.connect() as con:
             reader = con.sql(
                 f"""SELECT i.item_id, {DOC_SQL} AS doc FROM items i
-                WHERE {self._pool_where(holdout_fraction)}
+                WHERE {self._pool_where(holdout_fraction)} {self._embedded_sql()}
                 AND i.item_id NOT IN (SELECT item_id FROM predictions WHERE model_version = {int(model_version)})"""
             ).to_arrow_reader(chunk_size)
             for batch in reader:
@@ -208,7 +240,7 @@ class PoolStore(Database):
 
     def count_unscored(self, model_version: int, holdout_fraction: float | None = None) -> int:
         return int(self.scalar(
-            f"""SELECT count(*) FROM items i WHERE {self._pool_where(holdout_fraction)}
+            f"""SELECT count(*) FROM items i WHERE {self._pool_where(holdout_fraction)} {self._embedded_sql()}
             AND i.item_id NOT IN (SELECT item_id FROM predictions WHERE model_version = ?)""",
             [model_version],
         ))
@@ -296,7 +328,7 @@ class PoolStore(Database):
         only the sample reaches Python, and its texts are built for the sample alone."""
         return self.query_df(
             f"""SELECT i.item_id, {DOC_SQL} AS doc FROM items i WHERE i.item_id IN (
-                SELECT i.item_id FROM items i WHERE {self._pool_where(holdout_fraction)}
+                SELECT i.item_id FROM items i WHERE {self._pool_where(holdout_fraction)} {self._embedded_sql()}
                 ORDER BY {sample_order_sql(seed)} LIMIT {int(n)})
             ORDER BY i.item_id"""
         )

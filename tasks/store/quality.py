@@ -6,6 +6,7 @@ import json
 
 import pandas as pd
 
+from alflow.config import SKIP
 from alflow.tasks.store.database import Database, utcnow
 from alflow.tasks.store.pool import DOC_SQL, sample_order_sql
 
@@ -63,12 +64,49 @@ class QualityStore(Database):
                 return 0
         return int(self.scalar("SELECT count(*) FROM label_flags WHERE model_version = ?", [model_version]))
 
+    # -- multi-label adjudication --------------------------------------------------------
+    def tag_adjudication(self, distance: float) -> pd.DataFrame:
+        """Multi-label items whose votes need an adjudicator, oldest vote first (the
+        tag-set form of :meth:`needs_adjudication`): at least two annotators voted (skips
+        left out), no deciding answer that is not a skip, not in an open batch, and the
+        votes tie (no unique majority set: no effective label until decided) or two of them
+        are farther apart than ``distance`` (MASI, :func:`alflow.tasks.agreement.masi_distance`).
+        Columns: item_id, answers, disagreement (the largest MASI distance between two
+        votes, 0..1), tie."""
+        from collections import Counter
+        from itertools import combinations
+
+        from alflow.tasks.agreement import masi_distance
+        from alflow.tasks.multilabel.tags import parse_tags
+
+        votes = self.query_df(
+            """SELECT item_id, label, label_id FROM votes
+            WHERE label <> ? AND item_id NOT IN (SELECT item_id FROM decisions)
+              AND item_id NOT IN (SELECT bi.item_id FROM batch_items bi JOIN batches b USING (batch_id)
+                                  WHERE b.status = 'open')
+            ORDER BY label_id""",
+            [SKIP],
+        )
+        rows = []
+        for item_id, group in votes.groupby("item_id", sort=False):
+            if len(group) < 2:
+                continue
+            tally = Counter(group["label"]).most_common()
+            tie = len(tally) > 1 and tally[0][1] == tally[1][1]
+            sets = [parse_tags(v) for v in group["label"]]
+            farthest = max(masi_distance(a, b) for a, b in combinations(sets, 2))
+            if tie or farthest > distance:
+                rows.append((item_id, len(group), farthest, tie, int(group["label_id"].min())))
+        frame = pd.DataFrame(rows, columns=["item_id", "answers", "disagreement", "tie", "first_id"])
+        frame = frame.sort_values(["first_id", "item_id"]).drop(columns="first_id").reset_index(drop=True)
+        return frame.astype({"answers": "int32", "disagreement": float, "tie": bool})
+
     # -- the control slice ---------------------------------------------------------------
     def control_draw(self, n: int, seed: int, draw: int, holdout_fraction: float | None = None) -> list[str]:
         """``n`` pool items drawn uniformly, in SQL: ordered by a hash of (seed, draw, item_id),
         so a draw is reproducible and another draw (another batch) is independent."""
         return self.query_df(
-            f"""SELECT i.item_id FROM items i WHERE {self._pool_where(holdout_fraction)}
+            f"""SELECT i.item_id FROM items i WHERE {self._pool_where(holdout_fraction)} {self._embedded_sql()}
             ORDER BY {sample_order_sql(seed, draw=int(draw))} LIMIT ?""",
             [n],
         )["item_id"].tolist()
@@ -116,7 +154,8 @@ class QualityStore(Database):
     # -- the stop set --------------------------------------------------------------------
     def stop_set_ids(self, size: int, seed: int) -> list[str]:
         """The stop set's item ids; chosen once (a seeded uniform sample of ``size`` stored
-        items) the first time it is asked for, then always the same."""
+        items) the first time it is asked for, then always the same (less the items with no
+        vector while :meth:`read_embedded_only` is set)."""
         with self.transaction() as con:
             if not con.execute("SELECT count(*) FROM stop_set").fetchone()[0]:
                 con.execute(
@@ -124,7 +163,9 @@ class QualityStore(Database):
                     ORDER BY {sample_order_sql(seed, draw="stop")} LIMIT ?""",
                     [utcnow(), size],
                 )
-            return [r[0] for r in con.execute("SELECT item_id FROM stop_set ORDER BY item_id").fetchall()]
+            # the set stays as chosen; only this read leaves out items a model cannot score now
+            return [r[0] for r in con.execute(
+                f"SELECT i.item_id FROM stop_set i WHERE TRUE {self._embedded_sql()} ORDER BY i.item_id").fetchall()]
 
     def record_stop_set_predictions(self, model_version: int, item_ids: list[str], labels: list[str]) -> None:
         frame = pd.DataFrame({"model_version": model_version, "item_id": item_ids, "label": labels})

@@ -53,6 +53,28 @@ class StagedScan:
         ).fetchall()
         return Counter(dict(rows))
 
+    def tag_gold(self, label_map: dict[str, str], tags: list[str], empty_is_answer: bool, reason: str) -> None:
+        """Multi-label gold: rewrite each record's ``;``-separated gold cell as its tag set's
+        text form (each tag through ``label_map``, sorted, distinct), or reject the record with
+        ``reason`` where a tag is outside ``tags``; ``empty_is_answer``: a missing cell (an
+        empty CSV cell) is "" (no tag applies), not "no gold". ``read``/``bad_reasons`` follow."""
+        cell = "gold_label" if not empty_is_answer else "coalesce(gold_label, '')"
+        mapped = ("list_transform(list_filter(list_transform(string_split(g, ';'), lambda t: trim(t)), "
+                  "lambda t: t <> ''), "
+                  "lambda t: coalesce(map_extract_value(MAP($raw::VARCHAR[], $mapped::VARCHAR[]), t), t))")
+        self.con.execute(
+            f"""UPDATE {STAGED} SET
+                  reason = CASE WHEN len(list_filter(m, lambda t: NOT list_contains($tags::VARCHAR[], t))) > 0
+                                THEN $reason END,
+                  gold_label = array_to_string(list_sort(list_distinct(m)), ';')
+                FROM (SELECT rowid AS r, {mapped} AS m FROM (SELECT rowid, {cell} AS g FROM {STAGED})) AS t
+                WHERE {STAGED}.rowid = t.r AND {STAGED}.reason IS NULL AND t.m IS NOT NULL""",
+            {"raw": list(label_map), "mapped": list(label_map.values()), "tags": list(tags), "reason": reason})
+        rejected = int(self.con.execute(f"SELECT count(*) FROM {STAGED} WHERE reason = ?", [reason]).fetchone()[0])
+        if rejected:
+            self.read -= rejected
+            self.bad_reasons = dict(self.bad_reasons, **{reason: self.bad_reasons.get(reason, 0) + rejected})
+
     def records_before(self, gold_labels: set[str]) -> int:
         """How many records come before the first whose gold label is one of ``gold_labels``
         (all of them when none is)."""
