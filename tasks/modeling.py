@@ -920,17 +920,18 @@ def _probe_corpus(classes: Sequence[str], per_class: int = 10) -> tuple[list[str
 _TRUSTED: dict[str, frozenset[str]] = {}
 
 
-def trusted_types(settings: ModelSettings, classes: Sequence[str]) -> frozenset[str]:
+def trusted_types(settings: ModelSettings, classes: Sequence[str], task: str = "single_label") -> frozenset[str]:
     """The types a model file may hold beyond what skops trusts by itself (scikit-learn,
     NumPy, SciPy basics): exactly those of a pipeline built from ``settings`` and fitted on a
-    probe corpus of ``classes``. Cached per (settings, classes).
+    probe corpus of ``classes``, and with ``task = "multi_label"`` scikit-learn's stand-in
+    for a one-vs-rest tag no answer carries. Cached per (settings, classes, task).
 
     Empty for the default TF-IDF + LogisticRegression. If the probe cannot be fitted, the
     unfitted pipeline's types plus the classifier's own class.
     """
     import skops.io as sio
 
-    key = json.dumps([settings.model_dump(mode="json"), list(classes)], sort_keys=True, default=str)
+    key = json.dumps([settings.model_dump(mode="json"), list(classes), task], sort_keys=True, default=str)
     if key not in _TRUSTED:
         try:
             with thread_vectors(_ProbeVectors()):
@@ -940,9 +941,11 @@ def trusted_types(settings: ModelSettings, classes: Sequence[str]) -> frozenset[
             model = build_model(settings)
             clf = type(model.named_steps["clf"])
             found = set(sio.get_untrusted_types(data=sio.dumps(model))) | {f"{clf.__module__}.{clf.__qualname__}"}
-        # scikit-learn's stand-in for a one-vs-rest tag no labeled item carries (or every
-        # one does): a multi-label model holds it until that tag gets a positive answer
-        _TRUSTED[key] = frozenset(found | {"sklearn.multiclass._ConstantPredictor"})
+        if task == "multi_label":
+            # a one-vs-rest tag no answer carries (or every one does) is this constant
+            # predictor until the tag gets both kinds of answer
+            found.add("sklearn.multiclass._ConstantPredictor")
+        _TRUSTED[key] = frozenset(found)
     return _TRUSTED[key]
 
 

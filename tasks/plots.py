@@ -1,4 +1,5 @@
-"""The learning curve as a picture: accuracy and macro F1 against the number of labels.
+"""The learning curve as a picture: accuracy (micro F1 for a multi-label project) and macro
+F1 against the number of labels.
 
 Drawn with matplotlib's object API on an Agg canvas (never pyplot), so that no global
 backend or figure state of the caller's process is touched and it works headless.
@@ -13,6 +14,8 @@ import pandas as pd
 
 # (cycles column, legend name, colour): one line each
 METRICS = (("accuracy", "accuracy", "#1f77b4"), ("macro_f1", "macro F1", "#ff7f0e"))
+# a multi-label project's cycles have no accuracy: micro F1 takes its place
+TAG_METRICS = (("micro_f1", "micro F1", "#1f77b4"), ("macro_f1", "macro F1", "#ff7f0e"))
 
 
 def learning_curve_figure(cycles: pd.DataFrame, metric: str | None = None, *,
@@ -21,7 +24,8 @@ def learning_curve_figure(cycles: pd.DataFrame, metric: str | None = None, *,
 
     ``cycles``: one row per cycle in order (the store's ``cycles`` table), with columns
     ``n_labels`` (x, labels trained on), ``accuracy`` and ``macro_f1`` (y, in [0, 1]; NaN
-    or None where a cycle has no score: left out) and ``promoted``. One line per metric;
+    or None where a cycle has no score: left out; ``micro_f1`` in accuracy's place when
+    present, a multi-label project's) and ``promoted``. One line per metric;
     cycles whose model was promoted are ringed. ``metric``, the one that decides
     promotion, is drawn thicker. ``size`` in inches at ``dpi`` pixels per inch.
     """
@@ -36,7 +40,7 @@ def learning_curve_figure(cycles: pd.DataFrame, metric: str | None = None, *,
     ax = fig.add_subplot()
     x = pd.to_numeric(cycles["n_labels"]).to_numpy(dtype=float)
     promoted = cycles["promoted"].fillna(False).astype(bool).to_numpy()
-    for column, name, colour in METRICS:
+    for column, name, colour in (TAG_METRICS if "micro_f1" in cycles else METRICS):
         y = pd.to_numeric(cycles[column]).to_numpy(dtype=float)
         scored = ~pd.isna(y)
         ax.plot(x[scored], y[scored], marker=".", color=colour, label=name,

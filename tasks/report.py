@@ -306,7 +306,7 @@ def cycle_markdown(counts: dict, cycles: pd.DataFrame, train: dict | None, batch
     if len(cycles):
         lines += ["", f"## Learning curve ({metric})", ""]
         if curve_url:
-            lines += [curve_image(curve_url), ""]
+            lines += [curve_image(curve_url, cycles), ""]
         lines += curve_table(cycles)
     return "\n".join(lines)
 
@@ -382,8 +382,10 @@ def data_url(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def curve_image(url: str) -> str:
-    return f"![Learning curve: accuracy and macro F1 against labels]({url})"
+def curve_image(url: str, cycles: pd.DataFrame | None = None) -> str:
+    """The picture at ``url`` as Markdown, its alt text naming the two metrics drawn."""
+    first = "micro F1" if cycles is not None and "micro_f1" in with_tag_metrics(cycles) else "accuracy"
+    return f"![Learning curve: {first} and macro F1 against labels]({url})"
 
 
 def curve_caption(cycles: pd.DataFrame) -> str:
@@ -419,7 +421,7 @@ def curve_picture(cycles: pd.DataFrame, metric: str | None, database: Path) -> t
     (:data:`LEARNING_CURVE_PNG`) and return it as a ``data:`` URL, with the file's path."""
     from alflow.tasks.plots import learning_curve_png
 
-    png = learning_curve_png(cycles, metric)
+    png = learning_curve_png(with_tag_metrics(cycles), metric)
     path = Path(database).parent / LEARNING_CURVE_PNG
     write_file_atomically(path, png)
     return data_url(png), path
@@ -438,7 +440,7 @@ def publish_learning_curve(cycles: pd.DataFrame, url: str, png_path: Path | None
     from prefect.artifacts import create_markdown_artifact
 
     artifact_id = create_markdown_artifact(key=LEARNING_CURVE_KEY, markdown=learning_curve_markdown(cycles, png_path),
-                                           description=f"{curve_caption(cycles)} {curve_image(url)}")
+                                           description=f"{curve_caption(cycles)} {curve_image(url, cycles)}")
     return str(artifact_id)
 
 

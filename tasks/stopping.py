@@ -53,7 +53,8 @@ def stop_set_kappa(store: Store, settings: Settings, model_version: int, previou
     current = store.stop_set_predictions(model_version)
     if len(current) == 0 and ids:
         row = store.model_row(model_version)
-        model = modeling.load_model(model_file(settings, row), modeling.trusted_types(settings.model, settings.labels))
+        model = modeling.load_model(model_file(settings, row),
+                                    modeling.trusted_types(settings.model, settings.labels, settings.task))
         items = store.items(ids)
         docs = [document(t, x) for t, x in zip(items["title"], items["text"])]
         if settings.task == "multi_label":
@@ -188,7 +189,8 @@ def score_model_on_control(store: Store, settings: Settings, model_version: int)
     if store.unscored_control(model_version).empty:
         return 0
     row = store.model_row(model_version)
-    model = modeling.load_model(model_file(settings, row), modeling.trusted_types(settings.model, settings.labels))
+    model = modeling.load_model(model_file(settings, row),
+                                modeling.trusted_types(settings.model, settings.labels, settings.task))
     return score_control(store, model_version, model)
 
 

@@ -159,7 +159,7 @@ def find_usable_model(store: Store, settings: Settings,
     rows = store.promoted_models()
     if not rows:
         return None, None
-    trusted = modeling.trusted_types(settings.model, settings.labels)
+    trusted = modeling.trusted_types(settings.model, settings.labels, settings.task)
     newest = int(rows[0]["model_version"])
     for i, row in enumerate(rows):
         version = int(row["model_version"])

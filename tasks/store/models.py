@@ -65,15 +65,19 @@ class ModelStore(Database):
         """The model's row and, if given, its ``holdout_predictions`` (item_id, label: what
         its holdout metrics counted), in one transaction. ``task``: what it was trained for;
         ``thresholds``: a multi-label model's (n_tags,) per-tag thresholds, in ``labels`` order."""
+        # A single-label row names only the columns every schema since v1 has (task takes
+        # its default), so the same call works on a store opened before migration 13.
+        extra = {} if task == "single_label" and thresholds is None else {
+            "task": task, "thresholds": [float(t) for t in thresholds] if thresholds is not None else None}
         with self.transaction() as con:
             con.execute(
-                """INSERT INTO models (model_version, path, classifier, params, n_labels, label_watermark,
-                                       metrics, promoted, flow_run_id, created_at, labels, task, thresholds)
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                f"""INSERT INTO models (model_version, path, classifier, params, n_labels, label_watermark,
+                                       metrics, promoted, flow_run_id, created_at, labels{"".join(", " + c for c in extra)})
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?{", ?" * len(extra)})""",
                 [model_version, path, classifier, json.dumps(params, default=str), n_labels,
                  label_watermark, json.dumps(metrics) if metrics is not None else None,
                  promoted, flow_run_id, utcnow(), json.dumps(labels) if labels is not None else None,
-                 task, [float(t) for t in thresholds] if thresholds is not None else None],
+                 *extra.values()],
             )
             if holdout_predictions is not None:
                 self._insert_holdout_predictions(con, model_version, holdout_predictions)

@@ -9,8 +9,8 @@ CREATE TABLE store_task (
 );
 INSERT INTO store_task SELECT 'single_label', now()::TIMESTAMP
     WHERE EXISTS (SELECT 1 FROM models) OR EXISTS (SELECT 1 FROM labels);
--- The task a model was trained for (NULL before v13: single_label) and, for a multi-label
--- model, its per-tag decision thresholds in the order of its labels (the tags): a tag is
--- predicted where its probability reaches its threshold. Also kept in the model file.
-ALTER TABLE models ADD COLUMN task VARCHAR;
+-- The task a model was trained for (every earlier model: single_label) and, for a
+-- multi-label model, its per-tag decision thresholds in the order of its labels (the tags):
+-- a tag is predicted where its probability reaches its threshold. Also kept in the model file.
+ALTER TABLE models ADD COLUMN task VARCHAR DEFAULT 'single_label';
 ALTER TABLE models ADD COLUMN thresholds DOUBLE[];
