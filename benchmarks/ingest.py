@@ -201,7 +201,7 @@ def python_reader_path(config: Path) -> float:
     from alflow.tasks.store import Store
 
     settings = load_config(config, environ={})
-    shutil.rmtree(settings.database.parent, ignore_errors=True)
+    new_store(settings.database.parent)
     Store(settings.database).migrate()
     scan = FilesConnector.record_scan
     FilesConnector.record_scan = lambda self, looked=True: None
@@ -211,6 +211,15 @@ def python_reader_path(config: Path) -> float:
         return time.perf_counter() - start
     finally:
         FilesConnector.record_scan = scan
+
+
+def new_store(state: Path) -> None:
+    """Empty the state folder for a new store, but for the Prefect server's pid file and log
+    (`alflow server stop` finds the server by its pid file: without it, it would outlive the
+    benchmark)."""
+    for path in state.glob("*"):
+        if not path.name.startswith("prefect-server"):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def every_run_sql(expr: str) -> str:
@@ -299,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             floors.append(wall)
             floor_cpus.append(cpu)
             every_run.append(floor_path(csv_path, csv_path.with_name("every-run.duckdb"), every_run_sql)[0])
-            shutil.rmtree(state, ignore_errors=True)
+            new_store(state)
             wall, first_out = alflow("ingest", "--no-progress")
             firsts.append(wall)
             first_cpus.append(alflow.last_cpu)

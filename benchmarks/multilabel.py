@@ -13,6 +13,9 @@ handed the same fitted model (``ModalView``). ``+exploration`` arms spend 10% of
 on random picks (``--exploration``); ``+self_training`` arms fit
 ``alflow.tasks.multilabel.model.fit_self_trained_tagger`` (``--share`` pseudo-labels per
 human label) instead; ``+min_tags`` arms predict at least the fewest tags any answer has.
+``committee`` arms bag their members as a cycle does (``alflow.tasks.query.tag_committee``);
+``+density`` and ``+clusters`` (on ``mean_margin``, here only) weight its candidates by their
+similarity to the pool or spread the batch over k-means clusters of them.
 ``--config`` takes ``[model]`` from a file (``multilabel_pool.toml``: TF-IDF fitted on the
 pool). Reports per arm: AULC of micro F1 (mean over the curve), the labels until 95% of the
 full-pool micro F1 (the model fitted on every pool item), their ratio to
@@ -37,19 +40,21 @@ import pandas as pd
 
 from alflow.flows.simulate import read_settings
 from alflow.tasks import modeling
+from alflow.tasks import strategies as st
 from alflow.tasks.multilabel import metrics as ml_metrics
 from alflow.tasks.multilabel import strategies as ml
 from alflow.tasks.multilabel.model import (FOLDS, Tagger, fit_self_trained_tagger, fit_tagger, min_cardinality,
                                            predict_with_minimum)
 from alflow.tasks.multilabel.tags import parse_tags, tag_matrix
+from alflow.tasks.query import tag_committee
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from make_multilabel import build  # noqa: E402  (a sibling script, not a package)
 
 SOURCE = HERE.parents[1] / "shared" / "datasets" / "ag_news_7600.csv"
-OURS = ["mean_margin", "min_margin", "cardinality_inconsistency", "mmc", "random", "mean_margin+exploration",
-        "mmc+exploration"]
+OURS = ["mean_margin", "min_margin", "cardinality_inconsistency", "mmc", "committee", "random",
+        "mean_margin+exploration", "mmc+exploration", "committee+exploration"]
 MODAL = ["mean_max_loss", "max_loss", "min_confidence", "avg_confidence", "max_score", "avg_score"]
 METRIC = "micro_f1"
 TARGET_SHARE = 0.95
@@ -107,15 +112,74 @@ EXPLORATION = 0.1  # the share of a "+exploration" arm's batch drawn at random (
 
 
 def ours_pick(name: str, tagger: Tagger, data: Data, labeled: np.ndarray, unlabeled: np.ndarray, k: int,
-              rng: np.random.Generator, exploration: float = EXPLORATION) -> tuple[np.ndarray, np.ndarray]:
+              rng: np.random.Generator, exploration: float = EXPLORATION,
+              settings=None) -> tuple[np.ndarray, np.ndarray]:
     """alflow's multi-label strategy ``name`` (``+exploration``: with ``exploration``):
-    indices into ``unlabeled`` and whether each was a random pick."""
+    indices into ``unlabeled`` and whether each was a random pick. ``committee``: members
+    of the ``[model]`` ``settings`` bagged as a cycle bags them (``tag_committee``)."""
     base, *options = name.split("+")
     pool = ml.TagPool(tagger.predict_proba(data.pool_docs[unlabeled].tolist()), thresholds=tagger.thresholds,
                       labeled_proba=tagger.predict_proba(data.pool_docs[labeled].tolist()),
                       labeled_tags=data.pool_y[labeled])
-    picks, scores = ml.get_strategy(base, exploration=exploration if "exploration" in options else 0.0)(pool, k, rng)
+    if base == "committee":
+        pool.committee = tag_committee(settings, tagger.model[:-1], data.pool_docs[labeled].tolist(),
+                                       data.pool_y[labeled], lambda r: data.pool_docs[unlabeled[r]].tolist(),
+                                       rng.spawn(1)[0])
+    share = exploration if "exploration" in options else 0.0
+    if "density" in options or "clusters" in options:
+        # TF-IDF rows of the unlabeled pool (unit length: the shipped vectorizer's l2 norm)
+        x = tagger.model[:-1].transform(data.pool_docs[unlabeled].tolist())
+        strategy = density_weighted(x) if "density" in options else uncertain_clusters(x)
+        picks, scores = (st.with_exploration(strategy, share) if share else strategy)(pool, k, rng)
+    else:
+        picks, scores = ml.get_strategy(base, exploration=share)(pool, k, rng)
     return picks, np.isnan(scores)
+
+
+CANDIDATES = 10  # the shipped query.candidates
+
+
+def density_weighted(x, candidates: int = CANDIDATES):
+    """``+density`` (mean_margin only): among the ``k * candidates`` items of highest
+    mean-margin uncertainty u, the k of highest u x density, density the item's mean cosine
+    similarity to the unlabeled pool (``x`` (n, d) unit TF-IDF rows: ``x @ mean(x)``), so
+    outliers that are uncertain because they are unlike anything give way to uncertain items
+    typical of many (Settles & Craven 2008's information density, beta = 1)."""
+    centre = np.asarray(x.mean(axis=0)).ravel()
+
+    def strategy(pool, k, rng=None):
+        pool = ml.as_tag_pool(pool)
+        u = ml.mean_margin_uncertainty(pool.proba, pool.thresholds)
+        rows = st.top_k(u, int(k) * candidates)
+        scores = u[rows] * np.asarray(x[rows] @ centre).ravel()
+        order = st.top_k(scores, k)
+        return rows[order], scores[order]
+
+    return strategy
+
+
+def uncertain_clusters(x, candidates: int = CANDIDATES):
+    """``+clusters`` (mean_margin only): the ``k * candidates`` items of highest mean-margin
+    uncertainty split into k clusters (k-means on their unit TF-IDF rows ``x``, seeded from
+    ``rng``), each cluster's most uncertain item, so a batch of 50 covers 50 kinds of doubt
+    instead of near-copies of one (single-label ``cluster_margin`` over tags)."""
+    from sklearn.cluster import KMeans
+
+    def strategy(pool, k, rng):
+        pool = ml.as_tag_pool(pool)
+        u = ml.mean_margin_uncertainty(pool.proba, pool.thresholds)
+        rows = st.top_k(u, int(k) * candidates)
+        k = min(int(k), rows.size)
+        clusters = KMeans(n_clusters=k, n_init=1, random_state=int(rng.integers(2**31 - 1))).fit_predict(x[rows])
+        chosen = np.asarray([members[np.argmax(u[rows][members])]
+                             for members in (np.flatnonzero(clusters == c) for c in np.unique(clusters))])
+        if chosen.size < k:  # clusters that came out empty: the next most uncertain
+            rest = np.setdiff1d(np.arange(rows.size), chosen)
+            chosen = np.concatenate([chosen, rest[st.top_k(u[rows][rest], k - chosen.size)]])
+        order = chosen[st.top_k(u[rows][chosen], chosen.size)]
+        return rows[order], u[rows][order]
+
+    return strategy
 
 
 def run_arm(name: str, data: Data, settings, corpus, *, seed: int, init: int, batch: int, cycles: int,
@@ -165,7 +229,7 @@ def run_arm(name: str, data: Data, settings, corpus, *, seed: int, init: int, ba
             randomly = np.zeros(picks.size, dtype=bool)
         else:
             picks, randomly = ours_pick(name, tagger, data, seen, unlabeled, k,
-                                        np.random.default_rng([seed, cycle + 1]), exploration)
+                                        np.random.default_rng([seed, cycle + 1]), exploration, settings)
             randomly = np.ones(picks.size, dtype=bool) if name == "random" else randomly
         chosen = unlabeled[picks]
         labeled[chosen] = True
@@ -274,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"pool {len(data.pool_docs)}, test {len(data.test_docs)}, full-pool micro F1 {full:.3f}", flush=True)
     names = [s.strip() for s in args.strategies.split(",") if s.strip()]
     unknown = [s for s in names if s.split("+")[0] not in ml.NAMES and s not in MODAL
-               or not set(s.split("+")[1:]) <= {"exploration", "self_training", "min_tags"}]
+               or not set(s.split("+")[1:]) <= {"exploration", "self_training", "min_tags", "density", "clusters"}]
     if unknown:
         parser.error(f"unknown strategy {unknown[0]!r}; choose from {OURS + MODAL}")
     if "random" not in names:

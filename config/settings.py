@@ -39,7 +39,7 @@ TAG_SEPARATOR = ";"
 STRATEGIES = ("least_confidence", "margin", "entropy", "random", "badge", "class_balanced", "committee",
               "cluster_margin")
 # The names of query.strategy with task = "multi_label" (alflow.tasks.multilabel.strategies.NAMES).
-TAG_STRATEGIES = ("mean_margin", "min_margin", "cardinality_inconsistency", "mmc", "random")
+TAG_STRATEGIES = ("mean_margin", "min_margin", "cardinality_inconsistency", "mmc", "committee", "random")
 # evaluation.metric by task (multi-label: alflow.tasks.multilabel.metrics.METRICS).
 METRICS = {"single_label": ("accuracy", "macro_f1"),
            "multi_label": ("micro_f1", "macro_f1", "hamming_loss", "subset_accuracy")}
@@ -192,7 +192,8 @@ class QuerySettings(_Section):
         "margin",
         description="How the batch is picked from the pre-labeled pool (margin: p(top1) - p(top2), smallest "
                     "first). Compare them on your data with `alflow simulate`. With task = \"multi_label\": "
-                    "mean_margin (the default there), min_margin, cardinality_inconsistency, mmc or random.",
+                    "mean_margin (the default there), min_margin, cardinality_inconsistency, mmc, committee or "
+                    "random.",
     )
     batch_size: int = Field(20, ge=1, le=500, description="Items per review batch.")
     exploration: float = Field(
@@ -207,7 +208,7 @@ class QuerySettings(_Section):
     candidates: int = Field(
         10, ge=1, le=1000,
         description="badge, committee and cluster_margin look at the batch_size x candidates smallest-margin "
-                    "items.",
+                    "items (multi-label committee: the most uncertain by mean margin).",
     )
     cold_start: Literal["coverage", "random"] = Field(
         "coverage",
@@ -472,6 +473,15 @@ DEFAULT_LLM_PROMPT = (
     "Text:\n"
     "{text}"
 )
+# [llm] prompt's default with task = "multi_label": a tag set, several or none.
+DEFAULT_LLM_TAG_PROMPT = (
+    "Tag the text with every one of these tags that applies: {labels}. Several tags may apply, or none.\n"
+    "{descriptions}\n"
+    'Answer with JSON only: {"tags": [<the tags that apply>]}, or {"tags": []} when none applies.\n'
+    "\n"
+    "Text:\n"
+    "{text}"
+)
 
 
 class LLMSettings(_Section):
@@ -507,7 +517,8 @@ class LLMSettings(_Section):
         DEFAULT_LLM_PROMPT,
         description="The message sent for each item: {labels} becomes the classes, {descriptions} one line "
                     "per described class (label_descriptions), {text} the item's text; other braces are "
-                    "literal. Needs {labels} and {text}.",
+                    'literal. Needs {labels} and {text}. Left unset with task = "multi_label", a default '
+                    "asking for every tag that applies (several or none) as a JSON array.",
     )
     label_descriptions: dict[str, str] = Field(
         default_factory=dict,
@@ -552,7 +563,8 @@ class LLMSettings(_Section):
     weak_label_confidence: float | None = Field(
         None, gt=0.0, le=1.0,
         description="LLM pre-labels at least this confident join self-training as weak labels (never as human "
-                    "answers); unset: no weak labels.",
+                    'answers); unset: no weak labels. Not with task = "multi_label" (a tag set has no '
+                    "confidence).",
     )
 
     @model_validator(mode="before")
@@ -798,6 +810,19 @@ class Settings(_Section):
                                                    f"{self.task!r}); choose from {list(names)}")
         return self
 
+    @model_validator(mode="after")
+    def _llm_for_tags(self) -> "Settings":
+        """With task = "multi_label" the LLM answers tag sets: its prompt, left unset, asks
+        for them (DEFAULT_LLM_TAG_PROMPT); weak labels, which need a confidence, are refused."""
+        if self.task != "multi_label":
+            return self
+        if self.llm.weak_label_confidence is not None:
+            raise _NestedError(("llm", "weak_label_confidence"), 'is not used with task = "multi_label": an LLM '
+                                                                 "tag set has no confidence (docs/llm.md); remove it")
+        if "prompt" not in self.llm.model_fields_set:
+            object.__setattr__(self, "llm", self.llm.model_copy(update={"prompt": DEFAULT_LLM_TAG_PROMPT}))
+        return self
+
     @property
     def db_path(self) -> str:
         return str(self.database)
@@ -922,6 +947,9 @@ def load_config(
     for key_path, (value, env_name) in overrides.items():
         _apply(data, key_path, value, env_name)
         origins[key_path] = env_name
+    # A missing [model] table would be built by its default factory, which validation's
+    # context never reaches: the classifier would be imported whatever check_model says.
+    data.setdefault("model", {})
     try:
         settings = Settings.model_validate(data, context={"check_model": check_model})
     except ValidationError as exc:

@@ -15,6 +15,11 @@
   token: its ``top_logprobs`` alternatives that begin a class give each class its
   probability (alternatives shared by several classes are split by the label's later
   tokens), renormalised over the classes.
+* a client of ``task = "multi_label"`` asks :meth:`LLMClient.classify` for a tag set
+  instead: ``{"tags": [...]}``, an array whose items are an ``enum`` of the tags with
+  ``uniqueItems``, without logprobs (:func:`parse_tags_answer`); the answer's label is the
+  set's text form (sorted tags joined by ";", "" for none), with no confidence. A tag
+  outside the set makes the answer "outside", as a label outside the classes does.
 * :meth:`LLMClient.embed` - ``POST {base_url}/embeddings`` with ``{model, input: [...]}``
   per ``embedding_batch_size`` texts; ``data[i].embedding`` placed by ``data[i].index``;
   rows L2-normalised.
@@ -53,6 +58,7 @@ import numpy as np
 from alflow import __version__
 from alflow.connectors.http import redact, retry_after_seconds
 from alflow.connectors.keys import KeyUnavailable, read_api_key
+from alflow.tasks.multilabel.tags import format_tags
 
 if TYPE_CHECKING:
     from alflow.config.settings import LLMSettings, Settings
@@ -60,6 +66,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STATUSES = ("ok", "outside", "malformed", "failed")
+TASKS = ("single_label", "multi_label")
 TOP_LOGPROBS = 5
 FATAL_STATUS = frozenset({401, 403, 404})
 # Items in a row without an answer (at least; 2 x max_concurrency with more in flight) after
@@ -88,7 +95,8 @@ class LLMError(RuntimeError):
 class LLMAnswer:
     """The LLM's answer for one text.
 
-    ``label``: one of the classes, or None; ``confidence``: p(label) from token logprobs,
+    ``label``: one of the classes (a tag set's text form for a multi-label client), or
+    None; ``confidence``: p(label) from token logprobs,
     None when the server gave none; ``proba``: (c,) over the classes in the order given,
     None without logprobs; ``status``: "ok", "outside" (a label not among the classes),
     "malformed" (no label could be read) or "failed" (no answer: ``reason`` says why).
@@ -214,21 +222,27 @@ class LLMClient:
     ``environ`` (default ``os.environ``) is where ``api_key_env`` is looked up;
     ``transport`` replaces httpx's (tests); ``labels`` are the classes the
     :attr:`prompt_hash` covers (:meth:`from_settings` passes ``Settings.labels``);
-    ``sleep(seconds)`` waits between retries (default: an interruptible wait).
+    ``sleep(seconds)`` waits between retries (default: an interruptible wait);
+    ``task``: "single_label" (one class per text) or "multi_label" (a tag set per text;
+    part of the prompt's hash, so the two never share cached answers).
     """
 
     def __init__(self, settings: "LLMSettings", environ: Mapping[str, str] | None = None,
                  transport: httpx.BaseTransport | None = None, *, labels: Sequence[str] | None = None,
-                 sleep: Callable[[float], None] | None = None):
+                 sleep: Callable[[float], None] | None = None, task: str = "single_label"):
         if settings.base_url is None:
             raise ValueError("[llm] base_url is not set: the LLM is off (use LLMClient.from_settings)")
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
+        self.task = task
         self.settings = settings
         self.base_url = settings.base_url
         self.environ = os.environ if environ is None else environ
         self.labels = list(labels) if labels is not None else None
         self.prompt_hash = self.prompt_hash_for(self.labels or [])
         self._sleep = sleep
-        self._mode = _Mode()
+        # a tag set's probability is not read from token logprobs (docs/llm.md): none asked
+        self._mode = _Mode(logprobs=task == "single_label")
         self._mode_lock = threading.Lock()
         self._key_lock = threading.Lock()
         self._key: str | None = None
@@ -245,11 +259,13 @@ class LLMClient:
     def from_settings(cls, settings: "Settings | LLMSettings", environ: Mapping[str, str] | None = None,
                       transport: httpx.BaseTransport | None = None) -> "LLMClient | None":
         """A client of ``settings.llm`` (or of the ``LLMSettings`` given), None when
-        ``base_url`` is unset. Given the whole Settings, the prompt hash covers its labels."""
+        ``base_url`` is unset. Given the whole Settings, the prompt hash covers its labels
+        and the client asks as its ``task`` says."""
         llm = getattr(settings, "llm", settings)
         if llm.base_url is None:
             return None
-        return cls(llm, environ, transport, labels=getattr(settings, "labels", None))
+        return cls(llm, environ, transport, labels=getattr(settings, "labels", None),
+                   task=getattr(settings, "task", "single_label"))
 
     def __repr__(self) -> str:  # never the key
         return f"LLMClient(base_url={self.base_url!r}, model={self.settings.model!r})"
@@ -266,13 +282,14 @@ class LLMClient:
     # -- lineage ---------------------------------------------------------------------------
     def prompt_hash_for(self, labels: Sequence[str]) -> str:
         """sha256 (first 16 hex digits) of the prompt template, the classes, their
-        descriptions and ``max_text_chars``: what makes two answers for one item and model
-        comparable."""
+        descriptions and ``max_text_chars`` (and a multi-label client's task): what makes
+        two answers for one item and model comparable."""
         s = self.settings
-        payload = json.dumps({"prompt": s.prompt, "labels": list(labels),
-                              "descriptions": dict(sorted(s.label_descriptions.items())),
-                              "max_text_chars": s.max_text_chars},
-                             sort_keys=True, ensure_ascii=False)
+        what = {"prompt": s.prompt, "labels": list(labels),
+                "descriptions": dict(sorted(s.label_descriptions.items())), "max_text_chars": s.max_text_chars}
+        if self.task != "single_label":  # single-label hashes stay as they were: their caches hold
+            what["task"] = self.task
+        payload = json.dumps(what, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 
     @property
@@ -297,7 +314,8 @@ class LLMClient:
 
     # -- chat: zero-shot labels ------------------------------------------------------------------
     def classify(self, texts: Sequence[str], labels: Sequence[str]) -> tuple[list[LLMAnswer], LLMUsage]:
-        """One answer per text, in input order, and the call's usage.
+        """One answer per text, in input order, and the call's usage: a class of ``labels``,
+        or for a multi-label client a set of those tags (its text form, no confidence).
 
         A text with no answer gets status "failed" (the reason in ``LLMAnswer.reason`` and
         ``LLMUsage.reasons``); raises :class:`LLMError` only when the endpoint is unusable
@@ -333,7 +351,7 @@ class LLMClient:
                 reason = str(exc)
             else:
                 usage.count_tokens(data.get("usage"))
-                answer = read_answer(data, labels)
+                answer = read_answer(data, labels) if self.task == "single_label" else read_tags_answer(data, labels)
                 if answer.status == "failed":
                     usage.fail(answer.reason or "unreadable answer")
                 elif answer.status != "ok":
@@ -348,7 +366,15 @@ class LLMClient:
             "messages": [{"role": "user", "content": message}],
             "temperature": 0,
         }
-        if mode.response_format == "json_schema":
+        if mode.response_format == "json_schema" and self.task == "multi_label":
+            # an object around the array: OpenAI's strict mode wants an object at the root
+            tags = {"type": "array", "items": {"type": "string", "enum": labels}, "uniqueItems": True}
+            body["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": "tags", "strict": True,
+                "schema": {"type": "object", "properties": {"tags": tags}, "required": ["tags"],
+                           "additionalProperties": False},
+            }}
+        elif mode.response_format == "json_schema":
             body["response_format"] = {"type": "json_schema", "json_schema": {
                 "name": "label", "strict": True,
                 "schema": {"type": "object", "properties": {"label": {"type": "string", "enum": labels}},
@@ -605,15 +631,23 @@ def parse_label(content: str, labels: Sequence[str]) -> tuple[str | None, str, s
     return (found, "ok", data.strip()) if found else (None, "malformed", None)
 
 
-def read_answer(data: dict, labels: list[str]) -> LLMAnswer:
-    """An :class:`LLMAnswer` from a chat completion's JSON."""
+def _choice(data: dict) -> tuple[dict, str] | LLMAnswer:
+    """(choices[0], its message's content) of a chat completion's JSON, or the failed or
+    malformed :class:`LLMAnswer` when it has none."""
     try:
         choice = data["choices"][0]
         content = choice["message"]["content"]
     except (KeyError, IndexError, TypeError):
         return LLMAnswer(None, None, None, "failed", "HTTP 200 on /chat/completions without choices[0].message")
-    if not isinstance(content, str):
-        return LLMAnswer(None, None, None, "malformed")
+    return (choice, content) if isinstance(content, str) else LLMAnswer(None, None, None, "malformed")
+
+
+def read_answer(data: dict, labels: list[str]) -> LLMAnswer:
+    """An :class:`LLMAnswer` from a chat completion's JSON."""
+    read = _choice(data)
+    if isinstance(read, LLMAnswer):
+        return read
+    choice, content = read
     label, status, raw = parse_label(content, labels)
     if label is None:
         return LLMAnswer(None, None, None, status)
@@ -625,6 +659,38 @@ def read_answer(data: dict, labels: list[str]) -> LLMAnswer:
         proba = None  # logprobs not in OpenAI's shape: a label without a confidence
     confidence = float(proba[labels.index(label)]) if proba is not None else None
     return LLMAnswer(label, confidence, proba, "ok")
+
+
+def parse_tags_answer(content: str, tags: Sequence[str]) -> tuple[str | None, str]:
+    """(the tag set's text form, status) for a multi-label chat answer's content.
+
+    A JSON object with a ``tags`` array, or a bare JSON array, of tag names (each matched
+    as :func:`match_class` matches a class; a tag repeated counts once); ``[]`` is the
+    empty set "". A name that is not a tag makes the whole answer "outside" (no part of
+    it is used); anything else (prose, a non-array, a non-string item) is "malformed".
+    """
+    try:
+        data: Any = json.loads(content.strip())
+    except ValueError:
+        return None, "malformed"
+    if isinstance(data, dict):
+        data = data.get("tags")
+    if not isinstance(data, list) or not all(isinstance(name, str) for name in data):
+        return None, "malformed"
+    found = [match_class(name, tags) for name in data]
+    if any(tag is None for tag in found):
+        return None, "outside"
+    return format_tags(found), "ok"
+
+
+def read_tags_answer(data: dict, tags: list[str]) -> LLMAnswer:
+    """An :class:`LLMAnswer` of a tag set from a chat completion's JSON: its text form as
+    the label, no confidence (see :func:`parse_tags_answer`)."""
+    read = _choice(data)
+    if isinstance(read, LLMAnswer):
+        return read
+    label, status = parse_tags_answer(read[1], tags)
+    return LLMAnswer(label, None, None, status)
 
 
 def label_proba(content: str, raw: str | None, label: str, labels: list[str],

@@ -20,6 +20,7 @@ query and from retrain to the report, never while it waits for review. A cycle t
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import sys
 from itertools import count
@@ -64,15 +65,16 @@ from alflow.tasks.train import load_model_task
 
 
 def alflow_command() -> str:
-    """How to call `alflow` from the user's shell: bare if on PATH, else by its path."""
+    """How to call `alflow` from the user's shell: bare if on PATH, else by its path (quoted
+    for the shell, so a line printed with it can be pasted as it is)."""
     installed = Path(sys.executable).with_name("alflow")
     on_path = shutil.which("alflow")
     if not installed.exists() or (on_path and Path(on_path).resolve() == installed.resolve()):
         return "alflow"
     try:
-        return str(installed.relative_to(Path.cwd()))
+        return shlex.quote(str(installed.relative_to(Path.cwd())))
     except ValueError:
-        return str(installed)
+        return shlex.quote(str(installed))
 
 
 # The store lock a cycle holds while it works on the database (not while it waits for review).
@@ -144,7 +146,7 @@ def review_instructions(batch_id: str, size: str, url: str | None, config_path: 
     """Where and how to label the batch; ``size``: its count ('20 items + 1 adjudication')."""
     default = Path(CONFIG_FILENAME).resolve()
     cmd = alflow_command()
-    config = "" if Path(config_path).resolve() == default else f" --config {config_path}"
+    config = "" if Path(config_path).resolve() == default else f" --config {shlex.quote(str(config_path))}"
     where = f"  in the Prefect UI: {url} -> Resume\n" if url else ""
     return (
         f"Batch {batch_id} ({size}) is waiting for review. Label it\n{where}"

@@ -1139,18 +1139,20 @@ def run_tag_strategy(data: TagDataset, model_settings: ModelSettings, query: Que
     """One multi-label learning curve: ``cycles + 1`` rows (TAG_CURVE_COLUMNS; cycle 0 is a
     random cold start of ``init`` rows, ``default_rng([seed, 0])``). Each cycle the model of
     the labels so far (:func:`fit_tags`) is scored on the test set and ``query.strategy``
-    (:func:`alflow.tasks.multilabel.strategies.get_strategy` with ``query.exploration``)
+    (:func:`alflow.tasks.multilabel.strategies.get_strategy` with ``query.exploration``;
+    ``committee``'s members from :func:`alflow.tasks.query.tag_committee`, as a cycle's)
     picks the next ``batch`` with ``default_rng([seed, cycle])``; the annotator answers
     with the gold tag sets. Random, with self-training on, also gives the rows of
     :data:`PLAIN_RANDOM` (the same labels, the model of them alone)."""
     from alflow.tasks.multilabel import metrics as ml_metrics
     from alflow.tasks.multilabel import strategies as ml
+    from alflow.tasks.query import tag_committee
 
     n = len(data.pool_docs)
     order = [int(i) for i in np.random.default_rng([seed, 0]).choice(n, size=min(init, n), replace=False)]
     labeled = np.zeros(n, dtype=bool)
     labeled[order] = True
-    strategy = ml.get_strategy(query.strategy, exploration=query.exploration)
+    strategy = ml.get_strategy(query.strategy, exploration=query.exploration, candidates=query.candidates)
     plain_arm = query.strategy == "random" and model_settings.self_training != 0
     rows = []
     for cycle in range(cycles + 1):
@@ -1166,10 +1168,15 @@ def run_tag_strategy(data: TagDataset, model_settings: ModelSettings, query: Que
         unlabeled = np.flatnonzero(~labeled)
         if cycle == cycles or unlabeled.size == 0:
             continue
+        rng = np.random.default_rng([seed, cycle + 1])
         pool = ml.TagPool(tagger.predict_proba(data.pool_docs[unlabeled].tolist()), thresholds=tagger.thresholds,
                           labeled_proba=tagger.predict_proba(data.pool_docs[seen].tolist()),
                           labeled_tags=data.pool_y[seen])
-        picks, _ = strategy(pool, min(batch, unlabeled.size), np.random.default_rng([seed, cycle + 1]))
+        if query.strategy == "committee":  # as the cycle's query builds it (tag_model_picks)
+            pool.committee = tag_committee(model_settings, tagger.model[:-1], data.pool_docs[seen].tolist(),
+                                           data.pool_y[seen], lambda r: data.pool_docs[unlabeled[r]].tolist(),
+                                           rng.spawn(1)[0])
+        picks, _ = strategy(pool, min(batch, unlabeled.size), rng)
         chosen = unlabeled[np.asarray(picks, dtype=np.int64)]
         labeled[chosen] = True
         order.extend(int(i) for i in chosen)

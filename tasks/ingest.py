@@ -392,8 +392,9 @@ def unchanged(store: Store, source: str, stored, report: IngestReport, ingest_id
     _logger().info(f"source {source}: unchanged since ingest {stored.ingest_id} (the same bytes); "
                    f"its {report.read} records are stored")
     counts = {"read": report.read, "new": 0, "duplicate": report.duplicate, "bad": report.bad}
-    store.finish_ingest(ITEM_SCHEMA.empty_table(), ingest_id, source, flow_run_id, started, counts,
-                        report.bad_reasons, cursor=stored.value, settings_key=key)
+    # No chunk, not even an empty table: building one imports pandas (pyarrow looks for it).
+    store.finish_ingest(None, ingest_id, source, flow_run_id, started, counts, report.bad_reasons,
+                        cursor=stored.value, settings_key=key)
 
 
 # Connectors that call services retry inside (backoff, Retry-After); a task-level retry

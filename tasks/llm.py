@@ -13,6 +13,11 @@ With ``[llm] base_url`` set, a cycle asks the LLM about its candidates before th
   ``max_items_per_cycle``); the query ranks first those the LLM labels differently
   (:func:`~alflow.tasks.strategies.with_second_opinion`).
 
+With ``task = "multi_label"`` the LLM answers tag sets (their text form, no confidence:
+:class:`~alflow.connectors.llm.LLMClient`): a cold start's pre-labels are its sets, and the
+second opinion ranks first the items where its set differs from the model's predicted one
+(:func:`tag_second_opinion`, the Jaccard distance).
+
 Answers are cached per (item, lineage) (:mod:`alflow.tasks.store.llm`): an item asked once
 under a model name and prompt is never asked again; a failed request stores nothing and
 is asked next time. Failure is never fatal: an endpoint down, refusing the key or naming
@@ -26,6 +31,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -52,7 +58,9 @@ class Opinions:
     from its log-probabilities, NaN where none was given; ``proba`` (n, c) float over
     ``Settings.labels``: its probabilities where given, else p(label) = confidence and
     the rest spread evenly, else one-hot on its label (``confident`` False), NaN rows
-    where it named no class; ``groups`` (n,) int: the cold-start cluster of each candidate
+    where it named no class (a multi-label project's: (n, n_tags) 0/1, the LLM's tag set,
+    NaN rows where it gave none; ``confident`` all False: a set has no confidence);
+    ``groups`` (n,) int: the cold-start cluster of each candidate
     (None for a second opinion); ``step``: :data:`COLD_START` or :data:`SECOND_OPINION`.
     """
 
@@ -107,6 +115,78 @@ def opinion_rows(answers: pd.DataFrame, classes: list[str]) -> tuple[np.ndarray,
     return proba, confident
 
 
+def tag_opinion_rows(answers: pd.DataFrame, tags: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`opinion_rows` of a multi-label project's answers: (proba (n, n_tags), the
+    0/1 rows of the LLM's tag sets, NaN rows where it gave none; confident (n,) False)."""
+    from alflow.tasks.multilabel.tags import parse_tags, tag_matrix
+
+    proba = np.full((len(answers), len(tags)), np.nan)
+    for row, answer in enumerate(answers.itertuples(index=False)):
+        if answer.status == "ok" and isinstance(answer.label, str):
+            proba[row] = tag_matrix([parse_tags(answer.label)], tags)[0]
+    return proba, np.zeros(len(answers), dtype=bool)
+
+
+def tag_set_distance(thresholds: np.ndarray) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """``distance(proba (n, t), other (n, t)) -> (n,)``: the Jaccard distance between the
+    model's predicted tag set (``proba`` at or above its per-tag ``thresholds`` (t,)) and
+    ``other``'s 0/1 set, in [0, 1]; 0 where both are empty, NaN where ``other``'s row is
+    NaN (no opinion)."""
+    thresholds = np.asarray(thresholds, dtype=float)
+
+    def distance(proba: np.ndarray, other: np.ndarray) -> np.ndarray:
+        other = np.asarray(other, dtype=float)
+        missing = np.isnan(other).any(axis=1)
+        mine, theirs = np.asarray(proba) >= thresholds, np.nan_to_num(other) >= 0.5
+        union = (mine | theirs).sum(axis=1)
+        far = 1.0 - np.divide((mine & theirs).sum(axis=1), union, out=np.ones(len(union)), where=union > 0)
+        far[missing] = np.nan
+        return far
+
+    return distance
+
+
+def tag_second_opinion(q, thresholds: np.ndarray) -> strategies.Strategy:
+    """The multi-label query ``q`` (QuerySettings) with the LLM's second opinion: the
+    configured strategy (:mod:`alflow.tasks.multilabel.strategies`), after the items where
+    the LLM's tag set differs from the model's predicted one (:func:`tag_set_distance` >
+    0), the farthest first, then the one the model is least sure of (mean margin); composed with
+    exploration and near-duplicates in the order a single-label strategy is
+    (:func:`alflow.tasks.strategies.get_strategy`). ``pool.second_opinion``: (n, n_tags)
+    from :meth:`Opinions.proba_for`."""
+    from alflow.tasks.multilabel import strategies as tag_strategies
+
+    def unsure(proba):
+        return tag_strategies.mean_margin_uncertainty(proba, thresholds)
+
+    base = strategies.with_second_opinion(tag_strategies.get_strategy(q.strategy, candidates=q.candidates),
+                                          distance=tag_set_distance(thresholds), uncertainty=unsure)
+    if q.exploration > 0:
+        base = strategies.with_exploration(base, q.exploration)
+    if q.near_duplicate is not None:
+        base = strategies.without_near_duplicates(base, q.near_duplicate)
+    return base
+
+
+def tag_second_opinion_candidates(store: Store, settings: Settings, model_version: int, k: int,
+                                  holdout: float | None) -> list[str]:
+    """A multi-label project's :func:`~alflow.tasks.query.second_opinion_candidates`: the
+    k x CANDIDATE_FACTOR pool items the model is least sure of by mean margin (its
+    stored per-tag probabilities and thresholds), most uncertain first; none for the random
+    strategy."""
+    from alflow.tasks.multilabel.strategies import mean_margin_uncertainty
+    from alflow.tasks.query import CANDIDATE_FACTOR
+
+    if settings.query.strategy == "random":
+        return []
+    item_ids, proba, _ = store.pool_predictions(model_version, len(settings.labels), holdout)
+    if not len(item_ids):
+        return []
+    thresholds = store.model_row(model_version)["thresholds"]
+    top = strategies.top_k(mean_margin_uncertainty(proba, thresholds), k * CANDIDATE_FACTOR)
+    return item_ids[top].tolist()
+
+
 def llm_client(settings: Settings) -> LLMClient | None:
     """The client of ``[llm]``, or None when it is off (no base_url, or no chat model)."""
     if settings.llm.base_url is None or not settings.llm.model:
@@ -156,21 +236,22 @@ def ask(store: Store, client: LLMClient, classes: list[str], candidates: pd.Data
                                                           usage, error))
     had = [frame for frame in (cached, fresh) if len(frame)]
     answers = pd.concat(had, ignore_index=True) if had else pd.DataFrame(columns=cached.columns)
-    opinions = build_opinions(answers, candidates, classes, step)
+    opinions = build_opinions(answers, candidates, classes, step, client.task)
     if not any(isinstance(label, str) for label in opinions.labels):
         return None  # not one usable answer: the cycle goes on as without an LLM
     return opinions
 
 
-def build_opinions(answers: pd.DataFrame, candidates: pd.DataFrame, classes: list[str], step: str) -> Opinions:
+def build_opinions(answers: pd.DataFrame, candidates: pd.DataFrame, classes: list[str], step: str,
+                   task: str = "single_label") -> Opinions:
     """:class:`Opinions` over every candidate, in the candidates' order, from the answers
-    had (an item without one gets none)."""
+    had (an item without one gets none); ``task = "multi_label"``: tag-set answers."""
     frame = candidates[["item_id"]].merge(answers, on="item_id", how="left")
     frame["status"] = frame["status"].fillna("failed")
     frame["proba"] = [p if isinstance(p, list) else None for p in frame["proba"]]
     frame["label"] = [label if isinstance(label, str) and status == "ok" else None
                       for label, status in zip(frame["label"], frame["status"])]
-    proba, confident = opinion_rows(frame, classes)
+    proba, confident = (tag_opinion_rows if task == "multi_label" else opinion_rows)(frame, classes)
     groups = candidates["group"].to_numpy(dtype=np.int64) if "group" in candidates else None
     return Opinions(item_ids=frame["item_id"].to_numpy(dtype=object), labels=frame["label"].to_numpy(dtype=object),
                     confidence=pd.to_numeric(frame["confidence"], errors="coerce").to_numpy(dtype=float),
@@ -207,7 +288,7 @@ def usage_line(client: LLMClient, step: str, candidates: int, cached: int, asked
         reason = Counter(usage.reasons).most_common(1)[0][0] if usage.reasons else "no answer"
         parts.append(f"{usage.failed} failed (asked again next cycle; {reason})")
     if usage.outside:
-        parts.append(f"{usage.outside} outside the classes")
+        parts.append(f"{usage.outside} outside the {'tags' if client.task == 'multi_label' else 'classes'}")
     if usage.malformed:
         parts.append(f"{usage.malformed} malformed")
     return f"{head}: {', '.join(parts)}; {llm_usage_text(usage.as_dict())}"
@@ -245,7 +326,8 @@ def llm_opinions(store: Store, settings: Settings, model_version: int | None, fl
             candidates = cold_start_candidates(store, settings, k, batch_rng(settings.seed, store), holdout, m)
             step = COLD_START
         else:
-            ids = second_opinion_candidates(store, settings, model_version, k, holdout)
+            ids = (tag_second_opinion_candidates if settings.task == "multi_label" else second_opinion_candidates)(
+                store, settings, model_version, k, holdout)
             candidates = pd.DataFrame({"item_id": ids})
             step = SECOND_OPINION
         if candidates.empty:

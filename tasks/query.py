@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 QUERY_ATTEMPTS = 3
 # Members of the bagged committee of the ``committee`` strategy.
 COMMITTEE_SIZE = 5
+# A multi-label committee bags at least this many answers (fewer: the strategy's fallback).
+MIN_COMMITTEE_LABELS = 2
 # The query reads k * CANDIDATE_FACTOR of the most uncertain pool items out of DuckDB (and
 # as many sampled at random for exploration), never the whole pool: room for the
 # near-duplicate filter to drop a few doublings' worth before a batch falls short.
@@ -100,6 +102,29 @@ def _committee(model_settings: ModelSettings, docs: Sequence[str], labels: Seque
         members.append(modeling.fit(model_settings, [docs[i] for i in rows], labels[rows].tolist(),
                                     features=features))
     return members
+
+
+def tag_committee(model_settings: ModelSettings, features, labeled_docs: Sequence[str], labeled_y: np.ndarray,
+                  docs_of: Callable[[np.ndarray], list[str]], rng: np.random.Generator):
+    """The ``committee`` of a multi-label :class:`~alflow.tasks.multilabel.strategies.TagPool`:
+    ``rows -> (COMMITTEE_SIZE, len(rows), n_tags)`` per-tag probabilities of the pool rows
+    ``docs_of(rows)``, from :func:`~alflow.tasks.multilabel.model.fit_committee` of the
+    answers ``labeled_docs`` (L,) / ``labeled_y`` (L, n_tags) over the current model's
+    fitted ``features``, drawn with ``rng`` and fitted at the first call (only a committee
+    strategy that reaches its candidates pays for it). None with fewer than
+    :data:`MIN_COMMITTEE_LABELS` answers: nothing to bag, the strategy falls back to mean_margin."""
+    from alflow.tasks.multilabel.model import fit_committee
+
+    if len(labeled_docs) < MIN_COMMITTEE_LABELS:
+        return None
+    fitted = []
+
+    def committee(rows):
+        if not fitted:
+            fitted.append(fit_committee(model_settings, labeled_docs, labeled_y, features, COMMITTEE_SIZE, rng))
+        return fitted[0].predict_proba(docs_of(np.asarray(rows)))
+
+    return committee
 
 
 def build_pool(q: QuerySettings, proba: np.ndarray, model, docs_of: Callable[[np.ndarray], list[str]],
@@ -247,7 +272,8 @@ def _load_model(store: Store, settings: Settings, model_version: int):
     from alflow.tasks.train import model_file
 
     row = store.model_row(model_version)
-    return modeling.load_model(model_file(settings, row), modeling.trusted_types(settings.model, settings.labels))
+    return modeling.load_model(model_file(settings, row),
+                               modeling.trusted_types(settings.model, settings.labels, settings.task))
 
 
 def candidate_plan(q: QuerySettings, k: int) -> tuple[str | None, bool, int]:
@@ -344,14 +370,19 @@ def model_picks(store: Store, settings: Settings, model_version: int, k: int,
     })
 
 
-def tag_model_picks(store: Store, settings: Settings, model_version: int, k: int,
-                    rng: np.random.Generator, holdout: float | None) -> pd.DataFrame:
+def tag_model_picks(store: Store, settings: Settings, model_version: int, k: int, rng: np.random.Generator,
+                    holdout: float | None, opinions: "Opinions | None" = None) -> pd.DataFrame:
     """:func:`model_picks` with task = "multi_label": the configured multi-label strategy
     (:mod:`alflow.tasks.multilabel.strategies`, composed with exploration and the
     near-duplicate filter as a single-label one) over the model's stored per-tag
     probabilities of the pool, read whole (a multi-label strategy ranks by measures
     computed from all tags and the model's thresholds, not one stored column). Each pick's
-    ``prelabel`` is its predicted set's text form, ``confidence`` that set's probability."""
+    ``prelabel`` is its predicted set's text form, ``confidence`` that set's probability.
+    ``committee``: its members (:func:`tag_committee`) are bagged from the answers' tag sets
+    over the model's features, drawn from a stream spawned off ``rng`` (the batch's
+    generator, seeded by the config's seed); their picks say picked_by 'committee'.
+    ``opinions``: the LLM's tag sets, the second opinion
+    (:func:`alflow.tasks.llm.tag_second_opinion`; picked_by 'disagreement')."""
     from alflow.tasks.multilabel import strategies as tag_strategies
     from alflow.tasks.multilabel.model import apply_thresholds, model_thresholds, set_confidence, tag_proba
     from alflow.tasks.multilabel.tags import parse_tags, tag_matrix
@@ -366,29 +397,44 @@ def tag_model_picks(store: Store, settings: Settings, model_version: int, k: int
     model = _load_model(store, settings, model_version)
     thresholds = model_thresholds(model)
     pool = tag_strategies.TagPool(proba, thresholds=thresholds)
-    if q.strategy in ("cardinality_inconsistency", "mmc") or q.near_duplicate is not None:
+
+    def docs_of(rows):
+        frame = store.items(item_ids[np.asarray(rows)].tolist())
+        return [document(t, x) for t, x in zip(frame["title"], frame["text"])]
+
+    if q.strategy in ("cardinality_inconsistency", "mmc", "committee") or q.near_duplicate is not None:
         labeled, _ = store.training_set(holdout)
         labeled = labeled[labeled["label"].isin(tag_answers(settings, labeled["label"].unique()))]
         if len(labeled):
             pool.labeled_tags = tag_matrix([parse_tags(a) for a in labeled["label"]], tags)
             pool.labeled_proba = tag_proba(model, labeled["doc"].tolist())
+        if q.strategy == "committee" and len(labeled):
+            # its own stream of the batch's generator: the exploration draws stay as without it
+            pool.committee = tag_committee(settings.model, model[:-1], labeled["doc"].tolist(), pool.labeled_tags,
+                                           docs_of, rng.spawn(1)[0])
         if q.near_duplicate is not None:
             from alflow.tasks import modeling
 
             vectorize = modeling.similarity_features(model)
-
-            def features(rows):
-                frame = store.items(item_ids[np.asarray(rows)].tolist())
-                return vectorize([document(t, x) for t, x in zip(frame["title"], frame["text"])])
-
-            pool.features = features
+            pool.features = lambda rows: vectorize(docs_of(rows))
             pool.labeled_features = vectorize(labeled["doc"].tolist()) if len(labeled) else None
-    strategy = tag_strategies.get_strategy(q.strategy, q.exploration, q.near_duplicate)
+    second = opinions is not None and q.strategy != "random"
+    if second:
+        from alflow.tasks.llm import tag_second_opinion, tag_set_distance
+
+        pool.second_opinion = opinions.proba_for(item_ids)
+        strategy = tag_second_opinion(q, thresholds)
+    else:
+        strategy = tag_strategies.get_strategy(q.strategy, q.exploration, q.near_duplicate, q.candidates)
     idx, scores = strategy(pool, k, rng)
     if q.strategy == "random":
         picked_by = ["random"] * len(idx)
     else:
-        picked_by = ["exploration" if np.isnan(score) else "uncertainty" for score in scores]
+        own = PICKED_BY["committee"] if pool.committee is not None else "uncertainty"
+        picked_by = ["exploration" if np.isnan(score) else own for score in scores]
+    if second and len(idx):
+        differ = tag_set_distance(thresholds)(proba[idx], pool.second_opinion[idx]) > 0
+        picked_by = [DISAGREEMENT if d and p != "exploration" else p for d, p in zip(differ, picked_by)]
     return pd.DataFrame({
         "item_id": item_ids[idx],
         "score": scores,
@@ -424,7 +470,7 @@ def query_batch(store: Store, settings: Settings, model_version: int | None,
         elif model_version is None:
             picks = cold_start_picks(store, settings, k, rng, holdout)
         elif settings.task == "multi_label":
-            picks = tag_model_picks(store, settings, model_version, k, rng, holdout)
+            picks = tag_model_picks(store, settings, model_version, k, rng, holdout, opinions)
         else:
             picks = model_picks(store, settings, model_version, k, rng, holdout, opinions)
         # flagged labels to recheck first, the random control slice last (alflow.tasks.control)

@@ -8,8 +8,11 @@ import math
 import os
 import string
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
+if TYPE_CHECKING:
+    # imported where used: `alflow ingest` never loads pandas (0.2-0.4 s of its start-up)
+    import pandas as pd
 
 _MARKDOWN_ESCAPES = str.maketrans({c: "\\" + c for c in string.punctuation})
 
@@ -264,6 +267,8 @@ def cycle_markdown(counts: dict, cycles: pd.DataFrame, train: dict | None, batch
     the label flags and every stopping rule's state; with ``timings`` (seconds by step,
     :mod:`alflow.tasks.timings`) where the cycle's time went; with ``llm``
     (:func:`llm_report`) the LLM's pre-labels kept and what it was asked."""
+    import pandas as pd
+
     lines = ["# Active-learning cycle", ""]
     lines.append(f"- pool: **{counts['pool']}** items waiting of {counts['items']} stored"
                  + (f" ({counts['holdout']} held out for evaluation)" if counts.get("holdout") else ""))
@@ -364,6 +369,8 @@ def shown_metrics(cycles: pd.DataFrame) -> tuple[str, str]:
 
 def curve_table(cycles: pd.DataFrame) -> list[str]:
     """The learning curve as Markdown table lines, one row per cycle."""
+    import pandas as pd
+
     cycles = with_tag_metrics(cycles)
     first, second = shown_metrics(cycles)
     heading = {"accuracy": "accuracy", "micro_f1": "micro F1", "macro_f1": "macro F1"}
@@ -390,6 +397,8 @@ def curve_image(url: str, cycles: pd.DataFrame | None = None) -> str:
 
 def curve_caption(cycles: pd.DataFrame) -> str:
     """One line on the latest cycle: labels, both metrics, its model."""
+    import pandas as pd
+
     cycles = with_tag_metrics(cycles)
     last = cycles.iloc[-1]
     model = (f"model v{int(last['model_version'])} ({'promoted' if last['promoted'] else 'not promoted'})"

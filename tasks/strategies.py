@@ -379,9 +379,16 @@ def disagreement(proba: np.ndarray, other: np.ndarray) -> np.ndarray:
     return differ
 
 
-def with_second_opinion(strategy: Strategy) -> Strategy:
+def with_second_opinion(strategy: Strategy, distance: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+                        uncertainty: Callable[[np.ndarray], np.ndarray] | None = None) -> Strategy:
     """``strategy``, after the items on which the second opinion (``pool.second_opinion``,
     e.g. an LLM's) names another top class than the model (:func:`disagreement`).
+
+    ``distance(proba, second_opinion) -> (n,)`` and ``uncertainty(proba) -> (n,)`` replace
+    :func:`disagreement` and the margin for another kind of answer (a multi-label pool:
+    the Jaccard distance between tag sets, the mean-margin uncertainty,
+    :func:`alflow.tasks.llm.tag_second_opinion`): the items at a distance above 0 come
+    first, the farthest first, then the one the model is least sure of.
 
     The disagreeing items come first, the one the model is least sure of first (smallest
     margin of ``pool.proba``, ties by index), at most k of them; ``strategy``'s own picks
@@ -395,14 +402,18 @@ def with_second_opinion(strategy: Strategy) -> Strategy:
     without ``pool.second_opinion``.
     """
 
+    distance = distance or disagreement
+    uncertainty = uncertainty or MEASURES["margin"]
+
     def composed(pool, k: int, rng: np.random.Generator):
         pool = as_pool(pool)
         k = max(0, min(int(k), pool.n))
         if pool.second_opinion is None or k == 0:
             return strategy(pool, k, rng)
-        differ = np.flatnonzero(disagreement(pool.proba, pool.second_opinion) == 1.0)
-        unsure = MEASURES["margin"](pool.proba[differ])
-        order = top_k(unsure, k)
+        far = distance(pool.proba, pool.second_opinion)
+        differ = np.flatnonzero(far > 0)  # NaN (no opinion) is not above 0
+        unsure = uncertainty(pool.proba[differ])
+        order = np.lexsort((differ, -unsure, -far[differ]))[:k]  # ties by index
         first = differ[order]
         picks, scores = strategy(pool, k, rng)
         rest = ~np.isin(picks, first)

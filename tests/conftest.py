@@ -37,7 +37,7 @@ MODULE_SECONDS = {
     "test_embeddings_down.py": 15,
     "test_ingest.py": 15, "test_report.py": 15, "test_leases.py": 12, "test_review.py": 12, "test_docs.py": 8,
     "test_multilabel_cycle.py": 35, "test_multilabel_quality.py": 12, "test_simulate_multilabel.py": 10,
-    "test_review_multilabel.py": 6,
+    "test_review_multilabel.py": 6, "test_llm_multilabel.py": 12, "test_multilabel_paused.py": 35,
 }
 SECONDS_PER_TEST = 0.5  # a module not listed: most of its tests are unit tests
 

@@ -13,7 +13,10 @@ it from one of them:
   first token the alternatives are the classes' first tokens, p(answer) = ``confident``
   and the rest spread evenly over the other classes. A class is two tokens (its first
   three characters, then the rest), so classes sharing a prefix share a first token, as
-  with a real tokenizer. ``usage`` always.
+  with a real tokenizer. ``usage`` always. Asked for a tag set (a ``json_schema`` whose
+  ``tags`` is an array of an ``enum`` of tags, as a multi-label client asks), the answer is
+  ``{"tags": [...]}``: the tag of every keyword found (sorted; ``[]`` with none), without
+  logprobs.
 * embeddings: hashed bag-of-words vectors of ``embedding_dim`` (blake2b of each lowercased
   word picks a dimension and a sign), L2-normalised: deterministic across processes, and
   texts sharing words are close.
@@ -196,6 +199,8 @@ class FakeOpenAI:
         response_format = body.get("response_format") or {}
         if response_format.get("type") == "json_schema":
             schema = response_format["json_schema"]["schema"]
+            if "tags" in schema["properties"]:
+                return list(schema["properties"]["tags"]["items"]["enum"])
             return list(schema["properties"]["label"]["enum"])
         if self.labels:
             return list(self.labels)
@@ -208,6 +213,8 @@ class FakeOpenAI:
         if body.get("logprobs") and self.reject_logprobs:
             return 400, _error("logprobs are not supported by this model", "invalid_request_error"), {}
         classes = self._classes(body)
+        schema = ((body.get("response_format") or {}).get("json_schema") or {}).get("schema") or {}
+        tagging = "tags" in (schema.get("properties") or {})
         user = [m["content"] for m in body.get("messages", []) if m.get("role") == "user"]
         text = user[-1] if user else ""
         marker = text.rfind("Text:\n")
@@ -220,7 +227,9 @@ class FakeOpenAI:
         elif self._take("_malformed"):
             content, tokens = MALFORMED_CONTENT, None
         elif self._take("_outside"):
-            content, tokens = json.dumps({"label": OUTSIDE_LABEL}), None
+            content, tokens = json.dumps({"tags": [OUTSIDE_LABEL]} if tagging else {"label": OUTSIDE_LABEL}), None
+        elif tagging:
+            content, tokens = json.dumps({"tags": self.tags_of(text, classes)}), None
         else:
             tokens = self._label_logprobs(label, classes, int(body.get("top_logprobs") or 0))
             content = "".join(token["token"] for token in tokens)
@@ -243,6 +252,11 @@ class FakeOpenAI:
         found = [(lowered.find(word), label) for word, label in self.keywords.items()
                  if word in lowered and label in classes]
         return min(found)[1] if found else classes[0]
+
+    def tags_of(self, text: str, tags: list[str]) -> list[str]:
+        """The tags of every keyword found in ``text``, sorted ([] with none)."""
+        lowered = text.lower()
+        return sorted({tag for word, tag in self.keywords.items() if word in lowered and tag in tags})
 
     def _label_logprobs(self, label: str, classes: list[str], top: int) -> list[dict]:
         """The answer's tokens with their logprobs and ``top`` alternatives each."""

@@ -489,7 +489,7 @@ def multilabel_project(directory: Path, n_rows: int = 60) -> Path:
     config = directory / "alflow.toml"
     config.write_text("\n".join([
         'task = "multi_label"', f"labels = {TAGS!r}".replace("'", '"'), 'database = "state/alflow.duckdb"',
-        'models_dir = "state/models"', "seed = 7", "[query]", 'strategy = "mean_margin"', f"batch_size = {BATCH_SIZE}",
+        'models_dir = "state/models"', "seed = 7", "[model]", "self_training = 0", "[query]", 'strategy = "mean_margin"', f"batch_size = {BATCH_SIZE}",
         "[review]", "poll_interval_seconds = 1", "[evaluation]", 'method = "holdout"', "holdout_fraction = 0.2",
         'metric = "micro_f1"', "[[sources]]", 'type = "files"', 'name = "news"', f'path = "{source.as_posix()}"',
         'text_column = "text"', 'label_column = "labels"', ""]), encoding="utf-8")

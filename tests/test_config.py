@@ -305,9 +305,13 @@ def test_ingest_neither_imports_nor_checks_the_classifier(tmp_path: Path, prefec
     ingested = CliRunner().invoke(app, ["ingest", "--config", str(path), "--no-progress"])
     assert ingested.exit_code == 0 and "read" in ingested.output, ingested.output
     assert "model.classifier" in config_error(path)
+    # without a [model] table too: its default is then the section's, built with the check off
+    (tmp_path / "bare").mkdir()
+    bare = write_config(tmp_path / "bare", labels=["ham", "spam"], source_path=SMS_CSV)
     imported = subprocess.run(
         [sys.executable, "-c", "import sys\nfrom alflow.config import load_config\n"
-                               f"load_config({str(path)!r}, environ={{}}, check_model=False)\n"
+                               f"for path in ({str(path)!r}, {str(bare)!r}):\n"
+                               "    load_config(path, environ={}, check_model=False)\n"
                                "print(sorted(m for m in ('sklearn', 'scipy') if m in sys.modules))"],
         capture_output=True, text=True, timeout=120)
     assert imported.stdout.split() == ["[]"], imported.stderr

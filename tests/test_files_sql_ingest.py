@@ -310,6 +310,22 @@ def clean_csv(path: Path, labels: list[str]) -> Path:
     return path
 
 
+def test_a_file_ingest_loads_neither_pandas_nor_scikit_learn(tmp_path):
+    """What `alflow ingest` runs for a file, read and then found unchanged, in a fresh process:
+    pandas (0.2-0.4 s of the command's start-up) and scikit-learn (1.1-1.4 s) stay unloaded."""
+    import subprocess
+    import sys
+
+    settings = project(tmp_path, clean_csv(tmp_path / "clean.csv", ["ham", "spam"]), label_column="label")
+    code = ("import sys\nfrom alflow.config import load_config\nfrom alflow.tasks.ingest import ingest_source\n"
+            f"settings = load_config({str(settings.config_path)!r}, environ={{}}, check_model=False)\n"
+            "lines = [ingest_source(settings, 'corpus', run).line() for run in ('first', 'again')]\n"
+            "print(lines, sorted(m for m in ('pandas', 'sklearn', 'scipy') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == ("['corpus: 2 read, 2 new, 0 duplicates, 0 failed', "
+                                   "'corpus: 2 read, 0 new, 2 duplicates, 0 failed'] []"), done.stderr
+
+
 def test_gold_labels_outside_labels_store_the_chunks_before_them(tmp_path, reader, monkeypatch):
     monkeypatch.setattr(ingest_module, "WRITE_CHUNK", 4)
     labels = ["ham"] * 9 + ["Spam"] + ["ham"] * 3 + ["HAM"] * 2

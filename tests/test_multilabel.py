@@ -116,6 +116,62 @@ def test_mmc_predicts_tag_counts_from_the_labeled_items():
     assert picks.tolist() == [2, 1, 0]
 
 
+# Two members on A-D of PROBA: they agree on A's and C's tags, split on one tag of B and on
+# all three of D; B's split is near the boundary, D's sure-looking mean hides it.
+MEMBERS = np.array([
+    [[0.60, 0.99, 0.01], [0.80, 0.20, 0.60], [0.95, 0.05, 0.05], [0.90, 0.80, 0.70]],
+    [[0.52, 0.98, 0.02], [0.60, 0.40, 0.45], [0.94, 0.04, 0.06], [0.40, 0.30, 0.20]],
+])
+
+
+def test_tag_vote_entropy_is_the_mean_binary_vote_entropy_over_tags():
+    h = np.log(2)  # a tag on which the two members split
+    np.testing.assert_allclose(ml.tag_vote_entropy(MEMBERS), [0.0, h / 3, 0.0, h])
+    # three members, one of three says yes: the binary entropy of 1/3, on one tag of two
+    three = np.array([[[0.9, 0.1]], [[0.1, 0.1]], [[0.2, 0.1]]])
+    third = -(1 / 3 * np.log(1 / 3) + 2 / 3 * np.log(2 / 3))
+    np.testing.assert_allclose(ml.tag_vote_entropy(three), [third / 2])
+    # votes are cut at each tag's threshold: at 0.3 for tag 0 both members say yes to D's first tag
+    np.testing.assert_allclose(ml.tag_vote_entropy(MEMBERS, [0.3, 0.5, 0.5])[[1, 3]], [h / 3, 2 * h / 3])
+    # ties in vote entropy (A and C: 0) go to the less sure consensus
+    scores = ml.committee_score(MEMBERS)
+    assert scores[0] > scores[2] and scores[3] - ml.TIE_BREAK <= h <= scores[3]
+
+
+@pytest.mark.parametrize(("members", "message"), [
+    (MEMBERS[0], r"\(members, n_items, n_tags\)"),
+    (MEMBERS[:0], "at least one member"),
+    (MEMBERS * 2, "committee probabilities must hold per-tag probabilities"),
+])
+def test_tag_vote_entropy_rejects_bad_input_in_one_line(members, message):
+    with pytest.raises(ValueError, match=message):
+        ml.tag_vote_entropy(members)
+
+
+def test_committee_picks_disagreement_among_the_most_uncertain_and_falls_back_to_mean_margin():
+    asked = []
+
+    def committee(rows):
+        asked.append(np.asarray(rows).tolist())
+        return MEMBERS[:, rows]
+
+    pool = ml.TagPool(PROBA, committee=committee)
+    picks, scores = ml.committee(candidates=2)(pool, 1, None)
+    # the two most uncertain by mean margin are B and D; the members disagree more on D
+    assert asked == [[1, 3]] and picks.tolist() == [3] and scores[0] >= np.log(2)
+    picks, _ = ml.get_strategy("committee", candidates=1)(pool, 2, None)
+    assert sorted(asked[-1]) == [1, 3] and picks.tolist() == [3, 1]
+    picks, _ = ml.committee(candidates=4)(pool, 3, None)  # more candidates than items: every one
+    assert sorted(asked[-1]) == [0, 1, 2, 3] and picks.tolist() == [3, 1, 0]
+    # no committee (too few labels to bag one): mean margin's picks and scores
+    for a, b in zip(ml.get_strategy("committee")(PROBA, 3, None), ml.mean_margin(PROBA, 3, None)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match=r"pool.committee\(rows\) must give \(members, 2, 3\)"):
+        ml.committee(candidates=1)(ml.TagPool(PROBA, committee=lambda rows: MEMBERS), 2, None)
+    with pytest.raises(ValueError, match="candidates must be >= 1, got 0"):
+        ml.committee(candidates=0)
+
+
 def test_random_draws_distinct_items_with_nan_scores():
     picks, scores = ml.get_strategy("random")(ml.TagPool(np.full((30, 4), 0.5)), 10, np.random.default_rng(1))
     assert len(set(picks.tolist())) == 10 and np.isnan(scores).all()
@@ -230,6 +286,37 @@ def test_thresholds_on_chosen_rows_or_none(sample):
     assert not np.allclose(on_rows.thresholds, mmodel.choose_thresholds(y[:80], on_rows.oof_proba))
     fixed = mmodel.fit_tagger(ModelSettings(), docs[:40], y[:40], tags, folds=0)
     assert fixed.folds == 0 and fixed.oof_proba is None and (fixed.thresholds == 0.5).all()
+
+
+def test_the_committee_is_bagged_per_tag_set_seeded_and_fitted_once(sample):
+    from alflow.tasks.query import COMMITTEE_SIZE, tag_committee
+
+    docs, y, tags = sample
+    settings = ModelSettings(classifier="sklearn.naive_bayes.ComplementNB", classifier_params={})  # fast
+    y = y[:60].copy()
+    y[:, 0] = 0
+    y[7, 0] = 1  # one answer alone carries tag 0: a plain bootstrap would leave it out of most members
+    features = mmodel.fit_tagger(settings, docs[:60], y, tags, folds=0).model[:-1]
+    read = []
+
+    def docs_of(rows):
+        read.append(np.asarray(rows).tolist())
+        return [docs[100 + i] for i in rows]
+
+    members = tag_committee(settings, features, docs[:60], y, docs_of, np.random.default_rng(0))
+    assert read == []  # nothing fitted nor read before a strategy asks
+    proba = members(np.arange(8))
+    assert proba.shape == (COMMITTEE_SIZE, 8, len(tags)) and read == [list(range(8))]
+    assert np.ptp(proba, axis=0).max() > 0.01  # bootstrap samples differ, so do the members
+    np.testing.assert_array_equal(members(np.arange(8)), proba)  # fitted once
+    fitted = mmodel.fit_committee(settings, docs[:60], y, features, COMMITTEE_SIZE, np.random.default_rng(0))
+    np.testing.assert_array_equal(fitted.predict_proba(docs[100:108]), proba)  # seeded: the same draws
+    assert all(type(m.estimators_[0]).__name__ != "_ConstantPredictor" for m in fitted.members)  # all saw tag 0
+    other = mmodel.fit_committee(settings, docs[:60], y, features, COMMITTEE_SIZE, np.random.default_rng(1))
+    assert not np.array_equal(other.predict_proba(docs[100:108]), proba)
+    assert tag_committee(settings, features, docs[:1], y[:1], docs_of, np.random.default_rng(0)) is None
+    with pytest.raises(ValueError, match="at least 1 member, got size=0"):
+        mmodel.fit_committee(settings, docs[:60], y, features, 0, np.random.default_rng(0))
 
 
 def test_pool_fitted_features_read_the_pool(sample):

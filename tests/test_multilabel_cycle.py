@@ -50,7 +50,7 @@ def sample_csv(path: Path) -> Path:
 
 
 def project_config(directory: Path, source: Path, *, task: str = "multi_label", database: str = "state/alflow.duckdb",
-                   labels=TAGS, self_training: str = "0") -> Path:
+                   labels=TAGS, self_training: str = "0", query: str = "") -> Path:
     text = textwrap.dedent(f"""
         task = "{task}"
         labels = {json.dumps(labels)}
@@ -64,6 +64,7 @@ def project_config(directory: Path, source: Path, *, task: str = "multi_label", 
         [query]
         batch_size = 10
         near_duplicate = 0.9
+        {query}
 
         [evaluation]
         method = "holdout"
@@ -125,7 +126,7 @@ def test_a_multi_label_cycle_stores_tag_sets_end_to_end(project):
     assert list(models["task"]) == ["multi_label", "multi_label"]
     assert all(list(t) == [0.5] * 4 for t in models["thresholds"])  # model.tag_thresholds = "fixed"
     row = models.iloc[-1].to_dict()
-    model = modeling.load_model(model_file(settings, row), modeling.trusted_types(settings.model, settings.labels))
+    model = modeling.load_model(model_file(settings, row), modeling.trusted_types(settings.model, settings.labels, settings.task))
     assert model_thresholds(model).tolist() == list(row["thresholds"])
     metrics = json.loads(row["metrics"])
     assert {"micro_f1", "macro_f1", "hamming_loss", "subset_accuracy"} <= set(metrics)
@@ -156,6 +157,15 @@ def test_a_multi_label_cycle_stores_tag_sets_end_to_end(project):
     from alflow.tasks.report import curve_table
 
     assert "micro F1" in curve_table(store.cycles())[0]  # the summary artifact's learning curve
+    from alflow.tasks.plots import learning_curve_figure
+    from alflow.tasks.report import LEARNING_CURVE_PNG, curve_image, with_tag_metrics
+
+    assert (settings.database.parent / LEARNING_CURVE_PNG).is_file()  # the picture each cycle redraws
+    drawn = {line.get_gid(): line for line in learning_curve_figure(with_tag_metrics(store.cycles()),
+                                                                     "micro_f1").axes[0].lines}
+    assert list(drawn["micro_f1"].get_ydata()) == pytest.approx(
+        [json.loads(m)["micro_f1"] for m in store.cycles()["metrics"]])
+    assert "micro F1 and macro F1" in curve_image("data:,", store.cycles())
     cycles = json.loads(project["status"].output)["cycles"]
     assert project["status"].exit_code == 0 and [c["cycle"] for c in cycles] == [1, 2]
     assert cycles[-1]["micro_f1"] == pytest.approx(json.loads(store.cycles()["metrics"].iloc[-1])["micro_f1"])
@@ -249,22 +259,31 @@ def test_cv_evaluation_and_a_lower_is_better_metric(project, tmp_path):
     assert "hamming_loss" in result.reason and ("<=" in result.reason or ">" in result.reason)
 
 
-def test_the_default_self_trains_and_a_tag_no_answer_carries_still_loads(tmp_path, prefect_api):
-    """Two cycles with the shipped self_training = "auto" and a fifth tag no item carries:
-    every retrain adds pseudo-labels from the pool, and the model whose "health" column is
-    scikit-learn's constant stand-in loads again in the next cycle (query, stopping, train)."""
+def test_the_default_self_trains_a_committee_queries_and_a_tag_no_answer_carries_still_loads(tmp_path, prefect_api):
+    """Two cycles with the shipped self_training = "auto", query.strategy = "committee" and a
+    fifth tag no item carries: every retrain adds pseudo-labels from the pool, the model
+    whose "health" column is scikit-learn's constant stand-in loads again in the next cycle
+    (query, stopping, train), and the second batch (the first with a model) is picked by the
+    bagged members' disagreement, composed with exploration as any strategy."""
     config = project_config(tmp_path, sample_csv(tmp_path / "news.csv"), labels=TAGS + ["health"],
-                            self_training='"auto"')
+                            self_training='"auto"', query='strategy = "committee"')
     result = runner.invoke(app, ["run", "--config", str(config), "--auto", "--cycles", "2"])
     assert result.exit_code == 0, result.output
     settings = load_config(config)
     store = Store(settings.database)
     models = store.query_df("SELECT * FROM models ORDER BY model_version")
     assert len(models) == 2 and store.scalar("SELECT count(*) FROM batches") == 2
+    batch = store.query_df("""SELECT bi.picked_by, bi.score, b.strategy FROM batch_items bi
+                              JOIN batches b USING (batch_id) WHERE b.model_version = 1""")
+    assert batch["strategy"].iloc[0] == "committee+exploration(0.1)"
+    picked = batch["picked_by"].value_counts()
+    assert picked["committee"] >= 7 and set(picked.index) <= {"committee", "exploration", "control"}
+    # a committee pick's score is its mean vote entropy over tags, in [0, log 2], plus the tie-break
+    assert batch.loc[batch["picked_by"] == "committee", "score"].between(0, np.log(2) + 1e-3).all()
     for row in models.to_dict("records"):
         used = json.loads(row["metrics"])["self_training"]
         assert used["used"] and used["mode"] == "auto" and used["pool_sample"] > 0
-        model = modeling.load_model(model_file(settings, row), modeling.trusted_types(settings.model, settings.labels))
+        model = modeling.load_model(model_file(settings, row), modeling.trusted_types(settings.model, settings.labels, settings.task))
         assert model.predict_proba(["a ferry company strike"]).shape == (1, 5)
     assert "health" not in ";".join(store.query_df("SELECT label FROM labels")["label"])
 

@@ -18,7 +18,7 @@ from alflow.tasks.multilabel.tags import parse_tags, tag_matrix
 
 runner = CliRunner()
 MULTILABEL_CSV = DATA / "ag_news_multilabel.csv"
-STRATEGIES = "random,mean_margin,min_margin,cardinality_inconsistency,mmc,default"
+STRATEGIES = "random,mean_margin,min_margin,cardinality_inconsistency,mmc,committee,default"
 
 
 @pytest.fixture(scope="module")
@@ -57,14 +57,16 @@ def test_multilabel_simulate_writes_curves_summary_and_plot_the_same_for_any_job
     assert read_settings()[1].strategy not in {"mean_margin", "min_margin", "mmc"}
     # self-training is on by default, so random is also reported with the plain model
     assert summary["strategy"].tolist() == ["random", PLAIN_RANDOM, default, "min_margin",
-                                            "cardinality_inconsistency", "mmc"]
+                                            "cardinality_inconsistency", "mmc", "committee"]
     assert set(summary["metric"]) == {"micro_f1"}
-    assert len(curves) == 6 * 2 * 3  # arms x seeds x (cycles + 1)
+    assert len(curves) == 7 * 2 * 3  # arms x seeds x (cycles + 1)
     assert sorted(curves["n_labels"].unique().tolist()) == [10, 20, 30]
     assert curves[["micro_f1", "macro_f1", "subset_accuracy"]].stack().between(0, 1).all()
     # the strategies pick different items: after the cold start their curves part
     by_arm = curves[curves["cycle"] == 2].groupby("strategy")["micro_f1"].mean()
     assert by_arm.nunique() > 1
+    # the committee's members disagree elsewhere than mean margin (its fallback without them) looks
+    assert by_arm["committee"] != by_arm["mean_margin"]
     assert (one / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "full-pool micro_f1" in first.output
     # the flow's artifact table names the metric too

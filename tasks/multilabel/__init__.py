@@ -7,7 +7,8 @@ Plain functions over arrays, no Prefect, no DuckDB, one concern per module:
 * :mod:`~alflow.tasks.multilabel.strategies`: query strategies over the (n_items, n_tags)
   per-tag probability matrix, in the shape of :mod:`alflow.tasks.strategies`;
 * :mod:`~alflow.tasks.multilabel.model`: one-vs-rest with the configured classifier and
-  per-tag thresholds chosen on out-of-fold predictions;
+  per-tag thresholds chosen on out-of-fold predictions, self-training, and the bagged
+  members of the ``committee`` strategy;
 * :mod:`~alflow.tasks.multilabel.metrics`: micro and macro F1, Hamming loss, subset accuracy.
 
 Agreement over tag sets (MASI distance, Krippendorff's alpha with it, per-tag Cohen's

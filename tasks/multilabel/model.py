@@ -113,13 +113,17 @@ def _features(settings: ModelSettings, docs: list[str], pool_docs: Sequence[str]
     return modeling.fit_features(settings, list(pool_docs or []) + docs)
 
 
-def _fit_one_vs_rest(settings: ModelSettings, features: Pipeline, docs: list[str], y: np.ndarray) -> Pipeline:
+def _fitted_one_vs_rest(settings: ModelSettings, x, y: np.ndarray) -> OneVsRestClassifier:
     clf = one_vs_rest(settings)
     with warnings.catch_warnings():
         # a tag every (or no) training item carries: one-vs-rest predicts it constantly, as wanted
         warnings.filterwarnings("ignore", message="Label .* is present in all training examples")
         warnings.filterwarnings("ignore", message="Label not .* is present in all training examples")
-        clf.fit(features.transform(docs), y)
+        return clf.fit(x, y)
+
+
+def _fit_one_vs_rest(settings: ModelSettings, features: Pipeline, docs: list[str], y: np.ndarray) -> Pipeline:
+    clf = _fitted_one_vs_rest(settings, features.transform(docs), y)
     return Pipeline(list(features.steps) + [("clf", clf)])
 
 
@@ -261,6 +265,45 @@ def predict_tags(model, docs: Sequence[str], tags: Sequence[str]) -> list[str]:
 
     predicted = apply_thresholds(tag_proba(model, list(docs)), model_thresholds(model))
     return [format_tags(s) for s in tag_sets(predicted, tags)]
+
+
+# -- the committee of the ``committee`` strategy -------------------------------------------------
+@dataclass
+class Committee:
+    """Bagged one-vs-rest members over shared, already fitted ``features`` (a Pipeline of
+    the feature steps); ``members``: the fitted one-vs-rest classifiers."""
+
+    features: Pipeline
+    members: list[OneVsRestClassifier]
+
+    def predict_proba(self, docs: Sequence[str]) -> np.ndarray:
+        """(m, n_docs, n_tags) each member's per-tag probabilities; the docs are turned into
+        features once for all members."""
+        x = self.features.transform(list(docs))
+        return np.stack([tag_proba(member, x) for member in self.members])
+
+
+def fit_committee(settings: ModelSettings, docs: Sequence[str], y, features: Pipeline, size: int,
+                  rng: np.random.Generator) -> Committee:
+    """``size`` one-vs-rest models of the configured classifier, each fitted on a bootstrap
+    sample of the labeled ``docs`` (n,) / tag matrix ``y`` (n, t), drawn per tag set (every
+    set the answers carry keeps its count), so every member sees every tag and tag set that
+    has answers, as the single-label committee draws per class. ``features``: the current
+    model's fitted feature steps (``model[:-1]``), shared by the members and not refitted."""
+    docs = list(docs)
+    if not docs:
+        raise ValueError("fit_committee needs at least one labeled item")
+    y = check_tag_matrix(y, "y", n_items=len(docs))
+    if size < 1:
+        raise ValueError(f"a committee needs at least 1 member, got size={size}")
+    _, group = np.unique(y, axis=0, return_inverse=True)
+    by_set = [np.flatnonzero(group.ravel() == g) for g in np.unique(group)]
+    x = features.transform(docs)
+    members = []
+    for _ in range(size):
+        rows = np.concatenate([rng.choice(idx, size=idx.size, replace=True) for idx in by_set])
+        members.append(_fitted_one_vs_rest(settings, x[rows], y[rows]))
+    return Committee(features, members)
 
 
 # -- self-training: the single-label design (alflow.tasks.modeling.confident_picks) over tag sets --

@@ -12,6 +12,10 @@ scores)``, so its wrappers (:func:`~alflow.tasks.strategies.with_exploration`,
   - ``thresholds`` (n_tags,): the model's per-tag decision thresholds (None: 0.5 each);
   - ``labeled_proba`` (L, n_tags): the model's per-tag probabilities of the labeled items;
   - ``labeled_tags`` (L, n_tags): their tag matrix (0/1), the answers;
+  - ``committee(rows) -> (m, len(rows), n_tags)`` (Pool's field, here per-tag): the
+    per-tag probabilities of m committee members (bagged one-vs-rest models,
+    :func:`alflow.tasks.multilabel.model.fit_committee`, built lazily by
+    :func:`alflow.tasks.query.tag_committee`) for those pool rows;
 * ``k``: how many items to pick (clipped to n_items); ``rng``: a ``numpy.random.Generator``;
 * returns ``indices`` (<= k,) in pick order and ``scores`` of the same length (higher =
   more informative; NaN for random picks).
@@ -172,6 +176,37 @@ def mmc_score(proba, cardinality, thresholds=None) -> np.ndarray:
     return ((1.0 - y * f) / 2.0).sum(axis=1)
 
 
+def tag_vote_entropy(committee_proba, thresholds=None) -> np.ndarray:
+    """(m, n, t) members' per-tag probabilities -> (n,): the mean over tags of the binary
+    entropy of the members' votes, in nats, in [0, log 2].
+
+    A member votes yes on a tag where its probability reaches the tag's threshold
+    (``thresholds`` (t,), None: 0.5 each); a tag on which the m members split half and half
+    gives log 2, one on which they agree 0. The single-label
+    :func:`~alflow.tasks.strategies.vote_entropy`, per tag."""
+    committee_proba = np.asarray(committee_proba, dtype=float)
+    if committee_proba.ndim != 3:
+        raise ValueError(f"committee probabilities must be (members, n_items, n_tags), got {committee_proba.shape}")
+    m, n, t = committee_proba.shape
+    if m == 0:
+        raise ValueError("committee probabilities must come from at least one member, got 0")
+    flat = check_tag_proba(committee_proba.reshape(m * n, t), "committee probabilities")
+    votes = signed_margin(flat, thresholds).reshape(m, n, t) >= 0
+    yes = votes.mean(axis=0)  # (n, t): share of members voting yes
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(yes > 0, yes * np.log(yes), 0.0) + np.where(yes < 1, (1 - yes) * np.log1p(-yes), 0.0)
+    return 0.0 - terms.mean(axis=1)  # 0.0 -: no -0.0 where every member agrees
+
+
+def committee_score(committee_proba, thresholds=None) -> np.ndarray:
+    """(m, n, t) -> (n,): :func:`tag_vote_entropy`, plus :data:`TIE_BREAK` x the mean-margin
+    uncertainty of the members' mean probabilities, which orders the many ties (with m
+    members a tag's vote entropy takes only m // 2 + 1 values)."""
+    disagreement = tag_vote_entropy(committee_proba, thresholds)
+    consensus = np.asarray(committee_proba, dtype=float).mean(axis=0)
+    return disagreement + TIE_BREAK * mean_margin_uncertainty(consensus, thresholds)
+
+
 # -- strategies --------------------------------------------------------------------------------
 def _ranked(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     picks = top_k(scores, k)
@@ -212,24 +247,56 @@ def mmc(pool, k: int, rng: np.random.Generator | None = None):
     return _ranked(mmc_score(pool.proba, cardinality, pool.thresholds), k)
 
 
+def committee(candidates: int = 10) -> Strategy:
+    """Query by committee over tags: among the ``k * candidates`` items with the highest
+    :func:`mean_margin_uncertainty`, the k on which the members of ``pool.committee``
+    disagree most (:func:`committee_score`: vote entropy per tag, averaged over tags; ties
+    by the members' mean margin). ``pool.committee(rows)`` gives (m, len(rows), n_tags)
+    per-tag probabilities of m members; votes are cut at ``pool.thresholds``. Without a
+    committee (too few labels to bag one): :func:`mean_margin`.
+    """
+    if candidates < 1:
+        raise ValueError(f"candidates must be >= 1, got {candidates}")
+
+    def strategy(pool, k: int, rng: np.random.Generator | None = None):
+        pool = as_tag_pool(pool)
+        if pool.committee is None:
+            return mean_margin(pool, k, rng)
+        rows = top_k(mean_margin_uncertainty(pool.proba, pool.thresholds), int(k) * candidates)
+        member_proba = np.asarray(pool.committee(rows), dtype=float)
+        expected = (len(rows), pool.proba.shape[1])
+        if member_proba.ndim != 3 or member_proba.shape[1:] != expected:
+            raise ValueError(f"pool.committee(rows) must give (members, {expected[0]}, {expected[1]}) per-tag "
+                             f"probabilities, got {member_proba.shape}")
+        scores = committee_score(member_proba, pool.thresholds)
+        order = top_k(scores, k)
+        return rows[order], scores[order]
+
+    strategy.__name__ = "committee"
+    return strategy
+
+
 STRATEGIES: dict[str, Strategy] = {
     "mean_margin": mean_margin,
     "min_margin": min_margin,
     "cardinality_inconsistency": cardinality_inconsistency,
     "mmc": mmc,
+    "committee": committee(),
     "random": random_sampling,
 }
 NAMES = tuple(STRATEGIES)
 
 
-def get_strategy(name: str, exploration: float = 0.0, near_duplicate: float | None = None) -> Strategy:
+def get_strategy(name: str, exploration: float = 0.0, near_duplicate: float | None = None,
+                 candidates: int = 10) -> Strategy:
     """The multi-label strategy ``name`` (one of :data:`NAMES`), composed as
     :func:`alflow.tasks.strategies.get_strategy` composes single-label ones: an
     ``exploration`` share of random picks, then near-duplicates (cosine >= ``near_duplicate``)
-    dropped."""
+    dropped. ``candidates``: how many times k of the most uncertain items ``committee``
+    looks at (``query.candidates``)."""
     if name not in STRATEGIES:
         raise ValueError(f"unknown multi-label strategy {name!r}; choose from {list(NAMES)}")
-    strategy: Callable = STRATEGIES[name]
+    strategy: Callable = committee(candidates) if name == "committee" else STRATEGIES[name]
     if name != "random" and exploration > 0:
         strategy = single.with_exploration(strategy, exploration)
     if near_duplicate is not None:

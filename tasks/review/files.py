@@ -234,15 +234,15 @@ def _read_answers(path: Path, fmt: str, multiple: bool = False) -> list[tuple[st
     """(where, row) pairs from a CSV or JSONL answers file ('line 3'), or from Label Studio
     tasks ('task 2': one row per annotation; see :func:`_label_studio_rows`)."""
     rows = []
-    if fmt == "csv":
-        with open(path, newline="", encoding="utf-8") as handle:
+    if fmt == "csv":  # utf-8-sig: a spreadsheet's "CSV UTF-8" starts with a byte order mark
+        with open(path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             for row in reader:
                 rows.append((f"line {reader.line_num}", row))
     elif fmt == "label-studio":
         return _label_studio_rows(path, multiple)
     else:
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8-sig") as handle:
             for number, line in enumerate(handle, start=1):
                 if not line.strip():
                     continue

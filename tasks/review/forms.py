@@ -84,10 +84,14 @@ def form_description(batch_id: str, batch: pd.DataFrame, cold_start: bool, indep
     queried without a model. ``task = "multi_label"``: each item is a multi-select of tags."""
     lines = [f"**Batch {markdown_text(batch_id)}: {batch_count_text(batch)}.**"]
     one = len(batch) == 1
+    llm = cold_start and "prelabel_by" in batch and (batch["prelabel_by"] == "llm").any()
     if task == "multi_label":
         lines.append("Choose every tag that applies to each item; an item with none selected is answered "
                      "\"none of these tags apply\". Choose skip alone to skip an item. "
-                     + ("No model yet (cold start): nothing is preselected." if cold_start else
+                     + ("No model yet (cold start): each item's preselected tags are the LLM's suggestion (a tag "
+                        "set comes with no confidence): leave them to agree, add or remove tags to correct them. "
+                        "An item shown without one starts with none selected." if llm else
+                        "No model yet (cold start): nothing is preselected." if cold_start else
                         "The model's tags are preselected where it may show them: leave them to agree, add or "
                         "remove tags to correct them. An item shown without a pre-label starts with none "
                         "selected.")
@@ -97,7 +101,7 @@ def form_description(batch_id: str, batch: pd.DataFrame, cold_start: bool, indep
         lines.append(f"{plural(len(batch), 'item')} of this batch still {'needs' if one else 'need'} an independent "
                      f"answer, from someone who has not answered {'it' if one else 'them'} yet. A field is preset "
                      "to the model's pre-label where there is one, never to another annotator's answer.")
-    elif cold_start and "prelabel_by" in batch and (batch["prelabel_by"] == "llm").any():
+    elif llm:
         lines.append("No model yet (cold start): each item's pre-label is the LLM's suggestion, preselected, with "
                      "its confidence in the item's heading (or \"no confidence given\"): leave it to agree, choose "
                      "another class to correct it, or skip. An item shown without one needs a choice.")

@@ -9,13 +9,16 @@ lineage. A failed request stores nothing and is asked again next time.
 from __future__ import annotations
 
 import json
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import pandas as pd
 
 from alflow.config import SKIP
 from alflow.tasks.store.database import Database, utcnow
+
+if TYPE_CHECKING:
+    # imported where used: `alflow ingest` never loads pandas (0.2-0.4 s of its start-up)
+    import pandas as pd
 
 # The columns of an LLM answer, as :meth:`LLMStore.llm_answers` reads them and
 # :meth:`LLMStore.record_llm_answers` writes them.
@@ -61,6 +64,8 @@ class LLMStore(Database):
     def llm_answers(self, llm_version: int, item_ids: Sequence[str]) -> pd.DataFrame:
         """The stored answers of ``llm_version`` for those of ``item_ids`` it has one for, in
         the given order: item_id, label, confidence, proba (a list or None), status."""
+        import pandas as pd
+
         if not len(item_ids):
             return pd.DataFrame(columns=ANSWER_COLUMNS)
         wanted = pd.DataFrame({"item_id": list(item_ids), "pos": range(len(item_ids))})
@@ -80,6 +85,8 @@ class LLMStore(Database):
         (counts :data:`USAGE_COUNTS`, tokens :data:`USAGE_TOKENS` or None, ``seconds``;
         ``error``: why the endpoint was unusable) in one transaction. An answer already
         stored for the item is kept. Returns the answers written."""
+        import pandas as pd
+
         rows = answers[ANSWER_COLUMNS].copy() if len(answers) else pd.DataFrame(columns=ANSWER_COLUMNS)
         ok = rows["status"] == "ok"
         # An answer that is no label stores none of a label's parts.
@@ -106,6 +113,8 @@ class LLMStore(Database):
     def pool_members(self, item_ids: Sequence[str], holdout_fraction: float | None = None) -> list[str]:
         """Those of ``item_ids`` still in the pool (unanswered, in no open batch, not held
         out), in the given order: what is left of candidates asked about earlier."""
+        import pandas as pd
+
         if not len(item_ids):
             return []
         wanted = pd.DataFrame({"item_id": list(item_ids), "pos": range(len(item_ids))})
@@ -132,6 +141,8 @@ class LLMStore(Database):
         (``any_run``). A dict of :data:`USAGE_COUNTS`, :data:`USAGE_TOKENS` (None when no
         server reported them), ``seconds`` and ``steps`` (the steps that asked, in order);
         None when nothing was asked."""
+        import pandas as pd
+
         where = "" if any_run else "WHERE flow_run_id IS NOT DISTINCT FROM ?"
         row = self.query_df(
             f"""SELECT count(*) AS n, {', '.join(f'sum({k}) AS {k}' for k in USAGE_COUNTS + USAGE_TOKENS)},

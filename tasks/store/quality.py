@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from alflow.config import SKIP
 from alflow.tasks.store.database import Database, utcnow
 from alflow.tasks.store.pool import DOC_SQL, sample_order_sql
+
+if TYPE_CHECKING:
+    # imported where used: `alflow ingest` never loads pandas (0.2-0.4 s of its start-up)
+    import pandas as pd
 
 # batch_items.picked_by of the random control slice and of flagged items asked again.
 CONTROL = "control"
@@ -73,6 +76,8 @@ class QualityStore(Database):
         are farther apart than ``distance`` (MASI, :func:`alflow.tasks.agreement.masi_distance`).
         Columns: item_id, answers, disagreement (the largest MASI distance between two
         votes, 0..1), tie."""
+        import pandas as pd
+
         from collections import Counter
         from itertools import combinations
 
@@ -145,6 +150,8 @@ class QualityStore(Database):
 
     def record_control_predictions(self, model_version: int, item_ids: list[str], labels: list[str]) -> None:
         """Store a model's predictions of control items (a re-run adds nothing)."""
+        import pandas as pd
+
         frame = pd.DataFrame({"model_version": model_version, "item_id": list(item_ids), "label": list(labels)})
         with self.transaction() as con:
             con.register("incoming", frame)
@@ -168,6 +175,8 @@ class QualityStore(Database):
                 f"SELECT i.item_id FROM stop_set i WHERE TRUE {self._embedded_sql()} ORDER BY i.item_id").fetchall()]
 
     def record_stop_set_predictions(self, model_version: int, item_ids: list[str], labels: list[str]) -> None:
+        import pandas as pd
+
         frame = pd.DataFrame({"model_version": model_version, "item_id": item_ids, "label": labels})
         with self.transaction() as con:
             con.register("incoming", frame)
@@ -175,6 +184,8 @@ class QualityStore(Database):
             con.unregister("incoming")
 
     def stop_set_predictions(self, model_version: int) -> pd.Series:
+        import pandas as pd
+
         frame = self.query_df(
             "SELECT item_id, label FROM stop_set_predictions WHERE model_version = ? ORDER BY item_id",
             [model_version],
