@@ -124,14 +124,21 @@ def check_tag_labels(store: Store, settings: Settings, model_version: int,
                   else np.full(len(checked), DEFAULT_THRESHOLD))
     suggested = y.copy()
     suggested[:, checked] = apply_thresholds(proba, thresholds)
+    return _record_flags(store, model_version, frame, idx, [format_tags(s) for s in tag_sets(suggested[idx], tags)],
+                         scores)
+
+
+def _record_flags(store: Store, model_version: int, frame: pd.DataFrame, idx, suggested, scores) -> int:
+    """Store the flags on rows ``idx`` of ``frame`` (item_id, label), most likely error
+    first, with their ``suggested`` labels and ``scores``; returns how many."""
     label_ids = store.query_df("SELECT item_id, label_id FROM effective_labels")
     label_id = dict(zip(label_ids["item_id"], label_ids["label_id"]))
     flags = pd.DataFrame({
         "item_id": frame["item_id"].to_numpy()[idx],
         "label_id": [int(label_id[i]) for i in frame["item_id"].to_numpy()[idx]],
         "given_label": frame["label"].to_numpy()[idx],
-        "suggested_label": [format_tags(s) for s in tag_sets(suggested[idx], tags)],
-        "score": scores,
+        "suggested_label": suggested,
+        "score": np.asarray(scores, dtype=float),
         "rank": np.arange(1, len(idx) + 1),
     })
     return store.record_label_flags(model_version, flags)
@@ -158,17 +165,7 @@ def check_labels(store: Store, settings: Settings, model_version: int) -> int:
     proba = out_of_fold_proba(settings.model, frame["doc"].tolist(), frame["label"].tolist(), classes,
                               settings.evaluation.cv_folds, settings.seed)
     idx, scores, suggested = find_label_errors(frame["label"].tolist(), proba, classes)
-    label_ids = store.query_df("SELECT item_id, label_id FROM effective_labels")
-    label_id = dict(zip(label_ids["item_id"], label_ids["label_id"]))
-    flags = pd.DataFrame({
-        "item_id": frame["item_id"].to_numpy()[idx],
-        "label_id": [int(label_id[i]) for i in frame["item_id"].to_numpy()[idx]],
-        "given_label": frame["label"].to_numpy()[idx],
-        "suggested_label": suggested,
-        "score": scores.astype(float),
-        "rank": np.arange(1, len(idx) + 1),
-    })
-    return store.record_label_flags(model_version, flags)
+    return _record_flags(store, model_version, frame, idx, suggested, scores)
 
 
 def recheck_picks(store: Store, n: int) -> pd.DataFrame:
